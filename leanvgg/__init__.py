@@ -1,0 +1,3 @@
+"""leanvgg: compressed VGG-19 variants for CPUs, measured side by side."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""The one entry point behind the CLI, the JSON API and the dashboard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from leanvgg.images import preprocess
+from leanvgg.measure import Latency, Prediction, machine_facts, time_forward, top_k
+from leanvgg.models import CATEGORIES
+from leanvgg.variants import VariantSet
+
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class Settings:
+    runs: int = 10
+    warmup: int = 2
+    threads: int | None = None  # None: PyTorch's current setting
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"Invalid settings {self}: runs >= 1, warmup >= 0, threads >= 1.")
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    name: str
+    description: str
+    input_size: int
+    size_mb: float
+    params: int
+    params_total: int
+    macs: int
+    latency_ms: Latency
+    speedup: float
+    top3: list[Prediction]
+    fine_tuned: bool | None  # None: the variant is not pruned, so fine-tuning does not apply
+    steps: list[dict]
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    weights: str
+    predictions_meaningful: bool
+    note: str
+    threads: int
+    runs: int
+    warmup: int
+    image: dict
+    machine: dict
+    variants: list[VariantResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[int]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n or previous)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def compare(image: Image.Image, variant_set: VariantSet, settings: Settings = Settings(), *,
+            progress: bool = False) -> ComparisonResult:
+    """Time and run every variant on one image, one variant after another, never concurrently.
+
+    Each variant's top-3 comes from the output of its own last timed run.
+    """
+    variants = variant_set.variants
+    if "baseline" not in variants:
+        raise ValueError("The comparison needs the 'baseline' variant to compute speedups.")
+    batches = {v.input_size: preprocess(image, v.input_size) for v in variants.values()}
+    timings = {}
+    with _threads(settings.threads) as threads:
+        for name, variant in tqdm(variants.items(), desc="measuring", unit="variant",
+                                  disable=not progress):
+            timings[name] = time_forward(variant.model, batches[variant.input_size],
+                                         runs=settings.runs, warmup=settings.warmup)
+    baseline_median = timings["baseline"][0].median
+    results = []
+    for name, variant in variants.items():
+        latency, logits = timings[name]
+        facts = variant.facts
+        results.append(VariantResult(
+            name=name,
+            description=variant.recipe.description,
+            input_size=variant.input_size,
+            size_mb=facts["size_bytes"] / MB,
+            params=facts["params"],
+            params_total=facts["params_total"],
+            macs=facts["macs"],
+            latency_ms=latency,
+            speedup=baseline_median / latency.median,
+            top3=top_k(logits, CATEGORIES, 3),
+            fine_tuned=facts.get("fine_tuned"),
+            steps=[step.to_json() for step in variant.recipe.steps],
+        ))
+    baseline = variant_set.baseline
+    return ComparisonResult(
+        weights=baseline.weights,
+        predictions_meaningful=baseline.meaningful,
+        note=baseline.note,
+        threads=threads,
+        runs=settings.runs,
+        warmup=settings.warmup,
+        image={"width": image.width, "height": image.height},
+        machine=machine_facts(threads),
+        variants=results,
+    )

@@ -1,0 +1,154 @@
+"""Measurements of a built model: size, parameters, MACs, latency and top-k predictions."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+from torch.ao.nn.quantized import Linear as QuantizedLinear
+
+
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that only counts, so sizing a 548 MB state dict costs no memory."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.count += n
+        return n
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``, measured by serializing it."""
+    sink = _ByteCounter()
+    torch.save(model.state_dict(), sink)
+    return sink.count
+
+
+def _unpacked(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_quantized:
+        return tensor.dequantize()
+    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    if type(data) is not torch.Tensor and hasattr(data, "dequantize"):  # torchao subclasses
+        return data.dequantize()
+    return tensor
+
+
+def _weights(module: nn.Module) -> list[torch.Tensor]:
+    """Every weight-like tensor held directly by a module, quantized ones unpacked."""
+    if isinstance(module, QuantizedLinear):  # keeps its weights packed, outside parameters()
+        tensors = [module.weight(), module.bias()]
+    else:
+        tensors = list(module.parameters(recurse=False))
+    return [_unpacked(t) for t in tensors if t is not None]
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters, quantized weights counted unpacked (one per original float)."""
+    return sum(t.numel() for m in model.modules() for t in _weights(m))
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    """Non-zero parameters: pruned (zeroed) entries excluded, quantized weights counted unpacked."""
+    with torch.no_grad():
+        return sum(int(torch.count_nonzero(t)) for m in model.modules() for t in _weights(m))
+
+
+def count_macs(model: nn.Module, input_size: int) -> int:
+    """Multiply-accumulates of one forward pass on a 1×3×size×size input, counted by hooks."""
+    total = 0
+
+    def conv(module, _inputs, output) -> None:
+        nonlocal total
+        total += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    def linear(module, _inputs, output) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if hasattr(module, "in_channels") and hasattr(module, "kernel_size"):
+            handles.append(module.register_forward_hook(conv))
+        elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+            handles.append(module.register_forward_hook(linear))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+@dataclass(frozen=True)
+class Latency:
+    median: float  # milliseconds
+    p90: float
+    min: float
+
+    @classmethod
+    def from_seconds(cls, samples: list[float]) -> Latency:
+        ms = sorted(s * 1e3 for s in samples)
+        p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
+        return cls(statistics.median(ms), p90, ms[0])
+
+
+def time_forward(model: nn.Module, batch: torch.Tensor, *, runs: int,
+                 warmup: int) -> tuple[Latency, torch.Tensor]:
+    """Warm up, then time ``runs`` forward passes; returns the stats and the last run's output.
+
+    The output returned is produced by a timed run, so predictions and timings come from the
+    same computation.
+    """
+    samples = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(batch)
+        for _ in range(runs):
+            start = time.perf_counter()
+            output = model(batch)
+            samples.append(time.perf_counter() - start)
+    return Latency.from_seconds(samples), output
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    prob: float
+
+
+def top_k(logits: torch.Tensor, categories: list[str], k: int = 3) -> list[Prediction]:
+    """The k most probable classes of the first row of ``logits``."""
+    probs = torch.softmax(logits[0].float(), dim=0)
+    values, indices = torch.topk(probs, k)
+    return [Prediction(categories[i], i, float(p)) for p, i in zip(values, indices.tolist())]
+
+
+def machine_facts(threads: int) -> dict:
+    """What a timing was measured on, recorded with every figure."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "quantized_engine": torch.backends.quantized.engine, "python": platform.python_version()}

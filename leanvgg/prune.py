@@ -1,0 +1,132 @@
+"""Structured filter pruning of torchvision VGGs: filters are physically removed, never masked."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models import VGG
+
+# The 9 deepest convolutions of VGG-19 (`features` indices): conv3_4, conv4_*, conv5_*.
+VGG19_DEEP_CONVS = (16, 19, 21, 23, 25, 28, 30, 32, 34)
+
+Importance = Callable[[torch.Tensor], torch.Tensor]
+"""Conv weight (out × in × kh × kw) in, one score per output filter out; low scores are removed."""
+
+
+def l2_norm(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each filter, flattened over in-channels × kernel."""
+    return weight.detach().flatten(1).norm(p=2, dim=1)
+
+
+@dataclass(frozen=True)
+class LayerPruning:
+    index: int  # position in `features`
+    before: int  # output filters before pruning
+    kept: tuple[int, ...]  # original indices of the surviving filters, ascending
+
+    @property
+    def after(self) -> int:
+        return len(self.kept)
+
+    @property
+    def removed(self) -> int:
+        return self.before - self.after
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "before": self.before, "after": self.after,
+                "removed": self.removed}
+
+
+def prune_filters(
+    model: VGG,
+    *,
+    ratio: float = 0.10,
+    layers: Sequence[int] = VGG19_DEEP_CONVS,
+    importance: Importance = l2_norm,
+) -> tuple[VGG, list[LayerPruning]]:
+    """Remove the ``int(ratio × out_channels)`` least important filters of each listed conv.
+
+    Returns a new, physically smaller model (the input is untouched) and a per-layer report.
+    Scores are computed on the unpruned weights, so the result does not depend on layer order.
+    The consumers of each pruned conv shrink with it: its BatchNorm, the next conv's input
+    channels, or, after the last conv, the first Linear's channel-major input blocks.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"Invalid pruning ratio {ratio}. It must be in [0, 1).")
+    convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+    bad = sorted(set(layers) - set(convs))
+    if bad:
+        raise ValueError(f"Invalid layers {bad}: not convolutions. Convolutions are at {convs}.")
+    pruned = copy.deepcopy(model)
+    report = []
+    for index in sorted(set(layers)):
+        conv = model.features[index]
+        n_keep = conv.out_channels - int(ratio * conv.out_channels)
+        scores = importance(conv.weight)
+        kept = torch.sort(torch.topk(scores, n_keep, sorted=False).indices).values
+        _shrink_outputs(pruned, index, kept)
+        report.append(LayerPruning(index, conv.out_channels, tuple(kept.tolist())))
+    return pruned, report
+
+
+def _shrink_outputs(model: VGG, index: int, kept: torch.Tensor) -> None:
+    """Keep only output channels `kept` of features[index] and of everything consuming them."""
+    features = model.features
+    channels = features[index].out_channels
+    features[index] = _sliced_conv(features[index], out_keep=kept)
+    for later in range(index + 1, len(features)):
+        module = features[later]
+        if isinstance(module, nn.BatchNorm2d):
+            features[later] = _sliced_batch_norm(module, kept)
+        elif isinstance(module, nn.Conv2d):
+            features[later] = _sliced_conv(module, in_keep=kept)
+            return
+    # No later conv: the first Linear reads the pooled map flattened channel-major (C × H × W).
+    first = model.classifier[0]
+    per_channel = first.in_features // channels
+    columns = (kept[:, None] * per_channel + torch.arange(per_channel)).flatten()
+    model.classifier[0] = _new_like(first, nn.Linear(len(columns), first.out_features,
+                                                     bias=first.bias is not None),
+                                    weight=first.weight[:, columns], bias=first.bias)
+
+
+def _sliced_conv(conv: nn.Conv2d, *, out_keep: torch.Tensor | None = None,
+                 in_keep: torch.Tensor | None = None) -> nn.Conv2d:
+    weight, bias = conv.weight, conv.bias
+    if out_keep is not None:
+        weight = weight[out_keep]
+        bias = bias[out_keep] if bias is not None else None
+    if in_keep is not None:
+        weight = weight[:, in_keep]
+    new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, bias=bias is not None,
+                    padding_mode=conv.padding_mode)
+    return _new_like(conv, new, weight=weight, bias=bias)
+
+
+def _sliced_batch_norm(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(keep), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                         track_running_stats=bn.track_running_stats)
+    with torch.no_grad():
+        if bn.affine:
+            new.weight.copy_(bn.weight[keep])
+            new.bias.copy_(bn.bias[keep])
+        if bn.track_running_stats:
+            new.running_mean.copy_(bn.running_mean[keep])
+            new.running_var.copy_(bn.running_var[keep])
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new.train(bn.training)
+
+
+def _new_like(old: nn.Module, new: nn.Module, *, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> nn.Module:
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    return new.train(old.training)
