@@ -65,8 +65,11 @@ def decode(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
         raise ImageError(_too_large(len(data), limits))
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"Image refused as a decompression bomb: {err}") from None
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"Image is larger than the {limits.max_pixels / 1e6:g}-megapixel limit "
+            "(refused as a possible decompression bomb)."
+        ) from None
     except Exception:  # Pillow signals "not an image" with several exception types
         raise ImageError(
             f"Not a supported image (allowed: {', '.join(ALLOWED_FORMATS)})."

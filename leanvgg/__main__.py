@@ -1,0 +1,5 @@
+import sys
+
+from leanvgg.cli import main
+
+sys.exit(main())

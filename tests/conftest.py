@@ -1,0 +1,50 @@
+import importlib.resources
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from leanvgg.models import load_baseline
+from leanvgg.store import Store
+from leanvgg.variants import build_variants
+
+PHOTO = Path(str(importlib.resources.files("skimage.data") / "chelsea.png"))  # a real cat photo
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def photo_path() -> Path:
+    return PHOTO
+
+
+@pytest.fixture(scope="session")
+def photo() -> Image.Image:
+    return Image.open(PHOTO).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def baseline():
+    return load_baseline("random", progress=False)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("leanvgg-cache")
+
+
+@pytest.fixture(scope="session")
+def variant_set(baseline, cache_dir):
+    """All five variants built once from random weights into a session-wide cache."""
+    return build_variants(baseline, store=Store(cache_dir), progress=False)
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()

@@ -1,0 +1,109 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import encode
+from leanvgg.cli import main
+from test_images import png_header
+
+VARIANT_KEYS = {"name", "description", "input_size", "size_mb", "params", "params_total", "macs",
+                "latency_ms", "speedup", "top3", "fine_tuned", "steps"}
+
+
+@pytest.fixture
+def warm_cache(variant_set, cache_dir, monkeypatch):
+    monkeypatch.setenv("LEANVGG_HOME", str(cache_dir))
+    return cache_dir
+
+
+def test_compare_json_schema(warm_cache, photo_path, capsys):
+    code = main(["compare", str(photo_path), "--weights", "random", "--runs", "2",
+                 "--warmup", "0", "--threads", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == "random" and result["threads"] == 1
+    assert result["predictions_meaningful"] is False and "meaningless" in result["note"]
+    assert result["runs"] == 2 and result["warmup"] == 0
+    assert result["machine"]["threads"] == 1 and result["machine"]["torch"].startswith("2.14")
+    variants = {v["name"]: v for v in result["variants"]}
+    assert list(variants) == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    for v in variants.values():
+        assert VARIANT_KEYS <= v.keys()
+        assert set(v["latency_ms"]) == {"median", "p90", "min"}
+        assert 0 < v["latency_ms"]["min"] <= v["latency_ms"]["median"] <= v["latency_ms"]["p90"]
+        assert v["size_mb"] > 0 and v["params"] > 0 and v["macs"] > 0 and v["speedup"] > 0
+        assert len(v["top3"]) == 3
+        assert all({"label", "index", "prob"} == p.keys() for p in v["top3"])
+        assert all(0 <= p["index"] < 1000 and 0 <= p["prob"] <= 1 for p in v["top3"])
+    assert variants["baseline"]["speedup"] == 1.0
+    assert variants["res160"]["input_size"] == 160
+    assert variants["pruned"]["fine_tuned"] is False and variants["quantized"]["fine_tuned"] is None
+
+
+def test_compare_table_on_a_subset(warm_cache, photo_path, capsys):
+    code = main(["compare", str(photo_path), "--weights", "random", "--runs", "1",
+                 "--warmup", "0", "--variants", "res160"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line.split()[0] for line in out.splitlines()[2:4]]
+    assert rows == ["baseline", "res160"]
+    assert "predictions are meaningless" in out
+
+
+def _bad_inputs(tmp_path, photo):
+    jpeg = encode(photo, "JPEG")
+    files = {
+        "text.jpg": b"hello, I am not a picture\n",
+        "truncated.jpg": jpeg[: len(jpeg) // 3],
+        "empty.png": b"",
+        "two-pixels.png": encode(photo.resize((2, 1)), "PNG"),
+        "huge-header.png": png_header(100_000, 100_000),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return [tmp_path / "missing.jpg", *(tmp_path / name for name in files)]
+
+
+def test_bad_images_exit_2_with_one_line(tmp_path, photo, capsys):
+    for path in _bad_inputs(tmp_path, photo):
+        assert main(["compare", str(path), "--weights", "random"]) == 2, path.name
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("leanvgg: error: "), captured.err
+
+
+def test_bad_weights_exit_2(tmp_path, photo_path, capsys):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"junk")
+    assert main(["compare", str(photo_path), "--weights", str(bad)]) == 2
+    assert "is not a PyTorch state-dict file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["compare"], ["compare", "x.png", "--runs", "0"],
+                                  ["compare", "x.png", "--variants", "tiny"], ["frobnicate"]])
+def test_bad_arguments_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_console_script_never_shows_a_traceback(tmp_path, photo):
+    path = _bad_inputs(tmp_path, photo)[2]  # truncated JPEG
+    result = subprocess.run([sys.executable, "-m", "leanvgg", "compare", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leanvgg: error: Corrupt or truncated JPEG")
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--weights", "--runs", "--warmup", "--threads", "--json", "--variants"):
+        assert option in text

@@ -1,0 +1,131 @@
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import encode
+from leanvgg.images import ImageError, ImageLimits, decode, preprocess, read_file
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload)))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width × height, followed by a few bytes of pixel data only."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+            + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+
+
+def test_decodes_a_real_photo(photo_path):
+    image = decode(photo_path.read_bytes())
+    assert image.mode == "RGB" and image.size == (451, 300)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_any_mode_becomes_rgb(photo, mode):
+    source = photo.convert("L").convert(mode) if mode == "I;16" else photo.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    image = decode(encode(source, fmt))
+    assert image.mode == "RGB" and image.size == photo.size
+
+
+def test_sixteen_bit_gray_keeps_its_brightness():
+    ramp = Image.new("I;16", (64, 64))
+    ramp.putdata([v * 1000 for v in range(64)] * 64)  # 0 .. 63000 of 65535
+    image = decode(encode(ramp, "PNG"))
+    assert image.getpixel((63, 0)) == pytest.approx((245, 245, 245), abs=1)
+    assert image.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    assert decode(encode(clear, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (40, 40), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    assert decode(encode(palette, "PNG", transparency=0)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    image = decode(encode(photo, "JPEG", exif=exif))
+    assert image.size == (photo.height, photo.width)
+
+
+def test_first_frame_of_an_animated_gif():
+    frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert decode(data).getpixel((5, 5)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("size", [224, 160])
+def test_preprocess_resizes_crops_and_normalises(photo, size):
+    batch = preprocess(photo, size)
+    assert batch.shape == (1, 3, size, size) and batch.dtype == torch.float32
+    # ImageNet normalisation centres values near zero; raw [0, 1] pixels would all be positive.
+    assert batch.min() < 0 < batch.max()
+
+
+def test_preprocess_resizes_the_shorter_side_before_cropping():
+    # A white square centred in a wide black image, ⅓ of the height: after resizing the shorter
+    # side to 256 and cropping 224, the square spans 256/3 ≈ 85 of the 224 columns.
+    image = Image.new("RGB", (900, 300))
+    image.paste((255, 255, 255), (400, 100, 500, 200))
+    row = preprocess(image, 224)[0, 0, 112]
+    assert int((row > 0).sum()) == pytest.approx(256 / 3, abs=2)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"just some text, not an image\n" * 10, "Not a supported image"),
+        (png_header(100_000, 100_000), "megapixel"),
+        (png_header(2, 1), "at least 32 pixels"),
+    ],
+    ids=["empty", "text", "huge-header", "two-pixels"],
+)
+def test_bad_bytes_raise_image_error(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode(data)
+
+
+def test_truncated_and_corrupt_files_raise_image_error(photo):
+    jpeg = encode(photo, "JPEG")
+    with pytest.raises(ImageError, match="truncated"):
+        decode(jpeg[: len(jpeg) // 2])
+    png = bytearray(encode(photo, "PNG"))
+    png[200:260] = b"\0" * 60  # corrupt the compressed pixel data
+    with pytest.raises(ImageError):
+        decode(bytes(png))
+
+
+def test_unlisted_formats_are_refused_by_content(photo):
+    with pytest.raises(ImageError, match="Not a supported image"):
+        decode(encode(photo, "PPM"))
+
+
+def test_limits_are_enforced_and_may_only_tighten(photo):
+    data = encode(photo, "PNG")
+    with pytest.raises(ImageError, match="the limit is"):
+        decode(data, limits=ImageLimits(max_bytes=len(data) - 1))
+    with pytest.raises(ImageError, match="megapixels"):
+        decode(data, limits=ImageLimits(max_pixels=100_000))
+    with pytest.raises(ValueError, match="decompression-bomb"):
+        ImageLimits(max_pixels=Image.MAX_IMAGE_PIXELS + 1)
+
+
+def test_read_file_errors(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        read_file(tmp_path / "missing.jpg")
+    with pytest.raises(ImageError, match="not a file"):
+        read_file(tmp_path)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 2048)
+    with pytest.raises(ImageError, match="limit"):
+        read_file(big, limits=ImageLimits(max_bytes=1024))

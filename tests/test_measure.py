@@ -1,0 +1,76 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import vgg11
+
+from leanvgg.measure import (Latency, count_macs, count_nonzero_params, count_params,
+                             state_dict_bytes, time_forward, top_k)
+
+
+def conv_and_linear_macs(model: nn.Module, size: int) -> int:
+    """VGG MACs from layer shapes: 3×3 same-padding convs, 2×2 pools, a 7×7 pooled classifier."""
+    total, side = 0, size
+    for module in model.features:
+        if isinstance(module, nn.Conv2d):
+            total += side * side * module.in_channels * module.out_channels * 9
+        elif isinstance(module, nn.MaxPool2d):
+            side //= 2
+    return total + sum(m.in_features * m.out_features for m in model.classifier
+                       if isinstance(m, nn.Linear))
+
+
+def test_macs_match_the_layer_shapes(baseline):
+    macs = count_macs(baseline.model, 224)
+    assert macs == conv_and_linear_macs(baseline.model, 224)
+    assert macs == pytest.approx(19.6e9, rel=0.01)  # torchvision's documented 19.63 GFLOPS
+
+
+def test_160px_macs_scale_with_pixels(variant_set):
+    base = variant_set.variants["baseline"].facts["macs"]
+    small = variant_set.variants["res160"].facts["macs"]
+    assert small / base == pytest.approx((160 / 224) ** 2, rel=0.01)
+
+
+def test_state_dict_bytes_is_the_serialized_size():
+    model = vgg11(init_weights=False)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    assert state_dict_bytes(model) == len(buffer.getvalue())
+
+
+def test_nonzero_count_excludes_zeroed_filters():
+    model = nn.Conv2d(4, 8, 3)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(1.0)
+        model.weight[:3] = 0
+    assert count_params(model) == 8 * 4 * 9 + 8
+    assert count_nonzero_params(model) == 5 * 4 * 9 + 8
+
+
+def test_latency_statistics():
+    stats = Latency.from_seconds([0.010 * i for i in range(1, 11)])
+    assert stats.median == pytest.approx(55.0)
+    assert stats.min == pytest.approx(10.0)
+    assert stats.p90 == pytest.approx(91.0)
+    assert Latency.from_seconds([0.005]) == Latency(5.0, 5.0, 5.0)
+
+
+def test_time_forward_runs_the_model_the_requested_times():
+    calls = []
+    model = nn.Identity()
+    model.register_forward_hook(lambda *_: calls.append(1))
+    stats, output = time_forward(model, torch.ones(1, 3), runs=4, warmup=2)
+    assert len(calls) == 6
+    assert torch.equal(output, torch.ones(1, 3))
+    assert stats.min <= stats.median <= stats.p90
+
+
+def test_top_k_orders_by_probability():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    top = top_k(logits, ["a", "b", "c", "d"], 3)
+    assert [(p.label, p.index) for p in top] == [("b", 1), ("d", 3), ("c", 2)]
+    assert sum(p.prob for p in top) == pytest.approx(
+        float(torch.softmax(logits[0], 0)[[1, 3, 2]].sum()))

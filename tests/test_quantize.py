@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+from leanvgg.measure import count_params, state_dict_bytes
+from leanvgg.quantize import quantize_dynamic_int8
+
+
+@pytest.fixture(scope="module")
+def quantized(baseline):
+    return quantize_dynamic_int8(baseline.model)
+
+
+def test_the_three_linear_layers_are_dynamic_int8(quantized):
+    linears = [m for m in quantized.classifier if not isinstance(m, (nn.ReLU, nn.Dropout))]
+    assert len(linears) == 3
+    assert all(isinstance(m, DynamicQuantizedLinear) for m in linears)
+    assert all(m.weight().dtype == torch.qint8 for m in linears)
+    assert all(isinstance(m, nn.Conv2d) for m in quantized.features if hasattr(m, "weight"))
+
+
+def test_state_dict_is_under_40_percent_of_fp32(baseline, quantized):
+    assert state_dict_bytes(quantized) < 0.40 * state_dict_bytes(baseline.model)
+
+
+def test_parameters_are_counted_unpacked(baseline, quantized):
+    assert count_params(quantized) == count_params(baseline.model) == 143_667_240
+
+
+def test_input_model_is_untouched(baseline, quantized):
+    assert all(type(m) is nn.Linear for m in baseline.model.classifier if hasattr(m, "in_features"))
+
+
+def test_outputs_stay_close_to_fp32(baseline, quantized, photo):
+    from leanvgg.images import preprocess
+
+    x = preprocess(photo, 224)
+    features = torch.flatten(baseline.model.avgpool(baseline.model.features(x)), 1)
+    with torch.inference_mode():
+        expected = baseline.model.classifier(features)
+        got = quantized.classifier(features)
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert error < 0.05
+    assert not torch.equal(got, expected)
+
+
+def test_unknown_backend_is_named(baseline):
+    with pytest.raises(ValueError, match="Only torch.ao, torchao are supported"):
+        quantize_dynamic_int8(baseline.model, backend="fbgemm")

@@ -1,0 +1,91 @@
+import logging
+
+import pytest
+import torch
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+from leanvgg.images import preprocess
+from leanvgg.recipes import RECIPES
+from leanvgg.store import Store
+from leanvgg.variants import build_variants, resolve_names
+
+
+def test_registry_lists_the_five_variants():
+    assert list(RECIPES) == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    assert RECIPES["res160"].input_size == 160
+
+
+def test_res160_shares_the_baselines_weights_in_memory(variant_set):
+    variants = variant_set.variants
+    assert variants["res160"].model is variants["baseline"].model
+
+
+def test_facts_are_measured_at_build_time(variant_set):
+    facts = {name: v.facts for name, v in variant_set.variants.items()}
+    assert facts["pruned"]["fine_tuned"] is False
+    assert [layer["after"] for layer in facts["pruned"]["pruning"]] == [231] + [461] * 8
+    assert facts["quantized"]["size_bytes"] < 0.4 * facts["baseline"]["size_bytes"]
+    assert facts["pruned_quantized"]["size_bytes"] < facts["quantized"]["size_bytes"]
+    assert facts["pruned_quantized"]["params_total"] == facts["pruned"]["params_total"]
+    assert isinstance(variant_set.variants["pruned_quantized"].model.classifier[0],
+                      DynamicQuantizedLinear)
+
+
+def test_cached_variants_reload_with_identical_outputs(variant_set, cache_dir, photo, caplog):
+    caplog.set_level(logging.INFO)
+    reloaded = build_variants(variant_set.baseline, ["quantized", "pruned_quantized"],
+                              store=Store(cache_dir), progress=False)
+    assert "Building" not in caplog.text and "from the cache" in caplog.text
+    x = preprocess(photo, 224)
+    with torch.inference_mode():
+        for name, variant in reloaded.variants.items():
+            assert torch.equal(variant.model(x), variant_set.variants[name].model(x)), name
+            assert variant.facts == variant_set.variants[name].facts
+
+
+@pytest.fixture
+def small_cache(baseline, tmp_path):
+    """A cache holding only the quantized variant (the quickest to build)."""
+    build_variants(baseline, ["quantized"], store=Store(tmp_path), progress=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
+def test_a_corrupt_entry_is_detected_and_rebuilt(baseline, small_cache, caplog, damage):
+    weights_file = next(small_cache.glob("*.pt"))
+    if damage == "flip":
+        data = bytearray(weights_file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights_file.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    else:
+        weights_file.with_suffix(".json").write_text("{not json")
+    caplog.set_level(logging.INFO)
+    rebuilt = build_variants(baseline, ["quantized"], store=Store(small_cache), progress=False)
+    assert "corrupt or incomplete" in caplog.text and "Building quantized" in caplog.text
+    assert Store(small_cache).load(rebuilt.variants["quantized"].recipe.artifact_key(
+        baseline.weights_id)) is not None
+
+
+def test_an_interrupted_write_keeps_the_previous_entry(baseline, small_cache, monkeypatch):
+    store = Store(small_cache)
+    key = RECIPES["quantized"].artifact_key(baseline.weights_id)
+    before = {p.name: p.read_bytes() for p in small_cache.iterdir()}
+
+    def killed(obj, f, *args, **kwargs):
+        f.write(b"half an artifact")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(key, {}, {})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in small_cache.iterdir()} == before  # no temp files
+    assert store.load(key) is not None
+
+
+def test_unknown_variant_names_are_listed():
+    with pytest.raises(ValueError, match="Known variants: baseline, pruned"):
+        resolve_names(["baseline", "tiny"])
+    assert resolve_names(["res160", "baseline"]) == ["baseline", "res160"]
