@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from leanvgg.measure import machine_facts, state_dict_bytes, time_forward
+from leanvgg.measure import machine_facts, state_dict_bytes, time_models
 from leanvgg.models import load_baseline
 from leanvgg.quantize import BACKENDS, quantize_dynamic_int8
 
@@ -29,13 +29,13 @@ def main() -> None:
     models = {"fp32": fp32, **{b: quantize_dynamic_int8(fp32, backend=b) for b in BACKENDS}}
     features = torch.randn(1, 512 * 7 * 7)
     image = torch.randn(1, 3, 224, 224)
-    rows = {}
-    for name, model in models.items():
-        head, _ = time_forward(model.classifier, features, runs=args.runs * 4,
-                               warmup=args.warmup)
-        full, _ = time_forward(model, image, runs=args.runs, warmup=args.warmup)
-        rows[name] = {"classifier_ms": head.median, "network_ms": full.median,
-                      "size_mb": state_dict_bytes(model) / 2**20}
+    heads = time_models({n: (m.classifier, features) for n, m in models.items()},
+                        runs=args.runs * 4, warmup=args.warmup)
+    networks = time_models({n: (m, image) for n, m in models.items()},
+                           runs=args.runs, warmup=args.warmup)
+    rows = {name: {"classifier_ms": heads[name][0].median, "network_ms": networks[name][0].median,
+                   "size_mb": state_dict_bytes(model) / 2**20}
+            for name, model in models.items()}
     print(f"{'backend':<10}{'classifier ms':>15}{'× fp32':>8}{'network ms':>12}{'× fp32':>8}"
           f"{'size MB':>9}")
     for name, row in rows.items():

@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from leanvgg.images import preprocess
-from leanvgg.measure import Latency, Prediction, machine_facts, time_forward, top_k
+from leanvgg.measure import Latency, Prediction, machine_facts, time_models, top_k
 from leanvgg.models import CATEGORIES
 from leanvgg.variants import VariantSet
 
@@ -73,7 +72,7 @@ def _threads(n: int | None) -> Iterator[int]:
 
 def compare(image: Image.Image, variant_set: VariantSet, settings: Settings = Settings(), *,
             progress: bool = False) -> ComparisonResult:
-    """Time and run every variant on one image, one variant after another, never concurrently.
+    """Time and run every variant on one image, one forward pass at a time (see ``time_models``).
 
     Each variant's top-3 comes from the output of its own last timed run.
     """
@@ -81,12 +80,9 @@ def compare(image: Image.Image, variant_set: VariantSet, settings: Settings = Se
     if "baseline" not in variants:
         raise ValueError("The comparison needs the 'baseline' variant to compute speedups.")
     batches = {v.input_size: preprocess(image, v.input_size) for v in variants.values()}
-    timings = {}
+    jobs = {name: (v.model, batches[v.input_size]) for name, v in variants.items()}
     with _threads(settings.threads) as threads:
-        for name, variant in tqdm(variants.items(), desc="measuring", unit="variant",
-                                  disable=not progress):
-            timings[name] = time_forward(variant.model, batches[variant.input_size],
-                                         runs=settings.runs, warmup=settings.warmup)
+        timings = time_models(jobs, runs=settings.runs, warmup=settings.warmup, progress=progress)
     baseline_median = timings["baseline"][0].median
     results = []
     for name, variant in variants.items():

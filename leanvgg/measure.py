@@ -8,12 +8,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
 from torch.ao.nn.quantized import Linear as QuantizedLinear
+from tqdm.auto import tqdm
 
 
 class _ByteCounter(io.RawIOBase):
@@ -107,22 +109,30 @@ class Latency:
         return cls(statistics.median(ms), p90, ms[0])
 
 
-def time_forward(model: nn.Module, batch: torch.Tensor, *, runs: int,
-                 warmup: int) -> tuple[Latency, torch.Tensor]:
-    """Warm up, then time ``runs`` forward passes; returns the stats and the last run's output.
+def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
+                warmup: int, progress: bool = False) -> dict[str, tuple[Latency, torch.Tensor]]:
+    """Time each ``(model, batch)`` job, one forward pass at a time, never two at once.
 
-    The output returned is produced by a timed run, so predictions and timings come from the
-    same computation.
+    After ``warmup`` untimed passes per model, the ``runs`` timed passes go round-robin over the
+    models, so slow drifts of the machine (frequency, other load) are shared fairly rather than
+    landing on whichever model happens to be timed first. Each job's returned output is produced
+    by its last timed pass, so predictions and timings come from the same computation.
     """
-    samples = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(batch)
+    samples: dict[str, list[float]] = {name: [] for name in jobs}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(), tqdm(total=len(jobs) * (warmup + runs), desc="measuring",
+                                      unit="pass", disable=not progress) as bar:
+        for model, batch in jobs.values():
+            for _ in range(warmup):
+                model(batch)
+                bar.update()
         for _ in range(runs):
-            start = time.perf_counter()
-            output = model(batch)
-            samples.append(time.perf_counter() - start)
-    return Latency.from_seconds(samples), output
+            for name, (model, batch) in jobs.items():
+                start = time.perf_counter()
+                outputs[name] = model(batch)
+                samples[name].append(time.perf_counter() - start)
+                bar.update()
+    return {name: (Latency.from_seconds(samples[name]), outputs[name]) for name in jobs}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.models import vgg11
 
 from leanvgg.measure import (Latency, count_macs, count_nonzero_params, count_params,
-                             state_dict_bytes, time_forward, top_k)
+                             state_dict_bytes, time_models, top_k)
 
 
 def conv_and_linear_macs(model: nn.Module, size: int) -> int:
@@ -58,14 +58,18 @@ def test_latency_statistics():
     assert Latency.from_seconds([0.005]) == Latency(5.0, 5.0, 5.0)
 
 
-def test_time_forward_runs_the_model_the_requested_times():
+def test_time_models_warms_up_then_alternates_timed_runs():
     calls = []
-    model = nn.Identity()
-    model.register_forward_hook(lambda *_: calls.append(1))
-    stats, output = time_forward(model, torch.ones(1, 3), runs=4, warmup=2)
-    assert len(calls) == 6
-    assert torch.equal(output, torch.ones(1, 3))
-    assert stats.min <= stats.median <= stats.p90
+    jobs = {}
+    for name in ("a", "b"):
+        model = nn.Identity()
+        model.register_forward_hook(lambda *_, name=name: calls.append(name))
+        jobs[name] = (model, torch.full((1, 3), float(ord(name))))
+    results = time_models(jobs, runs=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    for name, (stats, output) in results.items():
+        assert torch.equal(output, jobs[name][1])
+        assert 0 < stats.min <= stats.median <= stats.p90
 
 
 def test_top_k_orders_by_probability():
