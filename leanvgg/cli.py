@@ -55,32 +55,43 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--variants", type=_variant_list, default=None, metavar="A,B",
         help=f"comma-separated subset of {', '.join(RECIPES)} (default: all)")
 
+    timing = argparse.ArgumentParser(add_help=False)
+    timing.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
+    timing.add_argument("--warmup", type=_non_negative, default=2,
+                        help="untimed warm-up runs (default 2)")
+    timing.add_argument("--threads", type=_positive, default=None,
+                        help="PyTorch intra-op threads (default: PyTorch's default)")
+
     cmp = commands.add_parser(
-        "compare", parents=[weights], help="measure every variant on one image",
+        "compare", parents=[weights, timing], help="measure every variant on one image",
         description="Measure size, parameters, MACs, latency, speedup and top-3 predictions of "
                     "every variant on IMAGE, one variant after another.")
     cmp.add_argument("image", metavar="IMAGE", help="JPEG, PNG, WebP, BMP, GIF or TIFF file")
-    cmp.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
-    cmp.add_argument("--warmup", type=_non_negative, default=2,
-                     help="untimed warm-up runs (default 2)")
-    cmp.add_argument("--threads", type=_positive, default=None,
-                     help="PyTorch intra-op threads (default: PyTorch's default)")
     cmp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     commands.add_parser("build", parents=[weights], help="build and cache the variants",
                         description="Build every variant missing from the cache "
                                     "($LEANVGG_HOME, default ~/.cache/leanvgg).")
+
+    srv = commands.add_parser(
+        "serve", parents=[weights, timing], help="run the dashboard and JSON API",
+        description="Serve the dashboard on a production WSGI server (waitress). The variants "
+                    "load in the background; until then the page says 'warming up'.")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    srv.add_argument("--port", type=_positive, default=8000, help="TCP port (default 8000)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    verbose = args.verbose or args.command == "serve"  # a server's log is its progress report
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
+                        else "%(levelname)s %(name)s: %(message)s")
+    commands = {"compare": _compare, "build": _build, "serve": _serve}
     try:
-        if args.command == "compare":
-            return _compare(args)
-        return _build(args)
+        return commands[args.command](args)
     except (ImageError, WeightsError) as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
@@ -91,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     image = decode(read_file(args.image))  # fail on a bad image before any model work
-    names = None if args.variants is None else ["baseline", *args.variants]  # speedup needs it
-    variant_set = build_variants(load_baseline(args.weights), names, store=Store())
+    variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
+                                 store=Store())
     result = compare(image, variant_set,
                      Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
                      progress=True)
@@ -100,11 +111,30 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_baseline(names: list[str] | None) -> list[str] | None:
+    return None if names is None else ["baseline", *names]  # speedups are relative to it
+
+
 def _build(args: argparse.Namespace) -> int:
     variant_set = build_variants(load_baseline(args.weights), args.variants, store=Store())
     for variant in variant_set.variants.values():
         print(f"{variant.name:<17} {variant.facts['size_bytes'] / 2**20:8.1f} MB  "
               f"{variant.facts['params']:>12,} params")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from waitress import serve
+
+    from leanvgg.web import create_app
+
+    app = create_app({"LEANVGG_WEIGHTS": args.weights,
+                      "LEANVGG_VARIANTS": _with_baseline(args.variants),
+                      "LEANVGG_RUNS": args.runs, "LEANVGG_WARMUP": args.warmup,
+                      "LEANVGG_THREADS": args.threads})
+    log.info("Dashboard on http://%s:%d/ (variants loading in the background)",
+             args.host, args.port)
+    serve(app, host=args.host, port=args.port, threads=4)
     return 0
 
 

@@ -14,9 +14,6 @@ from leanvgg.measure import Latency, Prediction, machine_facts, time_models, top
 from leanvgg.models import CATEGORIES
 from leanvgg.variants import VariantSet
 
-MB = 2**20
-
-
 @dataclass(frozen=True)
 class Settings:
     runs: int = 10
@@ -40,7 +37,7 @@ class VariantResult:
     latency_ms: Latency
     speedup: float
     top3: list[Prediction]
-    fine_tuned: bool | None  # None: the variant is not pruned, so fine-tuning does not apply
+    fine_tuned: bool | None
     steps: list[dict]
 
 
@@ -87,21 +84,9 @@ def compare(image: Image.Image, variant_set: VariantSet, settings: Settings = Se
     results = []
     for name, variant in variants.items():
         latency, logits = timings[name]
-        facts = variant.facts
-        results.append(VariantResult(
-            name=name,
-            description=variant.recipe.description,
-            input_size=variant.input_size,
-            size_mb=facts["size_bytes"] / MB,
-            params=facts["params"],
-            params_total=facts["params_total"],
-            macs=facts["macs"],
-            latency_ms=latency,
-            speedup=baseline_median / latency.median,
-            top3=top_k(logits, CATEGORIES, 3),
-            fine_tuned=facts.get("fine_tuned"),
-            steps=[step.to_json() for step in variant.recipe.steps],
-        ))
+        results.append(VariantResult(**variant.summary(), latency_ms=latency,
+                                     speedup=baseline_median / latency.median,
+                                     top3=top_k(logits, CATEGORIES, 3)))
     baseline = variant_set.baseline
     return ComparisonResult(
         weights=baseline.weights,

@@ -21,6 +21,14 @@ class ImageError(ValueError):
     """The input is not an image leanvgg can use; the message says why, in one line."""
 
 
+class UnsupportedFormat(ImageError):
+    """The bytes are not an image in one of ``ALLOWED_FORMATS`` (judged by content)."""
+
+
+class ImageTooLarge(ImageError):
+    """The file is larger than ``ImageLimits.max_bytes``."""
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Bounds on what is accepted, so hostile or absurd inputs fail before they cost memory."""
@@ -49,7 +57,7 @@ def read_file(path: str | Path, *, limits: ImageLimits = DEFAULT_LIMITS) -> byte
         if not path.is_file():
             raise ImageError(f"{str(path)!r} is not a file.")
         if size > limits.max_bytes:
-            raise ImageError(_too_large(size, limits))
+            raise ImageTooLarge(_too_large(size, limits))
         return path.read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{str(path)!r}: no such file.") from None
@@ -62,7 +70,7 @@ def decode(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     if not data:
         raise ImageError("The file is empty.")
     if len(data) > limits.max_bytes:
-        raise ImageError(_too_large(len(data), limits))
+        raise ImageTooLarge(_too_large(len(data), limits))
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError:
@@ -71,7 +79,7 @@ def decode(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
             "(refused as a possible decompression bomb)."
         ) from None
     except Exception:  # Pillow signals "not an image" with several exception types
-        raise ImageError(
+        raise UnsupportedFormat(
             f"Not a supported image (allowed: {', '.join(ALLOWED_FORMATS)})."
         ) from None
     width, height = image.size

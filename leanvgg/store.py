@@ -62,6 +62,7 @@ class Store:
             with warnings.catch_warnings():
                 # Emitted by torch itself when it restores quantized tensors; not actionable.
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
                 state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as err:  # any damage means the same thing: rebuild it
             log.warning("Cache entry %s is corrupt or incomplete (%s); rebuilding it.",

@@ -33,6 +33,21 @@ class Variant:
     def input_size(self) -> int:
         return self.recipe.input_size
 
+    def summary(self) -> dict:
+        """The variant's static facts, as shown by the CLI, the JSON API and the dashboard."""
+        return {
+            "name": self.name,
+            "description": self.recipe.description,
+            "input_size": self.input_size,
+            "size_mb": self.facts["size_bytes"] / 2**20,
+            "params": self.facts["params"],
+            "params_total": self.facts["params_total"],
+            "macs": self.facts["macs"],
+            # None: nothing was pruned, so there is nothing to recover by fine-tuning
+            "fine_tuned": self.facts.get("fine_tuned"),
+            "steps": [step.to_json() for step in self.recipe.steps],
+        }
+
 
 @dataclass(frozen=True)
 class VariantSet:

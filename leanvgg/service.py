@@ -1,0 +1,100 @@
+"""A long-lived comparison service: warms variants up in the background, measures one at a time.
+
+The web app is a thin layer over this; it holds no model logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from leanvgg.compare import ComparisonResult, Settings, compare
+from leanvgg.images import DEFAULT_LIMITS, ImageLimits, decode
+from leanvgg.models import load_baseline
+from leanvgg.store import Store
+from leanvgg.variants import VariantSet, build_variants
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """The variants are still being loaded or built (or failed to); the message says which."""
+
+
+class Busy(Exception):
+    """Too many comparisons are already waiting for the measurement slot."""
+
+
+@dataclass(frozen=True)
+class Queued:
+    result: ComparisonResult
+    waited_ms: float  # time spent waiting for earlier measurements to finish
+
+    def to_dict(self) -> dict:
+        return {**self.result.to_dict(), "queue_wait_ms": self.waited_ms}
+
+
+class ComparisonService:
+    """Owns the variants and the single measurement slot that keeps timings honest."""
+
+    def __init__(self, *, weights: str = "auto", names: list[str] | None = None,
+                 settings: Settings = Settings(), limits: ImageLimits = DEFAULT_LIMITS,
+                 store: Store | None = None, max_waiting: int = 8) -> None:
+        self.weights = weights
+        self.names = names
+        self.settings = settings
+        self.limits = limits
+        self.store = store
+        self.max_waiting = max_waiting
+        self._variant_set: VariantSet | None = None
+        self._failure: str | None = None
+        self._slot = threading.Lock()
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    def start(self, *, background: bool = True) -> None:
+        """Load or build every variant; in the background unless told otherwise."""
+        if background:
+            threading.Thread(target=self._warm_up, name="leanvgg-warm-up", daemon=True).start()
+        else:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        try:
+            baseline = load_baseline(self.weights)
+            self._variant_set = build_variants(baseline, self.names, store=self.store)
+            log.info("Ready: %s", ", ".join(self._variant_set.variants))
+        except Exception as err:  # reported by status() and every request, not lost in a thread
+            log.exception("Warm-up failed")
+            self._failure = f"Loading the variants failed: {err}"
+
+    def status(self) -> dict:
+        if self._variant_set is not None:
+            state = "ready"
+        elif self._failure is not None:
+            state = "failed"
+        else:
+            state = "warming up"
+        return {"status": state, **({"error": self._failure} if self._failure else {})}
+
+    def variant_set(self) -> VariantSet:
+        if self._variant_set is None:
+            raise NotReady(self._failure or "Warming up: the variants are still loading.")
+        return self._variant_set
+
+    def compare(self, data: bytes) -> Queued:
+        """Decode, then measure once the slot is free; raises ImageError, NotReady or Busy."""
+        image = decode(data, limits=self.limits)
+        variant_set = self.variant_set()
+        with self._waiting_lock:
+            if self._waiting >= self.max_waiting:
+                raise Busy(f"{self._waiting} comparisons are already waiting; try again shortly.")
+            self._waiting += 1
+        queued_at = time.perf_counter()
+        with self._slot:
+            waited_ms = (time.perf_counter() - queued_at) * 1e3
+            with self._waiting_lock:
+                self._waiting -= 1
+            return Queued(compare(image, variant_set, self.settings), waited_ms)

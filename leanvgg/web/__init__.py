@@ -1,0 +1,41 @@
+"""The dashboard and JSON API: a Flask application factory over ``ComparisonService``."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from leanvgg.compare import Settings
+from leanvgg.images import DEFAULT_LIMITS
+from leanvgg.service import ComparisonService
+from leanvgg.web.views import bp
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the app; ``LEANVGG_SERVICE`` may be given ready-made (tests), else one is started."""
+    app = Flask(__name__)
+    app.config.from_mapping(
+        LEANVGG_WEIGHTS="auto",
+        LEANVGG_VARIANTS=None,  # None: every registered variant
+        LEANVGG_RUNS=10,
+        LEANVGG_WARMUP=2,
+        LEANVGG_THREADS=None,
+        LEANVGG_SERVICE=None,
+        # Requests above the image limit (plus room for the multipart envelope) get a 413
+        # before their body is read in full. Behind waitress, Werkzeug applies the form-memory
+        # bound to the uploaded file part too, so it must admit a whole image.
+        MAX_CONTENT_LENGTH=DEFAULT_LIMITS.max_bytes + 64 * 1024,
+        MAX_FORM_MEMORY_SIZE=DEFAULT_LIMITS.max_bytes + 64 * 1024,
+        MAX_FORM_PARTS=8,
+    )
+    if test_config:
+        app.config.update(test_config)
+    service = app.config["LEANVGG_SERVICE"]
+    if service is None:
+        service = ComparisonService(
+            weights=app.config["LEANVGG_WEIGHTS"], names=app.config["LEANVGG_VARIANTS"],
+            settings=Settings(runs=app.config["LEANVGG_RUNS"], warmup=app.config["LEANVGG_WARMUP"],
+                              threads=app.config["LEANVGG_THREADS"]))
+        service.start()
+    app.extensions["leanvgg"] = service
+    app.register_blueprint(bp)
+    return app

@@ -1,0 +1,204 @@
+"use strict";
+// The dashboard: upload an image, call /api/compare, draw the table and the charts.
+// Everything from the server is inserted as text, never as HTML.
+
+const $ = (id) => document.getElementById(id);
+const charts = {};
+const COLORS = ["#2f6fde", "#e07a1f", "#2a9d61", "#b33dc6", "#d64545", "#5b6b82", "#0f9fb0"];
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function readError(response) {
+  try {
+    const body = await response.json();
+    if (body.error) return body.error;
+  } catch (_) { /* not JSON: fall through */ }
+  return `The server answered ${response.status} ${response.statusText}.`;
+}
+
+async function pollHealth() {
+  const pill = $("status");
+  try {
+    const response = await fetch("/healthz");
+    const body = await response.json();
+    if (body.status === "ready") {
+      pill.dataset.state = "ready";
+      pill.textContent = "ready";
+      await loadVariants();
+      return;
+    }
+    if (body.status === "failed") {
+      pill.dataset.state = "failed";
+      pill.textContent = "failed";
+      showError(body.error);
+      return;
+    }
+  } catch (_) {
+    pill.textContent = "server unreachable, retrying…";
+  }
+  pill.dataset.state = "warming";
+  if (pill.textContent !== "server unreachable, retrying…") pill.textContent = "warming up…";
+  setTimeout(pollHealth, 2000);
+}
+
+async function loadVariants() {
+  const response = await fetch("/api/variants");
+  if (!response.ok) return;
+  showWeights(await response.json());
+}
+
+function showWeights(info) {
+  const banner = $("weights-banner");
+  banner.hidden = info.predictions_meaningful;
+  if (!info.predictions_meaningful) {
+    banner.textContent = "Random weights: sizes and timings are real; predictions are meaningless.";
+  }
+}
+
+async function upload(file) {
+  if (!file) return;
+  showError("");
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-text").hidden = true;
+  const form = new FormData();
+  form.append("image", file);
+  $("busy").hidden = false;
+  $("busy-text").textContent = "Measuring every variant…";
+  const started = performance.now();
+  try {
+    const response = await fetch("/api/compare", { method: "POST", body: form });
+    if (!response.ok) {
+      showError(await readError(response));
+      return;
+    }
+    const result = await response.json();
+    render(result, (performance.now() - started) / 1000);
+  } catch (err) {
+    showError(`The request failed: ${err.message}`);
+  } finally {
+    $("busy").hidden = true;
+  }
+}
+
+const fmt = {
+  mb: (v) => v.toFixed(1),
+  int: (v) => v.toLocaleString("en-US"),
+  gmacs: (v) => (v / 1e9).toFixed(2),
+  ms: (v) => v.toFixed(1),
+  x: (v) => `${v.toFixed(2)}×`,
+};
+
+// Columns: how to read a value, how to print it, and whether lower is better (null: no "best").
+const COLUMNS = [
+  { get: (v) => v.input_size, show: String, lower: null },
+  { get: (v) => v.size_mb, show: fmt.mb, lower: true },
+  { get: (v) => v.params, show: fmt.int, lower: true },
+  { get: (v) => v.macs, show: fmt.gmacs, lower: true },
+  { get: (v) => v.latency_ms.median, show: fmt.ms, lower: true },
+  { get: (v) => v.latency_ms.p90, show: fmt.ms, lower: true },
+  { get: (v) => v.speedup, show: fmt.x, lower: false },
+];
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function render(result, seconds) {
+  const body = $("table").tBodies[0];
+  body.replaceChildren();
+  const best = COLUMNS.map((col) => {
+    if (col.lower === null) return null;
+    const values = result.variants.map(col.get);
+    return col.lower ? Math.min(...values) : Math.max(...values);
+  });
+  for (const variant of result.variants) {
+    const row = body.insertRow();
+    row.dataset.variant = variant.name;
+    if (variant.name === "baseline") row.className = "baseline";
+    const name = cell(row, variant.name);
+    const tag = document.createElement("span");
+    tag.className = "tag";
+    tag.textContent = variant.fine_tuned === false ? "not fine-tuned" : variant.description;
+    tag.title = variant.description;
+    name.appendChild(tag);
+    COLUMNS.forEach((col, i) => {
+      const value = col.get(variant);
+      cell(row, col.show(value), best[i] !== null && value === best[i] ? "best" : "");
+    });
+    cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));
+  }
+  const m = result.machine;
+  $("provenance").textContent =
+    `${result.note}. Timings: median of ${result.runs} runs after ${result.warmup} warm-up, ` +
+    `${result.threads} threads on ${m.cpu} (${m.logical_cpus} logical CPUs), torch ${m.torch}. ` +
+    `Results in ${seconds.toFixed(1)} s, of which ${(result.queue_wait_ms / 1000).toFixed(1)} s ` +
+    `waiting for other measurements.`;
+  showWeights(result);
+  $("results").hidden = false;
+  drawCharts(result.variants);
+}
+
+function barChart(id, title, labels, values, unit) {
+  if (charts[id]) charts[id].destroy();
+  charts[id] = new Chart($(id), {
+    type: "bar",
+    data: { labels, datasets: [{ label: unit, data: values, backgroundColor: COLORS }] },
+    options: {
+      maintainAspectRatio: false, animation: false,
+      plugins: { title: { display: true, text: title }, legend: { display: false } },
+      scales: { y: { beginAtZero: true, title: { display: true, text: unit } } },
+    },
+  });
+}
+
+function drawCharts(variants) {
+  const labels = variants.map((v) => v.name);
+  barChart("chart-latency", "Latency (median)", labels, variants.map((v) => v.latency_ms.median), "ms");
+  barChart("chart-size", "Serialized size", labels, variants.map((v) => v.size_mb), "MB");
+  barChart("chart-speedup", "Speedup over baseline", labels, variants.map((v) => v.speedup), "×");
+  if (charts.scatter) charts.scatter.destroy();
+  charts.scatter = new Chart($("chart-scatter"), {
+    type: "scatter",
+    data: {
+      datasets: variants.map((v, i) => ({
+        label: v.name,
+        data: [{ x: v.size_mb, y: v.latency_ms.median }],
+        backgroundColor: COLORS[i % COLORS.length],
+        pointRadius: 7,
+      })),
+    },
+    options: {
+      maintainAspectRatio: false, animation: false,
+      plugins: { title: { display: true, text: "Latency vs size (lower left is better)" } },
+      scales: {
+        x: { beginAtZero: true, title: { display: true, text: "size MB" } },
+        y: { beginAtZero: true, title: { display: true, text: "median ms" } },
+      },
+    },
+  });
+}
+
+function setUpDrop() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => upload(e.target.files[0]));
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (e) => upload(e.dataTransfer.files[0]));
+}
+
+setUpDrop();
+pollHealth();
