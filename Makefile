@@ -1,10 +1,11 @@
-# Two entry points: `make serve` (the main job) and `make test`. Both create .venv on first use.
+# Two entry points: `make serve` (the main job: the dashboard) and `make test`.
+# Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: compare build test bench-quantization clean
+.PHONY: serve compare build test bench-quantization clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 IMAGE ?= $(shell $(BIN)/python -c 'import importlib.resources as r; print(r.files("skimage.data") / "chelsea.png")' 2>/dev/null)
+
+# The dashboard on http://127.0.0.1:8000/ (weights `auto`: ImageNet when reachable, else random).
+serve: $(STAMP)
+	$(BIN)/leanvgg serve $(ARGS)
 
 compare: $(STAMP)
 	$(BIN)/leanvgg compare $(IMAGE) $(ARGS)

@@ -24,7 +24,7 @@ class NotReady(Exception):
 
 
 class Busy(Exception):
-    """Too many comparisons are already waiting for the measurement slot."""
+    """The queue for the measurement slot is full."""
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,22 @@ class ComparisonService:
 
     def __init__(self, *, weights: str = "auto", names: list[str] | None = None,
                  settings: Settings = Settings(), limits: ImageLimits = DEFAULT_LIMITS,
-                 store: Store | None = None, max_waiting: int = 8) -> None:
+                 store: Store | None = None, max_queue: int = 8,
+                 variant_set: VariantSet | None = None) -> None:
+        """``variant_set``: variants built already (then ``start`` is not needed)."""
         self.weights = weights
         self.names = names
         self.settings = settings
         self.limits = limits
         self.store = store
-        self.max_waiting = max_waiting
-        self._variant_set: VariantSet | None = None
+        if max_queue < 1:
+            raise ValueError(f"Invalid max_queue {max_queue}: at least 1 comparison must fit.")
+        self.max_queue = max_queue  # comparisons admitted at once: one measuring, the rest waiting
+        self._variant_set = variant_set
         self._failure: str | None = None
         self._slot = threading.Lock()
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
+        self._admitted = 0
+        self._admitted_lock = threading.Lock()
 
     def start(self, *, background: bool = True) -> None:
         """Load or build every variant; in the background unless told otherwise."""
@@ -88,13 +92,16 @@ class ComparisonService:
         """Decode, then measure once the slot is free; raises ImageError, NotReady or Busy."""
         image = decode(data, limits=self.limits)
         variant_set = self.variant_set()
-        with self._waiting_lock:
-            if self._waiting >= self.max_waiting:
-                raise Busy(f"{self._waiting} comparisons are already waiting; try again shortly.")
-            self._waiting += 1
+        with self._admitted_lock:
+            if self._admitted >= self.max_queue:
+                raise Busy(f"The server is busy ({self._admitted} comparisons queued); "
+                           "try again shortly.")
+            self._admitted += 1
         queued_at = time.perf_counter()
-        with self._slot:
-            waited_ms = (time.perf_counter() - queued_at) * 1e3
-            with self._waiting_lock:
-                self._waiting -= 1
-            return Queued(compare(image, variant_set, self.settings), waited_ms)
+        try:
+            with self._slot:
+                waited_ms = (time.perf_counter() - queued_at) * 1e3
+                return Queued(compare(image, variant_set, self.settings), waited_ms)
+        finally:
+            with self._admitted_lock:
+                self._admitted -= 1

@@ -139,7 +139,7 @@ function render(result, seconds) {
   }
   const m = result.machine;
   $("provenance").textContent =
-    `${result.note}. Timings: median of ${result.runs} runs after ${result.warmup} warm-up, ` +
+    `Timings: median of ${result.runs} runs after ${result.warmup} warm-up, ` +
     `${result.threads} threads on ${m.cpu} (${m.logical_cpus} logical CPUs), torch ${m.torch}. ` +
     `Results in ${seconds.toFixed(1)} s, of which ${(result.queue_wait_ms / 1000).toFixed(1)} s ` +
     `waiting for other measurements.`;

@@ -1,0 +1,101 @@
+"""End to end: the real page in headless Chromium against the real WSGI server on 127.0.0.1."""
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from waitress import create_server
+
+from leanvgg.compare import Settings
+from leanvgg.service import ComparisonService
+from leanvgg.web import create_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture
+def server(variant_set):
+    service = ComparisonService(settings=Settings(runs=2, warmup=1), variant_set=variant_set)
+    wsgi = create_server(create_app({"LEANVGG_SERVICE": service}), host="127.0.0.1", port=0)
+    thread = threading.Thread(target=wsgi.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{wsgi.effective_port}"
+    wsgi.close()
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        yield page
+        browser.close()
+
+
+def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
+    requests_elsewhere = []
+    local = (server, "blob:" + server)  # the preview is a blob: URL of the page's own origin
+    page.on("request", lambda r: None if r.url.startswith(local) else
+            requests_elsewhere.append(r.url))
+    console_errors = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+
+    page.goto(server + "/")
+    page.wait_for_selector("#status[data-state=ready]", timeout=30_000)
+    assert "meaningless" in page.inner_text("#weights-banner")
+
+    started = time.perf_counter()
+    page.set_input_files("#file", str(photo_path))
+    page.wait_for_selector("#results:not([hidden])", timeout=120_000)
+    seconds = time.perf_counter() - started
+
+    rows = page.query_selector_all("#table tbody tr")
+    assert [r.get_attribute("data-variant") for r in rows] == [
+        "baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    for row in rows:
+        cells = [c.inner_text() for c in row.query_selector_all("td")]
+        assert len(cells) == 9
+        assert float(cells[2]) > 0 and float(cells[5]) > 0  # size MB, median ms
+        assert cells[7].endswith("×") and len(cells[8].split(" · ")) == 3
+    assert page.get_attribute("#table tbody tr:first-child", "class") == "baseline"
+    assert page.query_selector_all("td.best")  # the best of each column is highlighted
+    assert page.is_visible("#preview") and page.is_hidden("#busy")
+    assert "waiting for other measurements" in page.inner_text("#provenance")
+
+    drawn = page.evaluate("""() => [...document.querySelectorAll('canvas')].map(c => {
+        const chart = Chart.getChart(c);
+        const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return [chart ? chart.data.labels.length || chart.data.datasets.length : 0,
+                pixels.some(v => v !== 0)];
+    })""")
+    assert drawn == [[5, True]] * 4
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
+    (ARTIFACTS / "dashboard-timing.txt").write_text(f"upload to results: {seconds:.1f} s\n")
+
+    assert requests_elsewhere == [] and console_errors == []
+
+
+def test_a_bad_file_shows_a_readable_error(server, page, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    page.goto(server + "/")
+    page.wait_for_selector("#status[data-state=ready]", timeout=30_000)
+    page.set_input_files("#file", str(bad))
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert "Not a supported image" in page.inner_text("#error")
+    assert page.is_hidden("#results")

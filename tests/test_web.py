@@ -1,0 +1,175 @@
+import io
+import threading
+
+import pytest
+
+from conftest import encode
+from leanvgg.compare import Settings
+from leanvgg.service import ComparisonService
+from leanvgg.store import Store
+from leanvgg.web import create_app
+from test_images import png_header
+
+FAST = Settings(runs=1, warmup=0, threads=1)
+
+
+@pytest.fixture(scope="session")
+def ready_service(variant_set):
+    return ComparisonService(settings=FAST, variant_set=variant_set)
+
+
+def test_a_started_service_loads_its_variants(variant_set, cache_dir):
+    service = ComparisonService(weights="random", names=["quantized"], store=Store(cache_dir))
+    assert service.status() == {"status": "warming up"}
+    service.start(background=False)
+    assert service.status() == {"status": "ready"}
+    assert list(service.variant_set().variants) == ["quantized"]
+
+
+@pytest.fixture
+def app(ready_service):
+    return create_app({"TESTING": True, "LEANVGG_SERVICE": ready_service})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def photo_bytes(photo_path):
+    return photo_path.read_bytes()
+
+
+def test_page_is_self_contained_and_secured(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert "http://" not in html and "https://" not in html  # nothing fetched from elsewhere
+    assert "/static/vendor/chart-4.6.1.umd.min.js" in html and "/static/app.js" in html
+    csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    for asset in ("/static/app.js", "/static/style.css", "/static/vendor/chart-4.6.1.umd.min.js",
+                  "/static/vendor/chart.js-LICENSE.md"):
+        assert client.get(asset).status_code == 200, asset
+
+
+def test_healthz_ready(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json == {"status": "ready"}
+
+
+def test_variants_lists_static_facts(client):
+    body = client.get("/api/variants").json
+    assert body["predictions_meaningful"] is False and "meaningless" in body["note"]
+    names = [v["name"] for v in body["variants"]]
+    assert names == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    for v in body["variants"]:
+        assert {"description", "input_size", "size_mb", "params", "macs", "fine_tuned"} <= v.keys()
+
+
+def test_compare_returns_the_cli_json_plus_queue_wait(client, photo_bytes):
+    response = client.post("/api/compare", data={"image": (io.BytesIO(photo_bytes), "cat.png")})
+    assert response.status_code == 200
+    body = response.json
+    assert body["queue_wait_ms"] >= 0 and body["runs"] == 1 and body["threads"] == 1
+    assert [v["name"] for v in body["variants"]][0] == "baseline"
+    assert all(len(v["top3"]) == 3 and v["latency_ms"]["median"] > 0 for v in body["variants"])
+
+
+def _hostile(photo):
+    jpeg = encode(photo, "JPEG")
+    return [
+        ("text", b"plain text, not a picture", 415, "Not a supported image"),
+        ("empty", b"", 400, "empty"),
+        ("truncated", jpeg[: len(jpeg) // 3], 400, "truncated"),
+        ("two-pixels", encode(photo.resize((2, 1)), "PNG"), 400, "at least 32 pixels"),
+        ("huge-header", png_header(100_000, 100_000), 400, "megapixel"),
+        ("too-large", b"\0" * (21 * 2**20), 413, "too large"),
+    ]
+
+
+def test_bad_images_get_a_clear_4xx(client, photo):
+    for name, data, status, message in _hostile(photo):
+        response = client.post("/api/compare", data={"image": (io.BytesIO(data), f"{name}.jpg")})
+        assert response.status_code == status, name
+        assert message in response.json["error"], name
+
+
+@pytest.mark.parametrize(("kwargs", "status", "message"), [
+    ({"data": {"other": "x"}, "content_type": "multipart/form-data"}, 400, "got 0"),
+    ({"data": {"image": "not a file"}, "content_type": "multipart/form-data"}, 400, "got 0"),
+    ({"data": b"raw bytes", "content_type": "image/png"}, 415, "multipart/form-data"),
+    ({"json": {"image": "x"}}, 415, "multipart/form-data"),
+])
+def test_malformed_requests(client, kwargs, status, message):
+    response = client.post("/api/compare", **kwargs)
+    assert response.status_code == status
+    assert message in response.json["error"]
+
+
+def test_two_files_in_the_field_are_refused(client, photo_bytes):
+    data = {"image": [(io.BytesIO(photo_bytes), "a.png"), (io.BytesIO(photo_bytes), "b.png")]}
+    response = client.post("/api/compare", data=data)
+    assert response.status_code == 400 and "got 2" in response.json["error"]
+
+
+def test_unknown_route_and_method_are_json(client):
+    assert client.get("/nope").status_code == 404
+    response = client.get("/api/compare")
+    assert response.status_code == 405 and "error" in response.json
+
+
+def test_warming_up_answers_503_everywhere_but_the_page(photo_bytes):
+    waiting = ComparisonService(weights="random", settings=FAST)  # never started
+    client = create_app({"TESTING": True, "LEANVGG_SERVICE": waiting}).test_client()
+    assert client.get("/healthz").json == {"status": "warming up"}
+    assert client.get("/healthz").status_code == 503
+    assert client.get("/api/variants").status_code == 503
+    response = client.post("/api/compare", data={"image": (io.BytesIO(photo_bytes), "a.png")})
+    assert response.status_code == 503 and "Warming up" in response.json["error"]
+    assert client.get("/").status_code == 200
+
+
+def test_a_failed_warm_up_is_reported(tmp_path):
+    broken = ComparisonService(weights=str(tmp_path / "missing.pth"), settings=FAST)
+    broken.start(background=False)
+    client = create_app({"TESTING": True, "LEANVGG_SERVICE": broken}).test_client()
+    response = client.get("/healthz")
+    assert response.status_code == 503 and response.json["status"] == "failed"
+    assert "no such file" in response.json["error"]
+
+
+def _concurrently(client, photo_bytes, n):
+    barrier = threading.Barrier(n)
+    responses = []
+
+    def post():
+        barrier.wait()
+        responses.append(client.post("/api/compare",
+                                     data={"image": (io.BytesIO(photo_bytes), "a.png")}))
+
+    threads = [threading.Thread(target=post) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return responses
+
+
+def test_concurrent_comparisons_queue_and_say_how_long_they_waited(client, photo_bytes):
+    first, second = sorted(_concurrently(client, photo_bytes, 2),
+                           key=lambda r: r.json["queue_wait_ms"])
+    assert first.status_code == second.status_code == 200
+    measured_ms = sum(v["latency_ms"]["median"] for v in first.json["variants"])
+    # the later one waited at least as long as the earlier one spent measuring
+    assert second.json["queue_wait_ms"] >= 0.9 * measured_ms
+
+
+def test_a_full_queue_answers_busy(ready_service, photo_bytes):
+    tight = ComparisonService(settings=FAST, max_queue=1,
+                              variant_set=ready_service.variant_set())
+    client = create_app({"TESTING": True, "LEANVGG_SERVICE": tight}).test_client()
+    statuses = sorted(r.status_code for r in _concurrently(client, photo_bytes, 2))
+    assert statuses == [200, 503]
