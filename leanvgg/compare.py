@@ -38,6 +38,8 @@ class VariantResult:
     speedup: float
     top3: list[Prediction]
     fine_tuned: bool | None
+    finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
+    accuracy: dict | None  # the latest evaluation of these weights, when one exists
     steps: list[dict]
 
 

@@ -71,6 +71,24 @@ class Store:
         return state_dict, manifest
 
 
+    def save_json(self, name: str, document: dict) -> None:
+        """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.root / f"{name}.report.json",
+                      lambda f: f.write(json.dumps(document, indent=2).encode()))
+
+    def load_json(self, name: str) -> dict | None:
+        """The document saved under ``name``, or None when absent or unreadable (logged)."""
+        path = self.root / f"{name}.report.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            log.warning("Ignoring unreadable %s (%s).", path, err)
+            return None
+
+
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

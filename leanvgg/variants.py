@@ -6,15 +6,20 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from leanvgg.finetune import distributed_context, finetune
 from leanvgg.measure import count_macs, count_nonzero_params, count_params, state_dict_bytes
 from leanvgg.models import Baseline, from_layout, layout_of
-from leanvgg.recipes import RECIPES, Recipe
+from leanvgg.recipes import RECIPES, FineTune, Recipe, artifact_key
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
+
+REPORT = "evaluation"  # the store document holding the latest accuracy figures
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class Variant:
     recipe: Recipe
     model: nn.Module
     facts: dict  # size_bytes, params, macs, fine_tuned, pruning report, ...
+    artifact: str  # the cache key of its weights
 
     @property
     def name(self) -> str:
@@ -45,6 +51,8 @@ class Variant:
             "macs": self.facts["macs"],
             # None: nothing was pruned, so there is nothing to recover by fine-tuning
             "fine_tuned": self.facts.get("fine_tuned"),
+            "finetune": self.facts.get("finetune"),
+            "accuracy": self.facts.get("accuracy"),
             "steps": [step.to_json() for step in self.recipe.steps],
         }
 
@@ -72,14 +80,42 @@ def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
 
     Recipes that produce the same weights (baseline and res160) share one model in memory.
     """
-    builder = _Builder(baseline, store if store is not None else Store())
+    store = store if store is not None else Store()
+    builder = _Builder(baseline, store)
+    accuracy = store.load_json(REPORT) or {}
     variants = {}
     for name in tqdm(resolve_names(names), desc="variants", unit="variant", disable=not progress):
         recipe = RECIPES[name]
-        model, facts = builder.artifact(recipe, len(recipe.steps))
-        variants[name] = Variant(recipe, model, {**facts,
-                                                 "macs": count_macs(model, recipe.input_size)})
+        model, facts, key = builder.artifact(recipe, len(recipe.steps))
+        facts = {**facts, "macs": count_macs(model, recipe.input_size)}
+        measured = accuracy.get(name)
+        if measured and measured.get("artifact") == key:  # only figures of these very weights
+            facts["accuracy"] = measured
+        variants[name] = Variant(recipe, model, facts, key)
     return VariantSet(baseline, variants)
+
+
+def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Tensor, *,
+                     name: str = "pruned", store: Store | None = None,
+                     **train) -> tuple[nn.Module, dict]:
+    """Fine-tune ``name``'s model as it stands before its FineTune step and cache the result.
+
+    Every recipe sharing that step (pruned and pruned_quantized) uses the new weights from its
+    next build. Under torchrun only rank 0 writes. Returns the trained model and the facts
+    stored with it.
+    """
+    recipe = RECIPES[resolve_names([name])[0]]
+    position = next((i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune)), None)
+    if position is None:
+        raise ValueError(f"Invalid variant {name!r}: its recipe has no fine-tuning step.")
+    builder = _Builder(baseline, store if store is not None else Store())
+    model, facts, key = builder.artifact(recipe, position)
+    trained, stats = finetune(model, dataset, membership, **train)
+    facts = {**facts, "fine_tuned": True, "finetune": stats.to_dict()}
+    if distributed_context()[0] == 0:
+        builder.save(recipe, position + 1, artifact_key(key, recipe.steps[position].to_json()),
+                     key, trained, facts)
+    return trained, facts
 
 
 class _Builder:
@@ -88,17 +124,35 @@ class _Builder:
         self.store = store
         self.memo: dict[str, tuple[nn.Module, dict]] = {}
 
-    def artifact(self, recipe: Recipe, n_steps: int) -> tuple[nn.Module, dict]:
-        """The model after the recipe's first ``n_steps`` steps, with its facts."""
-        key = recipe.artifact_key(self.baseline.weights_id, n_steps)
+    def artifact(self, recipe: Recipe, n_steps: int) -> tuple[nn.Module, dict, str]:
+        """The model after the recipe's first ``n_steps`` steps, its facts and its cache key.
+
+        A non-automatic step whose artifact is missing is skipped: its key stays the previous
+        one, so everything built on top of it is built on the model without it.
+        """
+        if n_steps == 0:
+            key = artifact_key(None, weights_id=self.baseline.weights_id)
+            if key not in self.memo:
+                model = self.baseline.model
+                self.memo[key] = model, {"size_bytes": state_dict_bytes(model),
+                                         **_param_facts(model)}
+            return (*self.memo[key], key)
+        previous, previous_facts, previous_key = self.artifact(recipe, n_steps - 1)
+        step = recipe.steps[n_steps - 1]
+        key = artifact_key(previous_key, step.to_json())
         if key not in self.memo:
-            self.memo[key] = self._load(recipe, n_steps, key) or self._build(recipe, n_steps, key)
-        return self.memo[key]
+            loaded = self._load(recipe, n_steps, key)
+            if loaded is None and not step.automatic:
+                return previous, previous_facts, previous_key
+            if loaded is None:
+                log.info("Building %s: %s", recipe.name, step.to_json())
+                model, new_facts = step.apply(previous)
+                loaded = self.save(recipe, n_steps, key, previous_key, model.eval(),
+                                   {**previous_facts, **new_facts})
+            self.memo[key] = loaded
+        return (*self.memo[key], key)
 
     def _load(self, recipe: Recipe, n_steps: int, key: str) -> tuple[nn.Module, dict] | None:
-        if n_steps == 0:
-            model = self.baseline.model
-            return model, {"size_bytes": state_dict_bytes(model), **_param_facts(model)}
         entry = self.store.load(key)
         if entry is None:
             return None
@@ -114,22 +168,20 @@ class _Builder:
         log.info("Loaded %s (%d steps) from the cache.", recipe.name, n_steps)
         return model.eval(), {**manifest["facts"], "size_bytes": manifest["bytes"]}
 
-    def _build(self, recipe: Recipe, n_steps: int, key: str) -> tuple[nn.Module, dict]:
-        previous, facts = self.artifact(recipe, n_steps - 1)
-        step = recipe.steps[n_steps - 1]
-        log.info("Building %s: %s", recipe.name, step.to_json())
-        model, new_facts = step.apply(previous)
-        model.eval()
-        facts = {k: v for k, v in facts.items() if k != "size_bytes"}
-        facts.update(new_facts, **_param_facts(model))
+    def save(self, recipe: Recipe, n_steps: int, key: str, previous_key: str, model: nn.Module,
+             facts: dict) -> tuple[nn.Module, dict]:
+        """Store the result of step ``n_steps`` (applied on ``previous_key``) and remember it."""
+        facts = {**{k: v for k, v in facts.items() if k != "size_bytes"}, **_param_facts(model)}
         manifest = self.store.save(key, model.state_dict(), {
             "recipe": recipe.name,
             "weights": self.baseline.weights_id,
-            "steps": [s.to_json() for s in recipe.steps[:n_steps]],
+            "previous": previous_key,
+            "step": recipe.steps[n_steps - 1].to_json(),
             "layout": layout_of(model),
             "facts": facts,
         })
-        return model, {**facts, "size_bytes": manifest["bytes"]}
+        self.memo[key] = model, {**facts, "size_bytes": manifest["bytes"]}
+        return self.memo[key]
 
 
 def _param_facts(model: nn.Module) -> dict:

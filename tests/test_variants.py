@@ -45,14 +45,15 @@ def test_cached_variants_reload_with_identical_outputs(variant_set, cache_dir, p
 
 @pytest.fixture
 def small_cache(baseline, tmp_path):
-    """A cache holding only the quantized variant (the quickest to build)."""
-    build_variants(baseline, ["quantized"], store=Store(tmp_path), progress=False)
-    return tmp_path
+    """A cache holding only the quantized variant (the quickest to build), and its key."""
+    built = build_variants(baseline, ["quantized"], store=Store(tmp_path), progress=False)
+    return tmp_path, built.variants["quantized"].artifact
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
 def test_a_corrupt_entry_is_detected_and_rebuilt(baseline, small_cache, caplog, damage):
-    weights_file = next(small_cache.glob("*.pt"))
+    cache, key = small_cache
+    weights_file = cache / f"{key}.pt"
     if damage == "flip":
         data = bytearray(weights_file.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -62,16 +63,16 @@ def test_a_corrupt_entry_is_detected_and_rebuilt(baseline, small_cache, caplog, 
     else:
         weights_file.with_suffix(".json").write_text("{not json")
     caplog.set_level(logging.INFO)
-    rebuilt = build_variants(baseline, ["quantized"], store=Store(small_cache), progress=False)
+    rebuilt = build_variants(baseline, ["quantized"], store=Store(cache), progress=False)
     assert "corrupt or incomplete" in caplog.text and "Building quantized" in caplog.text
-    assert Store(small_cache).load(rebuilt.variants["quantized"].recipe.artifact_key(
-        baseline.weights_id)) is not None
+    assert rebuilt.variants["quantized"].artifact == key
+    assert Store(cache).load(key) is not None
 
 
 def test_an_interrupted_write_keeps_the_previous_entry(baseline, small_cache, monkeypatch):
-    store = Store(small_cache)
-    key = RECIPES["quantized"].artifact_key(baseline.weights_id)
-    before = {p.name: p.read_bytes() for p in small_cache.iterdir()}
+    cache, key = small_cache
+    store = Store(cache)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
 
     def killed(obj, f, *args, **kwargs):
         f.write(b"half an artifact")
@@ -81,7 +82,7 @@ def test_an_interrupted_write_keeps_the_previous_entry(baseline, small_cache, mo
     with pytest.raises(KeyboardInterrupt):
         store.save(key, {}, {})
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in small_cache.iterdir()} == before  # no temp files
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # no temp files
     assert store.load(key) is not None
 
 

@@ -26,9 +26,9 @@ async function pollHealth() {
     const response = await fetch("/healthz");
     const body = await response.json();
     if (body.status === "ready") {
+      await loadVariants();  // the banner is in place before the page says "ready"
       pill.dataset.state = "ready";
       pill.textContent = "ready";
-      await loadVariants();
       return;
     }
     if (body.status === "failed") {

@@ -1,0 +1,115 @@
+"""Datasets for recovery and evaluation, and the CIFAR-10 → ImageNet-1k label groups."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from leanvgg.models import IMAGENET_WEIGHTS
+
+
+class DataUnavailable(Exception):
+    """The requested dataset is neither on disk nor downloadable; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LabelGroup:
+    name: str
+    imagenet: tuple[int, ...]  # ImageNet-1k class indices this CIFAR-10 class covers
+    why: str
+
+
+def _span(first: int, last: int) -> tuple[int, ...]:
+    return tuple(range(first, last + 1))
+
+
+# One group per CIFAR-10 class, in CIFAR-10's label order. Groups are disjoint: an ImageNet
+# class belongs to at most one CIFAR class, so "the group with the largest summed probability"
+# is well defined.
+CIFAR10_GROUPS: tuple[LabelGroup, ...] = (
+    LabelGroup("airplane", (404, 895, 908),
+               "airliner, warplane and wing (ImageNet's name for aircraft seen from outside); "
+               "airship and space shuttle are not aeroplanes"),
+    LabelGroup("automobile", (436, 468, 511, 609, 627, 656, 661, 751, 817),
+               "the passenger cars: beach wagon, cab, convertible, jeep, limousine, minivan, "
+               "Model T, racer, sports car. CIFAR-10's automobile is 'sedans, SUVs, things of "
+               "that sort'"),
+    LabelGroup("bird", _span(7, 24) + _span(80, 100) + _span(127, 146),
+               "all 59 ImageNet bird classes (cock … great grey owl, black grouse … black swan, "
+               "white stork … albatross)"),
+    LabelGroup("cat", _span(281, 285),
+               "the domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat; the wild "
+               "cats (cougar, lynx, lion, …) are not in CIFAR-10's cat class"),
+    LabelGroup("deer", (351, 352, 353),
+               "ImageNet-1k has no deer class; hartebeest, impala and gazelle are the slender, "
+               "brown, antlered/horned ruminants closest to CIFAR-10's deer photos"),
+    LabelGroup("dog", _span(151, 268),
+               "the 118 domestic dog breeds (Chihuahua … Mexican hairless); wolves, coyote, "
+               "dingo and wild dogs (269–275) are excluded"),
+    LabelGroup("frog", (30, 31, 32), "bullfrog, tree frog, tailed frog"),
+    LabelGroup("horse", (339, 603),
+               "sorrel (ImageNet's only horse class) and horse cart; zebra is a separate "
+               "species that CIFAR-10's horse photos do not show"),
+    LabelGroup("ship", (403, 472, 484, 510, 554, 576, 625, 628, 724, 780, 814, 833, 871, 914),
+               "vessels: aircraft carrier, canoe, catamaran, container ship, fireboat, gondola, "
+               "lifeboat, liner, pirate ship, schooner, speedboat, submarine, trimaran, yawl"),
+    LabelGroup("truck", (555, 569, 675, 717, 864, 867),
+               "fire engine, garbage truck, moving van, pickup, tow truck, trailer truck. "
+               "CIFAR-10 puts pickups in neither vehicle class; they join truck, the class an "
+               "ImageNet model confuses them with, as they never appear as automobiles"),
+)
+
+
+def group_index_tensor(groups: Sequence[LabelGroup] = CIFAR10_GROUPS,
+                       num_classes: int = 1000) -> torch.Tensor:
+    """A (groups × classes) 0/1 matrix: row g marks the ImageNet classes of group g."""
+    membership = torch.zeros(len(groups), num_classes)
+    for g, group in enumerate(groups):
+        membership[g, list(group.imagenet)] = 1
+    return membership
+
+
+def input_transform(size: int) -> v2.Compose:
+    """Small images (CIFAR-10, digits) scaled up to the model's input, ImageNet-normalised."""
+    preset = IMAGENET_WEIGHTS.transforms()
+    return v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True),
+                       v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean=preset.mean, std=preset.std)])
+
+
+def cifar10(root: str | Path | None, *, train: bool, size: int) -> Dataset:
+    """CIFAR-10 from ``root`` (python-batches layout), downloading it when no root is given."""
+    download = root is None
+    root = Path(root) if root is not None else Path.home() / ".cache" / "leanvgg" / "data"
+    try:
+        return datasets.CIFAR10(str(root), train=train, transform=input_transform(size),
+                                download=download)
+    except Exception as err:  # missing files, a failed download or a bad archive alike
+        raise DataUnavailable(
+            f"CIFAR-10 is not available ({err}). Connect to the internet to download it, or "
+            "pass --data DIR where DIR holds cifar-10-batches-py/ (the python version from "
+            "the CIFAR-10 website)."
+        ) from err
+
+
+def stratified_subset(dataset: Dataset, size: int, *, seed: int = 0) -> Subset:
+    """``size`` samples with every class equally represented (±1), chosen reproducibly."""
+    targets = torch.as_tensor(dataset.targets)
+    classes = targets.unique().tolist()
+    if not 0 < size <= len(targets):
+        raise ValueError(f"Invalid subset size {size}: it must be in 1..{len(targets)}.")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for rank, label in enumerate(classes):
+        members = torch.nonzero(targets == label).flatten()
+        take = size // len(classes) + (rank < size % len(classes))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    order = torch.cat(chosen)
+    order = order[torch.randperm(len(order), generator=generator)]
+    return Subset(dataset, order.tolist())

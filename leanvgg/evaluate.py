@@ -1,0 +1,143 @@
+"""Accuracy of every variant on a labelled set whose labels are groups of ImageNet classes.
+
+One mechanism serves every kind of labelled data: label g stands for a set of ImageNet classes
+(row g of a groups × 1000 membership matrix), and the predicted label is the group with the
+largest summed probability. CIFAR-10 uses its ten groups, a full ImageNet validation folder the
+identity, any other folder a mapping file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from tqdm.auto import tqdm
+
+from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
+from leanvgg.images import preprocess
+from leanvgg.store import Store
+from leanvgg.variants import REPORT, VariantSet
+
+
+class MappingError(ValueError):
+    """A mapping file that does not map the folder's classes to ImageNet indices."""
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A labelled set: ``dataset(size)`` yields (image tensor, group) at a model's input size."""
+
+    name: str
+    dataset: Callable[[int], Dataset]
+    membership: torch.Tensor  # groups × 1000
+
+    def subset(self, size: int, *, seed: int = 0) -> Labelled:
+        """The same images for every input size: a class-stratified, seeded choice of ``size``."""
+        if size >= len(self.dataset(32)):
+            return self
+        return Labelled(f"{self.name} ({size} images)",
+                        lambda s: stratified_subset(self.dataset(s), size, seed=seed),
+                        self.membership)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    top1: float
+    top3: float
+    agreement: float  # share of images where the top-1 equals the baseline's
+    images: int
+    artifact: str  # the weights evaluated; figures are shown only while they are current
+    dataset: str
+
+
+def image_folder(root: str | Path, mapping: dict[str, list[int]] | None = None) -> Labelled:
+    """An ``ImageFolder``; without ``mapping`` its folders must be all 1000 ImageNet WordNet ids
+    (sorted WordNet ids are ImageNet-1k's class order)."""
+    try:
+        classes = datasets.ImageFolder(str(root)).classes
+    except (OSError, FileNotFoundError) as err:
+        raise DataUnavailable(f"{str(root)!r} is not an image folder ({err}).") from None
+    if mapping is None:
+        if len(classes) != 1000 or not all(c.startswith("n") and c[1:].isdigit() for c in classes):
+            raise MappingError(
+                f"{str(root)!r} has {len(classes)} class folders; an ImageNet validation folder "
+                "needs all 1000 WordNet-id folders (n01440764 …). For other folders pass a "
+                "mapping file: JSON {folder name: [ImageNet class indices]}.")
+        membership = torch.eye(1000)
+    else:
+        missing = sorted(set(classes) - set(mapping))
+        bad = [c for c in classes if c in mapping and not all(
+            isinstance(i, int) and 0 <= i < 1000 for i in mapping[c])]
+        if missing or bad:
+            raise MappingError(f"The mapping file leaves out {missing} or maps {bad} to invalid "
+                               "ImageNet indices (integers 0..999).")
+        membership = torch.zeros(len(classes), 1000)
+        for g, name in enumerate(classes):
+            membership[g, mapping[name]] = 1
+
+    def at_size(size: int) -> Dataset:
+        return datasets.ImageFolder(str(root), transform=lambda image: preprocess(
+            image.convert("RGB"), size)[0])
+
+    return Labelled(Path(root).name, at_size, membership)
+
+
+def load_mapping(path: str | Path) -> dict[str, list[int]]:
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise MappingError(f"Cannot read mapping file {str(path)!r}: {err}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, list) for v in mapping.values()):
+        raise MappingError(f"{str(path)!r} must hold a JSON object of lists of class indices.")
+    return mapping
+
+
+def cifar10_test(root: str | Path | None) -> Labelled:
+    """CIFAR-10's test split, each class the union of its ImageNet classes."""
+    return Labelled("cifar10-test", lambda size: cifar10(root, train=False, size=size),
+                    group_index_tensor())
+
+
+def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 16,
+             progress: bool = True) -> dict[str, Accuracy]:
+    """Top-1, top-3 and agreement with the baseline for every variant (baseline first)."""
+    if "baseline" not in variant_set.variants:
+        raise ValueError("Evaluation needs the 'baseline' variant to measure agreement with it.")
+    names = sorted(variant_set.variants, key=lambda n: n != "baseline")
+    membership = labelled.membership
+    k = min(3, len(membership))
+    baseline_top1 = None
+    results = {}
+    for name in names:
+        variant = variant_set.variants[name]
+        loader = DataLoader(labelled.dataset(variant.input_size), batch_size=batch_size)
+        top1, topk, targets = [], [], []
+        with torch.inference_mode():
+            for images, labels in tqdm(loader, desc=f"evaluating {name}", unit="batch",
+                                       disable=not progress):
+                scores = torch.softmax(variant.model(images), dim=1) @ membership.T
+                top1.append(scores.argmax(dim=1))
+                topk.append(scores.topk(k, dim=1).indices)
+                targets.append(labels)
+        top1, topk, targets = torch.cat(top1), torch.cat(topk), torch.cat(targets)
+        if baseline_top1 is None:
+            baseline_top1 = top1
+        results[name] = Accuracy(
+            top1=float((top1 == targets).float().mean()),
+            top3=float((topk == targets[:, None]).any(dim=1).float().mean()),
+            agreement=float((top1 == baseline_top1).float().mean()),
+            images=len(targets), artifact=variant.artifact, dataset=labelled.name)
+    return results
+
+
+def save_report(store: Store, results: dict[str, Accuracy]) -> None:
+    """Record the figures beside the cached variants (other variants' figures are kept);
+    ``build_variants`` shows them while they describe the cached weights."""
+    merged = {**(store.load_json(REPORT) or {}),
+              **{name: asdict(accuracy) for name, accuracy in results.items()}}
+    store.save_json(REPORT, merged)

@@ -1,0 +1,126 @@
+"""Recovery training after pruning: CIFAR-10 classes as unions of ImageNet classes.
+
+Plain functions in the shape of torchvision's reference ``train.py``. The same code runs in one
+process or under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on GPU), where each
+rank sees its share of every global batch and gradients are averaged, so N ranks take the same
+steps as one process would over the same global batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def grouped_nll(logits: torch.Tensor, targets: torch.Tensor,
+                membership: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log Σ_{i∈group(target)} softmax(logits)_i`` over the batch.
+
+    ``membership`` is the (groups × classes) 0/1 matrix of ``data.group_index_tensor``.
+    """
+    log_probs = F.log_softmax(logits, dim=1)
+    outside = membership[targets] == 0
+    return -torch.logsumexp(log_probs.masked_fill(outside, float("-inf")), dim=1).mean()
+
+
+def predict_groups(logits: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """The group with the largest summed probability, per row."""
+    return (torch.softmax(logits, dim=1) @ membership.T).argmax(dim=1)
+
+
+@dataclass(frozen=True)
+class FinetuneStats:
+    images: int  # per epoch, over all ranks
+    epochs: int
+    final_loss: float  # mean grouped loss of the last epoch
+    first_loss: float  # mean grouped loss of the first 10 % of the first epoch
+    seconds: float
+    world_size: int
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "epochs": self.epochs, "final_loss": self.final_loss,
+                "first_loss": self.first_loss, "seconds": self.seconds,
+                "world_size": self.world_size}
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    membership: torch.Tensor, *, epoch: int, show: bool) -> list[float]:
+    """One pass over ``loader``; returns the loss of every step (this rank's batch)."""
+    model.train()
+    losses = []
+    bar = tqdm(loader, desc=f"fine-tune epoch {epoch + 1}", unit="batch", disable=not show)
+    started = time.perf_counter()
+    seen = 0
+    for images, targets in bar:
+        loss = grouped_nll(model(images), targets, membership)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        seen += len(images)
+        bar.set_postfix(loss=f"{loss.item():.3f}",
+                        img_s=f"{seen / (time.perf_counter() - started):.1f}")
+    return losses
+
+
+def finetune(model: nn.Module, dataset: Dataset, membership: torch.Tensor, *, epochs: int = 1,
+             lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
+             progress: bool = True) -> tuple[nn.Module, FinetuneStats]:
+    """A fine-tuned copy of ``model`` (Adam, grouped loss); the input model is untouched.
+
+    ``batch_size`` is the global batch: under torchrun each of N ranks takes batch_size / N.
+    """
+    rank, world_size = distributed_context()
+    if batch_size % world_size:
+        raise ValueError(f"Invalid batch size {batch_size}: not divisible by {world_size} ranks.")
+    trained = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler)
+    wrapped = DistributedDataParallel(trained) if world_size > 1 else trained
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=lr)
+    started = time.perf_counter()
+    epoch_losses = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        epoch_losses.append(train_one_epoch(wrapped, loader, optimizer, membership,
+                                            epoch=epoch, show=progress and rank == 0))
+    trained.eval()
+    first = epoch_losses[0][: max(1, len(epoch_losses[0]) // 10)]
+    stats = FinetuneStats(
+        images=len(sampler) * world_size, epochs=epochs,
+        final_loss=_global_mean(epoch_losses[-1], world_size),
+        first_loss=_global_mean(first, world_size),
+        seconds=time.perf_counter() - started, world_size=world_size)
+    return trained, stats
+
+
+def _global_mean(values: list[float], world_size: int) -> float:
+    mean = torch.tensor(sum(values) / len(values))
+    if world_size > 1:
+        dist.all_reduce(mean)
+        mean /= world_size
+    return float(mean)
