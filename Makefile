@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve compare build test bench-quantization clean
+.PHONY: serve compare build test bench-quantization bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 bench-quantization: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/quantization_backends.py $(ARGS)
+
+bench-accuracy: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/accuracy_digits.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) test-artifacts

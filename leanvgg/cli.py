@@ -241,4 +241,9 @@ def format_table(result: ComparisonResult) -> str:
     ]
     if not_tuned:
         lines.append(f"not fine-tuned: {', '.join(not_tuned)}")
+    for v in result.variants:
+        if v.accuracy:
+            a = v.accuracy
+            lines.append(f"{v.name}: top-1 {a['top1']:.1%}, top-3 {a['top3']:.1%}, agrees with "
+                         f"baseline {a['agreement']:.1%} on {a['dataset']}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from leanvgg.models import IMAGENET_WEIGHTS
+from leanvgg.store import default_root
 
 
 class DataUnavailable(Exception):
@@ -75,6 +76,11 @@ def group_index_tensor(groups: Sequence[LabelGroup] = CIFAR10_GROUPS,
     return membership
 
 
+def group_probabilities(logits: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """Each group's summed softmax probability (rows: samples); the prediction is the argmax."""
+    return torch.softmax(logits, dim=1) @ membership.T
+
+
 def input_transform(size: int) -> v2.Compose:
     """Small images (CIFAR-10, digits) scaled up to the model's input, ImageNet-normalised."""
     preset = IMAGENET_WEIGHTS.transforms()
@@ -86,7 +92,7 @@ def input_transform(size: int) -> v2.Compose:
 def cifar10(root: str | Path | None, *, train: bool, size: int) -> Dataset:
     """CIFAR-10 from ``root`` (python-batches layout), downloading it when no root is given."""
     download = root is None
-    root = Path(root) if root is not None else Path.home() / ".cache" / "leanvgg" / "data"
+    root = Path(root) if root is not None else default_root() / "data"
     try:
         return datasets.CIFAR10(str(root), train=train, transform=input_transform(size),
                                 download=download)

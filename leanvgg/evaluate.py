@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from tqdm.auto import tqdm
 
-from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
+from leanvgg.data import (DataUnavailable, cifar10, group_index_tensor, group_probabilities,
+                          stratified_subset)
 from leanvgg.images import preprocess
 from leanvgg.store import Store
 from leanvgg.variants import REPORT, VariantSet
@@ -120,7 +121,7 @@ def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 1
         with torch.inference_mode():
             for images, labels in tqdm(loader, desc=f"evaluating {name}", unit="batch",
                                        disable=not progress):
-                scores = torch.softmax(variant.model(images), dim=1) @ membership.T
+                scores = group_probabilities(variant.model(images), membership)
                 top1.append(scores.argmax(dim=1))
                 topk.append(scores.topk(k, dim=1).indices)
                 targets.append(labels)

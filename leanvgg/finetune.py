@@ -37,11 +37,6 @@ def grouped_nll(logits: torch.Tensor, targets: torch.Tensor,
     return -torch.logsumexp(log_probs.masked_fill(outside, float("-inf")), dim=1).mean()
 
 
-def predict_groups(logits: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
-    """The group with the largest summed probability, per row."""
-    return (torch.softmax(logits, dim=1) @ membership.T).argmax(dim=1)
-
-
 @dataclass(frozen=True)
 class FinetuneStats:
     images: int  # per epoch, over all ranks

@@ -65,9 +65,10 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
         "baseline", "pruned", "quantized", "pruned_quantized", "res160"]
     for row in rows:
         cells = [c.inner_text() for c in row.query_selector_all("td")]
-        assert len(cells) == 9
+        assert len(cells) == 10
         assert float(cells[2]) > 0 and float(cells[5]) > 0  # size MB, median ms
-        assert cells[7].endswith("×") and len(cells[8].split(" · ")) == 3
+        assert cells[7].endswith("×") and len(cells[9].split(" · ")) == 3
+        assert cells[8] == "—"  # no evaluation report in this cache
     assert page.get_attribute("#table tbody tr:first-child", "class") == "baseline"
     assert page.query_selector_all("td.best")  # the best of each column is highlighted
     assert page.is_visible("#preview") and page.is_hidden("#busy")

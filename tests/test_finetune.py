@@ -8,8 +8,8 @@ import torchvision.datasets.cifar as tv_cifar
 from leanvgg import finetune as finetune_module
 from leanvgg.compare import Settings, compare
 from leanvgg.data import (CIFAR10_GROUPS, DataUnavailable, cifar10, group_index_tensor,
-                          stratified_subset)
-from leanvgg.finetune import finetune, grouped_nll, predict_groups
+                          group_probabilities, stratified_subset)
+from leanvgg.finetune import finetune, grouped_nll
 from leanvgg.store import Store
 from leanvgg.variants import build_variants, finetune_variant
 from tiny import tiny_baseline, tiny_vgg, write_cifar
@@ -39,7 +39,7 @@ def test_grouped_loss_matches_a_hand_computation():
     z1 = 2 + math.e**3 + math.e
     expected = (-math.log((math.e + math.e**2) / z0) - math.log(math.e**3 / z1)) / 2
     assert grouped_nll(logits, targets, membership).item() == pytest.approx(expected, rel=1e-6)
-    assert predict_groups(logits, membership).tolist() == [0, 1]
+    assert group_probabilities(logits, membership).argmax(dim=1).tolist() == [0, 1]
 
 
 def test_stratified_subset_is_balanced_and_seeded(tmp_path, monkeypatch):

@@ -93,6 +93,7 @@ const fmt = {
   gmacs: (v) => (v / 1e9).toFixed(2),
   ms: (v) => v.toFixed(1),
   x: (v) => `${v.toFixed(2)}×`,
+  pct: (v) => (v === null ? "—" : `${(100 * v).toFixed(1)}%`),
 };
 
 // Columns: how to read a value, how to print it, and whether lower is better (null: no "best").
@@ -104,6 +105,8 @@ const COLUMNS = [
   { get: (v) => v.latency_ms.median, show: fmt.ms, lower: true },
   { get: (v) => v.latency_ms.p90, show: fmt.ms, lower: true },
   { get: (v) => v.speedup, show: fmt.x, lower: false },
+  // accuracy from the latest `leanvgg evaluate` of these very weights; "—" when none
+  { get: (v) => (v.accuracy ? v.accuracy.top1 : null), show: fmt.pct, lower: false },
 ];
 
 function cell(row, text, className) {
@@ -118,7 +121,8 @@ function render(result, seconds) {
   body.replaceChildren();
   const best = COLUMNS.map((col) => {
     if (col.lower === null) return null;
-    const values = result.variants.map(col.get);
+    const values = result.variants.map(col.get).filter((v) => v !== null);
+    if (!values.length) return null;
     return col.lower ? Math.min(...values) : Math.max(...values);
   });
   for (const variant of result.variants) {
@@ -133,7 +137,11 @@ function render(result, seconds) {
     name.appendChild(tag);
     COLUMNS.forEach((col, i) => {
       const value = col.get(variant);
-      cell(row, col.show(value), best[i] !== null && value === best[i] ? "best" : "");
+      const td = cell(row, col.show(value), best[i] !== null && value === best[i] ? "best" : "");
+      if (col.show === fmt.pct && variant.accuracy) {
+        td.title = `${variant.accuracy.dataset}: top-3 ${fmt.pct(variant.accuracy.top3)}, ` +
+          `agrees with baseline ${fmt.pct(variant.accuracy.agreement)}`;
+      }
     });
     cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));
   }
@@ -166,22 +174,27 @@ function drawCharts(variants) {
   barChart("chart-latency", "Latency (median)", labels, variants.map((v) => v.latency_ms.median), "ms");
   barChart("chart-size", "Serialized size", labels, variants.map((v) => v.size_mb), "MB");
   barChart("chart-speedup", "Speedup over baseline", labels, variants.map((v) => v.speedup), "×");
+  // Latency against accuracy when every variant has been evaluated, else against size.
+  const byAccuracy = variants.every((v) => v.accuracy);
+  const x = byAccuracy ? (v) => 100 * v.accuracy.top1 : (v) => v.size_mb;
   if (charts.scatter) charts.scatter.destroy();
   charts.scatter = new Chart($("chart-scatter"), {
     type: "scatter",
     data: {
       datasets: variants.map((v, i) => ({
         label: v.name,
-        data: [{ x: v.size_mb, y: v.latency_ms.median }],
+        data: [{ x: x(v), y: v.latency_ms.median }],
         backgroundColor: COLORS[i % COLORS.length],
         pointRadius: 7,
       })),
     },
     options: {
       maintainAspectRatio: false, animation: false,
-      plugins: { title: { display: true, text: "Latency vs size (lower left is better)" } },
+      plugins: { title: { display: true, text: byAccuracy
+        ? "Latency vs top-1 accuracy (lower right is better)"
+        : "Latency vs size (lower left is better)" } },
       scales: {
-        x: { beginAtZero: true, title: { display: true, text: "size MB" } },
+        x: { beginAtZero: !byAccuracy, title: { display: true, text: byAccuracy ? "top-1 %" : "size MB" } },
         y: { beginAtZero: true, title: { display: true, text: "median ms" } },
       },
     },
