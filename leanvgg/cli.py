@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
+
+import torch.distributed
 
 from leanvgg.compare import ComparisonResult, Settings, compare
 from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
@@ -175,11 +179,14 @@ def _finetune(args: argparse.Namespace) -> int:
     _, facts = finetune_variant(load_baseline(args.weights), dataset, group_index_tensor(),
                                 store=Store(), epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, seed=args.seed)
-    if distributed_context()[0] == 0:
+    rank, world_size = distributed_context()
+    if rank == 0:
         stats = facts["finetune"]
         print(f"fine-tuned on {stats['images']} images × {stats['epochs']} epoch(s) in "
               f"{stats['seconds']:.0f} s on {stats['world_size']} process(es): grouped loss "
               f"{stats['first_loss']:.3f} (first 10 %) → {stats['final_loss']:.3f} (last epoch)")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -217,8 +224,24 @@ def _serve(args: argparse.Namespace) -> int:
                       "LEANVGG_THREADS": args.threads})
     log.info("Dashboard on http://%s:%d/ (variants loading in the background)",
              args.host, args.port)
+    # waitress stops its workers cleanly on SystemExit; make SIGTERM (service managers, kill)
+    # take that path instead of killing the process mid-answer.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     serve(app, host=args.host, port=args.port, threads=4)
+    log.info("Server stopped.")
+    if app.extensions["leanvgg"].warming_up():
+        # Torch work cannot be interrupted, and a daemon thread inside it aborts the interpreter
+        # at exit. Leave at once instead: cache writes are atomic, so nothing half-written is
+        # ever loaded (an interrupted write leaves only an ignored temporary file).
+        log.info("Leaving the unfinished warm-up behind.")
+        logging.shutdown()
+        os._exit(0)
     return 0
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    log.info("Received %s; shutting down.", signal.Signals(signum).name)
+    raise SystemExit(0)
 
 
 def format_table(result: ComparisonResult) -> str:

@@ -53,6 +53,7 @@ class ComparisonService:
             raise ValueError(f"Invalid max_queue {max_queue}: at least 1 comparison must fit.")
         self.max_queue = max_queue  # comparisons admitted at once: one measuring, the rest waiting
         self._variant_set = variant_set
+        self._warm_up_thread: threading.Thread | None = None
         self._failure: str | None = None
         self._slot = threading.Lock()
         self._admitted = 0
@@ -61,9 +62,15 @@ class ComparisonService:
     def start(self, *, background: bool = True) -> None:
         """Load or build every variant; in the background unless told otherwise."""
         if background:
-            threading.Thread(target=self._warm_up, name="leanvgg-warm-up", daemon=True).start()
+            self._warm_up_thread = threading.Thread(target=self._warm_up, name="leanvgg-warm-up",
+                                                    daemon=True)
+            self._warm_up_thread.start()
         else:
             self._warm_up()
+
+    def warming_up(self) -> bool:
+        """Whether a background warm-up is still loading or building."""
+        return self._warm_up_thread is not None and self._warm_up_thread.is_alive()
 
     def _warm_up(self) -> None:
         try:

@@ -1,8 +1,12 @@
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from conftest import encode
 from leanvgg.cli import main
@@ -107,3 +111,65 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--weights", "--runs", "--warmup", "--threads", "--json", "--variants"):
         assert option in text
+
+
+def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, capsys, photo_path):
+    import torchvision.datasets.cifar as tv_cifar
+
+    from test_evaluate import COLOURS, MAPPING
+    from tiny import write_cifar
+
+    monkeypatch.setenv("LEANVGG_HOME", str(tmp_path / "home"))
+    # torchvision checks the real CIFAR-10 files' md5; these tiny test files cannot match it.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
+    data = write_cifar(tmp_path / "cifar", per_class=1)
+    assert main(["finetune", "--weights", "random", "--data", str(data), "--subset", "10",
+                 "--batch-size", "5"]) == 0
+    assert "fine-tuned on 10 images × 1 epoch(s)" in capsys.readouterr().out
+
+    folder = tmp_path / "colours"
+    for name, (rgb, _) in COLOURS.items():
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), rgb).save(folder / name / "0.png")
+    (tmp_path / "mapping.json").write_text(json.dumps(MAPPING))
+    assert main(["evaluate", "--weights", "random", "--dataset", "folder", "--data", str(folder),
+                 "--mapping", str(tmp_path / "mapping.json"), "--variants", "pruned"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[1].startswith("baseline") and "(4 images)" in table
+
+    assert main(["compare", str(photo_path), "--weights", "random", "--runs", "1", "--warmup",
+                 "0", "--variants", "pruned_quantized,pruned", "--json"]) == 0
+    rows = {v["name"]: v for v in json.loads(capsys.readouterr().out)["variants"]}
+    assert rows["pruned"]["fine_tuned"] is True and rows["pruned_quantized"]["fine_tuned"] is True
+    assert rows["pruned"]["finetune"]["images"] == 10
+    assert rows["pruned"]["accuracy"]["images"] == 4
+    assert rows["pruned_quantized"]["accuracy"] is None  # never evaluated
+
+
+def test_missing_data_exits_2(tmp_path, capsys):
+    assert main(["finetune", "--weights", "random", "--data", str(tmp_path)]) == 2
+    assert "pass --data DIR" in capsys.readouterr().err
+    assert main(["evaluate", "--weights", "random", "--dataset", "folder",
+                 "--data", str(tmp_path)]) == 2
+    assert "needs --mapping FILE" in capsys.readouterr().err
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "LEANVGG_HOME": str(tmp_path)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "leanvgg", "serve", "--weights", "random", "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in server.stderr:
+            if "Serving on http://127.0.0.1:" in line:
+                break
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0
+    assert "Received SIGTERM; shutting down." in err and "Server stopped." in err
+    assert "Traceback" not in err
