@@ -129,7 +129,7 @@ def main() -> None:
 
     print(f"held-out accuracy on {len(test)} real digits (trained on {len(train)}):")
     for name, value in rows.items():
-        print(f"  {name:<38}{value:8.2%}")
+        print(f"  {name:<42}{value:8.2%}")
     print(f"  {'pruning ratio':<14}{'before fine-tune':>18}{'after 1 epoch':>15}")
     for row in pruning:
         print(f"  {row['ratio']:<14.0%}{row['before_finetune']:>18.2%}"
