@@ -227,7 +227,13 @@ def _serve(args: argparse.Namespace) -> int:
     # waitress stops its workers cleanly on SystemExit; make SIGTERM (service managers, kill)
     # take that path instead of killing the process mid-answer.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    serve(app, host=args.host, port=args.port, threads=4)
+    # Enough threads for every admitted comparison to wait for the measurement slot while a few
+    # more still answer bad uploads, health checks and the page at once.
+    try:
+        serve(app, host=args.host, port=args.port,
+              threads=app.extensions["leanvgg"].max_queue + 4)
+    except SystemExit:
+        pass  # the signal came before waitress's loop (which catches it itself) had started
     log.info("Server stopped.")
     if app.extensions["leanvgg"].warming_up():
         # Torch work cannot be interrupted, and a daemon thread inside it aborts the interpreter
