@@ -18,6 +18,15 @@ def _seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def tiny_cifar_files(monkeypatch):
+    """Let torchvision read the tiny CIFAR folders tests write: its md5 check (which guards real
+    CIFAR-10 copies) cannot match them."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
+
+
 @pytest.fixture(scope="session")
 def photo_path() -> Path:
     return PHOTO

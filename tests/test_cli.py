@@ -113,15 +113,12 @@ def test_help_explains_every_option(capsys):
         assert option in text
 
 
-def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, capsys, photo_path):
-    import torchvision.datasets.cifar as tv_cifar
-
+def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, capsys, photo_path,
+                                                      tiny_cifar_files):
     from test_evaluate import COLOURS, MAPPING
     from tiny import write_cifar
 
     monkeypatch.setenv("LEANVGG_HOME", str(tmp_path / "home"))
-    # torchvision checks the real CIFAR-10 files' md5; these tiny test files cannot match it.
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
     data = write_cifar(tmp_path / "cifar", per_class=1)
     assert main(["finetune", "--weights", "random", "--data", str(data), "--subset", "10",
                  "--batch-size", "5"]) == 0

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torchvision.datasets.cifar as tv_cifar
 
 from leanvgg import finetune as finetune_module
 from leanvgg.compare import Settings, compare
@@ -42,8 +41,7 @@ def test_grouped_loss_matches_a_hand_computation():
     assert group_probabilities(logits, membership).argmax(dim=1).tolist() == [0, 1]
 
 
-def test_stratified_subset_is_balanced_and_seeded(tmp_path, monkeypatch):
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
+def test_stratified_subset_is_balanced_and_seeded(tmp_path, tiny_cifar_files):
     dataset = cifar10(write_cifar(tmp_path, per_class=4), train=True, size=32)
     assert len(dataset) == 200  # 5 batches × 10 classes × 4
     subset = stratified_subset(dataset, 23, seed=1)
@@ -61,9 +59,7 @@ def test_missing_cifar_gives_an_actionable_error(tmp_path):
 
 
 @pytest.fixture
-def tiny_cifar(tmp_path, monkeypatch):
-    # torchvision checks the real CIFAR-10 files' md5; these tiny test files cannot match it.
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
+def tiny_cifar(tmp_path, tiny_cifar_files):
     return cifar10(write_cifar(tmp_path / "data", per_class=4), train=True, size=32)
 
 

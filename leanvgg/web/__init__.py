@@ -9,6 +9,8 @@ from leanvgg.images import DEFAULT_LIMITS
 from leanvgg.service import ComparisonService
 from leanvgg.web.views import bp
 
+_MAX_REQUEST = DEFAULT_LIMITS.max_bytes + 64 * 1024  # the largest image plus its multipart envelope
+
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the app; ``LEANVGG_SERVICE`` may be given ready-made (tests), else one is started."""
@@ -23,8 +25,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         # Requests above the image limit (plus room for the multipart envelope) get a 413
         # before their body is read in full. Behind waitress, Werkzeug applies the form-memory
         # bound to the uploaded file part too, so it must admit a whole image.
-        MAX_CONTENT_LENGTH=DEFAULT_LIMITS.max_bytes + 64 * 1024,
-        MAX_FORM_MEMORY_SIZE=DEFAULT_LIMITS.max_bytes + 64 * 1024,
+        MAX_CONTENT_LENGTH=_MAX_REQUEST,
+        MAX_FORM_MEMORY_SIZE=_MAX_REQUEST,
         MAX_FORM_PARTS=8,
     )
     if test_config:
