@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratifie
 from leanvgg.evaluate import (MappingError, cifar10_test, evaluate, image_folder, load_mapping,
                               save_report)
 from leanvgg.finetune import distributed_context
-from leanvgg.images import ImageError, decode, read_file
+from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
 from leanvgg.store import Store
@@ -128,6 +129,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1",
                      help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
     srv.add_argument("--port", type=_positive, default=8000, help="TCP port (default 8000)")
+    srv.add_argument("--max-upload-mb", type=_positive, default=DEFAULT_LIMITS.max_bytes // 2**20,
+                     help="largest accepted upload in MB (default %(default)s)")
+    srv.add_argument("--max-megapixels", type=_positive,
+                     default=DEFAULT_LIMITS.max_pixels // 1_000_000,
+                     help="largest accepted decoded image in megapixels (default %(default)s; "
+                          "it may not exceed Pillow's decompression-bomb limit)")
     return parser
 
 
@@ -218,10 +225,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     from leanvgg.web import create_app
 
+    try:
+        limits = dataclasses.replace(DEFAULT_LIMITS, max_bytes=args.max_upload_mb * 2**20,
+                                     max_pixels=args.max_megapixels * 1_000_000)
+    except ValueError as err:
+        print(f"leanvgg: error: {err}", file=sys.stderr)
+        return 2
     app = create_app({"LEANVGG_WEIGHTS": args.weights,
                       "LEANVGG_VARIANTS": _with_baseline(args.variants),
                       "LEANVGG_RUNS": args.runs, "LEANVGG_WARMUP": args.warmup,
-                      "LEANVGG_THREADS": args.threads})
+                      "LEANVGG_THREADS": args.threads,
+                      "LEANVGG_LIMITS": limits})
     log.info("Dashboard on http://%s:%d/ (variants loading in the background)",
              args.host, args.port)
     # waitress stops its workers cleanly on SystemExit; make SIGTERM (service managers, kill)

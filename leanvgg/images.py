@@ -79,6 +79,9 @@ def decode(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
             "(refused as a possible decompression bomb)."
         ) from None
     except Exception:  # Pillow signals "not an image" with several exception types
+        claimed = _claimed_format(data)
+        if claimed:  # the signature of an allowed format, but its headers are damaged
+            raise ImageError(f"Corrupt {claimed} image (its headers do not parse).") from None
         raise UnsupportedFormat(
             f"Not a supported image (allowed: {', '.join(ALLOWED_FORMATS)})."
         ) from None
@@ -97,6 +100,15 @@ def decode(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
         return _to_rgb(ImageOps.exif_transpose(image))
     except Exception as err:  # truncated or corrupt data surfaces here, with many types
         raise ImageError(f"Corrupt or truncated {image.format} image ({err}).") from None
+
+
+def _claimed_format(data: bytes) -> str | None:
+    Image.init()
+    for fmt in ALLOWED_FORMATS:
+        accept = Image.OPEN[fmt][1]
+        if accept is not None and accept(data[:16]):
+            return fmt
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +23,17 @@ def default_root() -> Path:
     return Path(os.environ.get("LEANVGG_HOME") or Path.home() / ".cache" / "leanvgg")
 
 
+# Temporary files older than this are left by killed writers (a live write takes seconds).
+STALE_TEMP_SECONDS = 3600
+
+
 class Store:
     """Artifacts as ``<key>.pt`` (a state dict) plus ``<key>.json`` (manifest with its sha256).
 
-    The manifest is written after the state dict, so an interrupted write leaves either the
-    previous complete pair or a state dict whose hash no longer matches: never a half file that
-    gets loaded.
+    Both files are written in full to temporary files first, hashed, and only then renamed into
+    place, weights before manifest. A process killed at any moment leaves the previous complete
+    pair, or (between the two renames) new weights whose hash does not match the old manifest,
+    which is detected and rebuilt: never a half file that gets loaded.
     """
 
     def __init__(self, root: Path | None = None) -> None:
@@ -39,14 +45,37 @@ class Store:
     def save(self, key: str, state_dict: dict, manifest: dict) -> dict:
         """Store an artifact; returns the manifest as written (with ``bytes`` and ``sha256``)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self.sweep()
         weights_path, manifest_path = self._paths(key)
-        _atomic_write(weights_path, lambda f: torch.save(state_dict, f))
-        with weights_path.open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        manifest = {**manifest, "key": key, "sha256": digest,
-                    "bytes": weights_path.stat().st_size}
-        _atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        weights_tmp = _write_temp(weights_path, lambda f: torch.save(state_dict, f))
+        try:
+            with open(weights_tmp, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            manifest = {**manifest, "key": key, "sha256": digest,
+                        "bytes": os.path.getsize(weights_tmp)}
+            manifest_tmp = _write_temp(
+                manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        except BaseException:
+            os.unlink(weights_tmp)
+            raise
+        os.replace(weights_tmp, weights_path)
+        os.replace(manifest_tmp, manifest_path)
         return manifest
+
+    def sweep(self, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+        """Delete temporary files that killed writers left behind; returns what was removed."""
+        removed = []
+        cutoff = time.time() - older_than_s
+        for path in self.root.glob(".*.tmp"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                pass  # another process swept it first
+        if removed:
+            log.info("Removed %d stale temporary file(s) from %s.", len(removed), self.root)
+        return removed
 
     def load(self, key: str) -> tuple[dict, dict] | None:
         """``(state_dict, manifest)``, or None when absent or corrupt (corruption is logged)."""
@@ -74,8 +103,9 @@ class Store:
     def save_json(self, name: str, document: dict) -> None:
         """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.root / f"{name}.report.json",
-                      lambda f: f.write(json.dumps(document, indent=2).encode()))
+        path = self.root / f"{name}.report.json"
+        os.replace(_write_temp(path, lambda f: f.write(json.dumps(document, indent=2).encode())),
+                   path)
 
     def load_json(self, name: str) -> dict | None:
         """The document saved under ``name``, or None when absent or unreadable (logged)."""
@@ -89,14 +119,15 @@ class Store:
             return None
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def _write_temp(path: Path, write: Callable[[BinaryIO], object]) -> str:
+    """Write a hidden temporary file beside ``path``, flushed to disk; removed if writing fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import encode
 from leanvgg.cli import main
-from test_images import png_header
+from hostile import png_header
 
 VARIANT_KEYS = {"name", "description", "input_size", "size_mb", "params", "params_total", "macs",
                 "latency_ms", "speedup", "top3", "fine_tuned", "steps"}

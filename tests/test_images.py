@@ -1,24 +1,10 @@
-import struct
-import zlib
-
 import pytest
 import torch
 from PIL import Image
 
 from conftest import encode
+from hostile import png_header
 from leanvgg.images import ImageError, ImageLimits, decode, preprocess, read_file
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload)))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose IHDR declares width × height, followed by a few bytes of pixel data only."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-            + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
 
 
 def test_decodes_a_real_photo(photo_path):

@@ -5,10 +5,13 @@ import pytest
 
 from conftest import encode
 from leanvgg.compare import Settings
+from leanvgg.images import ImageLimits
 from leanvgg.service import ComparisonService
 from leanvgg.store import Store
+from leanvgg.variants import build_variants
 from leanvgg.web import create_app
-from test_images import png_header
+from hostile import corpus
+from tiny import tiny_baseline
 
 FAST = Settings(runs=1, warmup=0, threads=1)
 
@@ -78,23 +81,37 @@ def test_compare_returns_the_cli_json_plus_queue_wait(client, photo_bytes):
     assert all(len(v["top3"]) == 3 and v["latency_ms"]["median"] > 0 for v in body["variants"])
 
 
-def _hostile(photo):
-    jpeg = encode(photo, "JPEG")
-    return [
-        ("text", b"plain text, not a picture", 415, "Not a supported image"),
-        ("empty", b"", 400, "empty"),
-        ("truncated", jpeg[: len(jpeg) // 3], 400, "truncated"),
-        ("two-pixels", encode(photo.resize((2, 1)), "PNG"), 400, "at least 32 pixels"),
-        ("huge-header", png_header(100_000, 100_000), 400, "megapixel"),
-        ("too-large", b"\0" * (21 * 2**20), 413, "too large"),
-    ]
+@pytest.fixture(scope="module")
+def tiny_service(tmp_path_factory):
+    """Answers in milliseconds, so every item of the corpus goes through a whole comparison."""
+    store = Store(tmp_path_factory.mktemp("tiny-cache"))
+    return ComparisonService(settings=FAST, variant_set=build_variants(
+        tiny_baseline(), ["baseline", "res160"], store=store, progress=False))
 
 
-def test_bad_images_get_a_clear_4xx(client, photo):
-    for name, data, status, message in _hostile(photo):
-        response = client.post("/api/compare", data={"image": (io.BytesIO(data), f"{name}.jpg")})
-        assert response.status_code == status, name
-        assert message in response.json["error"], name
+def test_every_hostile_upload_gets_its_documented_answer(tiny_service, photo):
+    client = create_app({"TESTING": True, "LEANVGG_SERVICE": tiny_service}).test_client()
+    for upload in corpus(photo):
+        response = client.post("/api/compare",
+                               data={"image": (io.BytesIO(upload.data), f"{upload.name}.jpg")})
+        assert response.status_code == upload.status, upload.name
+        if upload.status == 200:
+            assert [v["name"] for v in response.json["variants"]] == ["baseline", "res160"]
+        else:
+            assert upload.message in response.json["error"], upload.name
+    assert client.get("/healthz").status_code == 200  # and it keeps serving
+
+
+def test_upload_limits_are_configurable(tiny_service, photo):
+    strict = ComparisonService(settings=FAST, variant_set=tiny_service.variant_set(),
+                               limits=ImageLimits(max_bytes=2**20, min_side=400))
+    client = create_app({"TESTING": True, "LEANVGG_SERVICE": strict}).test_client()
+    assert client.application.config["MAX_CONTENT_LENGTH"] < 2 * 2**20
+    big = client.post("/api/compare", data={"image": (io.BytesIO(b"\0" * 2 * 2**20), "a.png")})
+    assert big.status_code == 413 and "the limit is 1 MB" in big.json["error"]
+    small = client.post("/api/compare",
+                        data={"image": (io.BytesIO(encode(photo, "PNG")), "a.png")})
+    assert small.status_code == 400 and "at least 400 pixels" in small.json["error"]
 
 
 @pytest.mark.parametrize(("kwargs", "status", "message"), [
@@ -113,6 +130,20 @@ def test_two_files_in_the_field_are_refused(client, photo_bytes):
     data = {"image": [(io.BytesIO(photo_bytes), "a.png"), (io.BytesIO(photo_bytes), "b.png")]}
     response = client.post("/api/compare", data=data)
     assert response.status_code == 400 and "got 2" in response.json["error"]
+
+
+def test_no_route_reads_or_writes_a_path_the_client_names(client, photo_bytes, tmp_path,
+                                                         monkeypatch):
+    rules = {rule.rule for rule in client.application.url_map.iter_rules()}
+    assert rules == {"/", "/healthz", "/api/variants", "/api/compare", "/static/<path:filename>"}
+    for probe in ("/static/../__init__.py", "/static/..%2f..%2fpyproject.toml",
+                  "/static/%2e%2e/views.py", "/static//etc/passwd"):
+        assert client.get(probe, follow_redirects=True).status_code == 404, probe
+    monkeypatch.chdir(tmp_path)
+    response = client.post("/api/compare", data={
+        "image": (io.BytesIO(photo_bytes), "../../escaped.png")})
+    assert response.status_code == 200
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent.parent / "escaped.png").exists()
 
 
 def test_unknown_route_and_method_are_json(client):

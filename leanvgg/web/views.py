@@ -39,8 +39,8 @@ def _secure(response):
 @bp.app_errorhandler(HTTPException)
 def _http_error(err: HTTPException):
     if err.code == 413:
-        limit = current_app.config["MAX_CONTENT_LENGTH"] / 2**20
-        return _error(f"The upload is too large: the limit is {limit:.0f} MB.", 413)
+        limit = _service().limits.max_bytes / 2**20
+        return _error(f"The upload is too large: the limit is {limit:g} MB.", 413)
     return _error(err.description or err.name, err.code or 500)
 
 
