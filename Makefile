@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve compare build test bench-quantization bench-accuracy clean
+.PHONY: serve compare build test bench-quantization bench-accuracy bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench-quantization: $(STAMP)
 bench-accuracy: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/accuracy_digits.py $(ARGS)
+
+# 16 clients for 60 s against a real server on 127.0.0.1 (results in benchmarks/results/).
+bench-load: $(STAMP)
+	$(BIN)/python benchmarks/load_test.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) test-artifacts

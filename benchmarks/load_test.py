@@ -26,9 +26,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from pathlib import Path
 
+import torch
 from PIL import Image
 
+from leanvgg.measure import machine_facts
+
+RESULTS = Path(__file__).parent / "results"
 PHOTO = (importlib.resources.files("skimage.data") / "chelsea.png").read_bytes()
 
 
@@ -141,8 +146,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--runs", type=int, default=1, help="timed runs per variant")
+    parser.add_argument("--out", type=Path, default=RESULTS / "load_test.json",
+                        help="where to save the JSON (default %(default)s)")
     args = parser.parse_args()
-    print(json.dumps(run(clients=args.clients, seconds=args.seconds, runs=args.runs), indent=2))
+    result = run(clients=args.clients, seconds=args.seconds, runs=args.runs)
+    result["machine"] = machine_facts(torch.get_num_threads())
+    text = json.dumps(result, indent=2)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""Processes killed with SIGKILL in the middle of cache writes never leave a loadable half file."""
+"""Faults: writers killed mid-write, booby-trapped files, and the download's hash check."""
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
+import torchvision.models._api as torchvision_api
 
+from leanvgg.models import IMAGENET_WEIGHTS, WeightsError, load_baseline
 from leanvgg.store import Store
 
 # A child that rewrites one artifact forever, each generation a tensor filled with its number.
@@ -65,3 +70,43 @@ def test_fresh_temporaries_are_not_swept(tmp_path):
     os.utime(stale, (hour_ago, hour_ago))
     assert store.sweep() == [stale]
     assert live.exists() and not stale.exists()
+
+
+class _Payload:
+    """Unpickling this runs a command: what a booby-trapped weights file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_in_weights_or_cache_files_never_runs(tmp_path, caplog):
+    marker = tmp_path / "pwned"
+    trap = tmp_path / "weights.pth"
+    torch.save({"features.0.weight": _Payload(marker)}, trap)
+    with pytest.raises(WeightsError, match="not a PyTorch state-dict file"):
+        load_baseline(str(trap))
+    store = Store(tmp_path / "cache")
+    store.save("artifact", {"w": torch.ones(3)}, {})
+    (tmp_path / "cache" / "artifact.pt").write_bytes(trap.read_bytes())
+    manifest = json.loads((tmp_path / "cache" / "artifact.json").read_text())
+    manifest["sha256"] = hashlib.sha256(trap.read_bytes()).hexdigest()  # a matching hash, too
+    (tmp_path / "cache" / "artifact.json").write_text(json.dumps(manifest))
+    assert store.load("artifact") is None and "corrupt" in caplog.text
+    assert not marker.exists()
+
+
+def test_downloaded_weights_keep_torchvisions_hash_check(monkeypatch):
+    calls = []
+
+    def fake_download(url, **kwargs):
+        calls.append((url, kwargs))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", fake_download)
+    with pytest.raises(WeightsError):
+        load_baseline("imagenet", progress=False)
+    (url, kwargs), = calls
+    assert url == IMAGENET_WEIGHTS.url and kwargs.get("check_hash") is True
