@@ -284,6 +284,14 @@ def format_table(result: ComparisonResult) -> str:
     ]
     if not_tuned:
         lines.append(f"not fine-tuned: {', '.join(not_tuned)}")
+    beyond = [v.name for v in result.variants if not v.article]
+    if beyond:
+        lines.append(f"beyond the article: {', '.join(beyond)}")
+    for v in result.variants:
+        if v.preparation_s:
+            costs = ", ".join(f"{k.removesuffix('_s')} {s:.1f} s"
+                              for k, s in v.preparation_s.items())
+            lines.append(f"{v.name} one-off: {costs}")
     for v in result.variants:
         if v.accuracy:
             a = v.accuracy

@@ -41,6 +41,8 @@ class VariantResult:
     finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
     accuracy: dict | None  # the latest evaluation of these weights, when one exists
     steps: list[dict]
+    article: bool  # one of the article's five variants
+    preparation_s: dict  # one-off costs (calibration_s, compile_s), apart from latency
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from leanvgg.images import ImageError, decode, preprocess, read_file
 from leanvgg.models import IMAGENET_WEIGHTS
 from leanvgg.store import default_root
 
@@ -119,3 +120,37 @@ def stratified_subset(dataset: Dataset, size: int, *, seed: int = 0) -> Subset:
     order = torch.cat(chosen)
     order = order[torch.randperm(len(order), generator=generator)]
     return Subset(dataset, order.tolist())
+
+
+CALIBRATION_PHOTOS = Path(__file__).parent / "calibration_photos"  # licences in LICENSES.md
+
+
+def calibration_batch(size: int, folder: str | Path | None = None, *, seed: int = 0) -> torch.Tensor:
+    """Real images for static quantization: each photo, its mirror and two seeded random crops.
+
+    Activation ranges must come from real pixels (noise has none of their statistics). Without
+    ``folder`` the six public-domain/CC0 photos shipped with leanvgg are used; a user folder is
+    read whole (every file must be an image), in name order.
+    """
+    folder = Path(folder) if folder is not None else CALIBRATION_PHOTOS
+    if not folder.is_dir():
+        raise DataUnavailable(f"Calibration folder {str(folder)!r} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".md"))
+    if not files:
+        raise DataUnavailable(f"Calibration folder {str(folder)!r} holds no images.")
+    crop = v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True)
+    preset = IMAGENET_WEIGHTS.transforms()
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(mean=preset.mean, std=preset.std)])
+    views = []
+    with torch.random.fork_rng(devices=[]):  # torchvision's random crops use the global RNG
+        torch.manual_seed(seed)
+        for path in files:
+            try:
+                image = decode(read_file(path))
+            except ImageError as err:
+                raise DataUnavailable(f"Calibration image {path.name}: {err}") from None
+            centred = preprocess(image, size)[0]
+            pixels = v2.functional.to_image(image)
+            views += [centred, centred.flip(-1), normalise(crop(pixels)), normalise(crop(pixels))]
+    return torch.stack(views)

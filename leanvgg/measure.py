@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.ao.nn.quantized import Linear as QuantizedLinear
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 
@@ -55,6 +56,8 @@ def _weights(module: nn.Module) -> list[torch.Tensor]:
         tensors = [module.weight(), module.bias()]
     else:
         tensors = list(module.parameters(recurse=False))
+        # PT2E graphs hold their INT8 weights as buffers (symmetric: 0 stays 0)
+        tensors += [b for b in module.buffers(recurse=False) if b.dtype == torch.int8]
     return [_unpacked(t) for t in tensors if t is not None]
 
 
@@ -70,7 +73,12 @@ def count_nonzero_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: int) -> int:
-    """Multiply-accumulates of one forward pass on a 1×3×size×size input, counted by hooks."""
+    """Multiply-accumulates of one forward pass on a 1×3×size×size input.
+
+    Counted by hooks on conv and Linear modules (which also sees torch.ao's quantized ones,
+    opaque to PyTorch's FLOP counter); a traced graph has no such modules, so its aten ops
+    are counted by ``FlopCounterMode`` instead (2 FLOPs per MAC).
+    """
     total = 0
 
     def conv(module, _inputs, output) -> None:
@@ -87,9 +95,14 @@ def count_macs(model: nn.Module, input_size: int) -> int:
             handles.append(module.register_forward_hook(conv))
         elif hasattr(module, "in_features") and hasattr(module, "out_features"):
             handles.append(module.register_forward_hook(linear))
+    example = torch.zeros(1, 3, input_size, input_size)
+    if not handles:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(example)
+        return counter.get_total_flops() // 2
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, 3, input_size, input_size))
+            model(example)
     finally:
         for handle in handles:
             handle.remove()

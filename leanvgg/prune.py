@@ -47,8 +47,13 @@ def prune_filters(
     ratio: float = 0.10,
     layers: Sequence[int] = VGG19_DEEP_CONVS,
     importance: Importance = l2_norm,
+    multiple_of: int = 1,
 ) -> tuple[VGG, list[LayerPruning]]:
     """Remove the ``int(ratio × out_channels)`` least important filters of each listed conv.
+
+    ``multiple_of`` rounds the kept count down to a multiple of it (at least one multiple, at
+    most every filter): INT8 and bf16 CPU kernels work in blocks of 16 or more channels, and a
+    ragged remainder costs a whole block.
 
     Returns a new, physically smaller model (the input is untouched) and a per-layer report.
     Scores are computed on the unpruned weights, so the result does not depend on layer order.
@@ -57,6 +62,8 @@ def prune_filters(
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"Invalid pruning ratio {ratio}. It must be in [0, 1).")
+    if multiple_of < 1:
+        raise ValueError(f"Invalid multiple_of {multiple_of}. It must be at least 1.")
     convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
     bad = sorted(set(layers) - set(convs))
     if bad:
@@ -66,6 +73,7 @@ def prune_filters(
     for index in sorted(set(layers)):
         conv = model.features[index]
         n_keep = conv.out_channels - int(ratio * conv.out_channels)
+        n_keep = min(conv.out_channels, max(multiple_of, n_keep // multiple_of * multiple_of))
         scores = importance(conv.weight)
         kept = torch.sort(torch.topk(scores, n_keep, sorted=False).indices).values
         _shrink_outputs(pruned, index, kept)

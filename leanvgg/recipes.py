@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from torch import nn
 
+from leanvgg.data import calibration_batch
 from leanvgg.prune import VGG19_DEEP_CONVS, prune_filters
-from leanvgg.quantize import quantize_dynamic_int8
+from leanvgg.quantize import quantize_dynamic_int8, quantize_static_int8, static_int8_skeleton
+from leanvgg.runtime import to_bf16
 
 ARTIFACT_FORMAT = 1  # bump when the meaning of a stored artifact changes
 
@@ -38,17 +41,20 @@ class Prune:
     automatic: ClassVar[bool] = True
     ratio: float = 0.10
     layers: tuple[int, ...] = VGG19_DEEP_CONVS
+    multiple_of: int = 1
 
     def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
-        pruned, report = prune_filters(model, ratio=self.ratio, layers=self.layers)
+        pruned, report = prune_filters(model, ratio=self.ratio, layers=self.layers,
+                                       multiple_of=self.multiple_of)
         return pruned, {"pruning": [layer.to_dict() for layer in report], "fine_tuned": False}
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         return model  # the stored layout already has the pruned channel counts
 
     def to_json(self) -> dict:
-        return {"op": "prune", "criterion": "l2_norm", "ratio": self.ratio,
+        spec = {"op": "prune", "criterion": "l2_norm", "ratio": self.ratio,
                 "layers": list(self.layers)}
+        return spec if self.multiple_of == 1 else {**spec, "multiple_of": self.multiple_of}
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,51 @@ class QuantizeDynamicInt8:
 
     def to_json(self) -> dict:
         return {"op": "quantize_dynamic_int8", "backend": "torch.ao", "dtype": "qint8"}
+
+
+@dataclass(frozen=True)
+class QuantizeStaticInt8:
+    """Static INT8 of convs and Linears (PT2E), calibrated on real photos at the input size.
+
+    ``calibration`` is a folder of images; None means the photos shipped with leanvgg.
+    """
+
+    automatic: ClassVar[bool] = True
+    input_size: int = 224
+    calibration: str | None = None
+
+    def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        start = time.perf_counter()
+        batch = calibration_batch(self.input_size, self.calibration)
+        quantized = quantize_static_int8(model, batch)
+        return quantized, {
+            "quantization": "static int8 (convs + Linear; PT2E, X86InductorQuantizer)",
+            "calibration": {"images": len(batch), "source": self.calibration or "bundled photos",
+                            "seconds": round(time.perf_counter() - start, 1)}}
+
+    def skeleton(self, model: nn.Module) -> nn.Module:
+        return static_int8_skeleton(model, self.input_size)
+
+    def to_json(self) -> dict:
+        return {"op": "quantize_static_int8", "backend": "torchao.pt2e x86_inductor",
+                "input_size": self.input_size,
+                "calibration": self.calibration or "bundled-photos-v1"}
+
+
+@dataclass(frozen=True)
+class CastBf16:
+    """bf16 weights and activations, channels-last."""
+
+    automatic: ClassVar[bool] = True
+
+    def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        return to_bf16(model), {"precision": "bf16"}
+
+    def skeleton(self, model: nn.Module) -> nn.Module:
+        return to_bf16(model)
+
+    def to_json(self) -> dict:
+        return {"op": "cast", "dtype": "bfloat16", "memory_format": "channels_last"}
 
 
 @dataclass(frozen=True)
@@ -97,17 +148,34 @@ class Recipe:
     description: str
     steps: tuple[Step, ...] = ()
     input_size: int = 224
+    article: bool = False  # one of the five variants of the article leanvgg started from
+    compiled: bool = False  # run under torch.compile (see leanvgg.runtime)
+    needs_native_bf16: bool = False  # emulated bf16 is slower than FP32: opt-in elsewhere
 
+
+# Kept filters rounded down to multiples of 16 (256→224, 512→448): whole kernel blocks.
+_TURBO_PRUNE = Prune(multiple_of=16)
 
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
-        Recipe("baseline", "torchvision VGG-19, FP32"),
+        Recipe("baseline", "torchvision VGG-19, FP32", article=True),
         Recipe("pruned", "10% lowest-L2 filters of the 9 deepest convs removed (+ fine-tuning)",
-               steps=(Prune(), FineTune())),
-        Recipe("quantized", "dynamic INT8 of the 3 Linear layers", steps=(QuantizeDynamicInt8(),)),
+               steps=(Prune(), FineTune()), article=True),
+        Recipe("quantized", "dynamic INT8 of the 3 Linear layers", steps=(QuantizeDynamicInt8(),),
+               article=True),
         Recipe("pruned_quantized", "pruned (+ fine-tuning), then dynamic INT8 Linear layers",
-               steps=(Prune(), FineTune(), QuantizeDynamicInt8())),
-        Recipe("res160", "the baseline's weights fed 160×160 inputs", input_size=160),
+               steps=(Prune(), FineTune(), QuantizeDynamicInt8()), article=True),
+        Recipe("res160", "the baseline's weights fed 160×160 inputs", input_size=160,
+               article=True),
+        Recipe("int8_static", "static INT8 convs + Linears (PT2E, calibrated on real photos), "
+               "compiled", steps=(QuantizeStaticInt8(),), compiled=True),
+        Recipe("bf16", "bf16 weights and activations, channels-last, compiled",
+               steps=(CastBf16(),), compiled=True, needs_native_bf16=True),
+        Recipe("turbo", "pruned to 16-channel blocks (+ fine-tuning), static INT8, compiled",
+               steps=(_TURBO_PRUNE, FineTune(), QuantizeStaticInt8()), compiled=True),
+        Recipe("turbo160", "turbo calibrated for and fed 160×160 inputs",
+               steps=(_TURBO_PRUNE, FineTune(), QuantizeStaticInt8(input_size=160)),
+               input_size=160, compiled=True),
     )
 }

@@ -43,7 +43,11 @@ class Store:
         return self.root / f"{key}.pt", self.root / f"{key}.json"
 
     def save(self, key: str, state_dict: dict, manifest: dict) -> dict:
-        """Store an artifact; returns the manifest as written (with ``bytes`` and ``sha256``)."""
+        """Store an artifact; returns the manifest as written (with ``bytes`` and ``sha256``).
+
+        Only state dicts are stored: they load with ``weights_only=True``, which cannot run
+        code (``torch.export.load`` may unpickle arbitrary objects, so programs are not).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         self.sweep()
         weights_path, manifest_path = self._paths(key)
@@ -98,7 +102,6 @@ class Store:
                         weights_path, err)
             return None
         return state_dict, manifest
-
 
     def save_json(self, name: str, document: dict) -> None:
         """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""

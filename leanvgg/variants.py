@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from torchvision.models import VGG
 from tqdm.auto import tqdm
 
 from leanvgg.finetune import distributed_context, finetune
 from leanvgg.measure import count_macs, count_nonzero_params, count_params, state_dict_bytes
 from leanvgg.models import Baseline, from_layout, layout_of
+from leanvgg.runtime import compile_for_cpu, native_bf16
 from leanvgg.recipes import RECIPES, FineTune, Recipe, artifact_key
 from leanvgg.store import Store
 
@@ -54,6 +56,11 @@ class Variant:
             "finetune": self.facts.get("finetune"),
             "accuracy": self.facts.get("accuracy"),
             "steps": [step.to_json() for step in self.recipe.steps],
+            "article": self.recipe.article,
+            # one-off costs, apart from steady-state latency: calibration when it was built,
+            # compilation (incl. the first call) in this process
+            "preparation_s": {k: self.facts[k] for k in ("calibration_s", "compile_s")
+                              if k in self.facts},
         }
 
 
@@ -63,10 +70,16 @@ class VariantSet:
     variants: dict[str, Variant]
 
 
+def default_names() -> list[str]:
+    """Every registered variant, except bf16 where the CPU only emulates bf16 (slower than FP32)."""
+    return [name for name, recipe in RECIPES.items()
+            if not recipe.needs_native_bf16 or native_bf16()]
+
+
 def resolve_names(names: Iterable[str] | None) -> list[str]:
-    """Validated variant names in registry order (all of them when ``names`` is None)."""
+    """Validated variant names in registry order (``default_names()`` when ``names`` is None)."""
     if names is None:
-        return list(RECIPES)
+        return default_names()
     names = list(names)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
@@ -88,6 +101,11 @@ def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
         recipe = RECIPES[name]
         model, facts, key = builder.artifact(recipe, len(recipe.steps))
         facts = {**facts, "macs": count_macs(model, recipe.input_size)}
+        if "calibration" in facts:
+            facts["calibration_s"] = facts["calibration"]["seconds"]
+        if recipe.compiled:
+            log.info("Compiling %s (one-off)", name)
+            model, facts["compile_s"] = compile_for_cpu(model, recipe.input_size)
         measured = accuracy.get(name)
         if measured and measured.get("artifact") == key:  # only figures of these very weights
             facts["accuracy"] = measured
@@ -114,7 +132,7 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
     facts = {**facts, "fine_tuned": True, "finetune": stats.to_dict()}
     if distributed_context()[0] == 0:
         builder.save(recipe, position + 1, artifact_key(key, recipe.steps[position].to_json()),
-                     key, trained, facts)
+                     key, trained, facts, layout_of(trained))
     return trained, facts
 
 
@@ -147,8 +165,10 @@ class _Builder:
             if loaded is None:
                 log.info("Building %s: %s", recipe.name, step.to_json())
                 model, new_facts = step.apply(previous)
+                # wrapped results (INT8 graphs, bf16) keep the layout of the VGG they came from
+                layout = layout_of(model if isinstance(model, VGG) else previous)
                 loaded = self.save(recipe, n_steps, key, previous_key, model.eval(),
-                                   {**previous_facts, **new_facts})
+                                   {**previous_facts, **new_facts}, layout)
             self.memo[key] = loaded
         return (*self.memo[key], key)
 
@@ -169,7 +189,7 @@ class _Builder:
         return model.eval(), {**manifest["facts"], "size_bytes": manifest["bytes"]}
 
     def save(self, recipe: Recipe, n_steps: int, key: str, previous_key: str, model: nn.Module,
-             facts: dict) -> tuple[nn.Module, dict]:
+             facts: dict, layout: dict) -> tuple[nn.Module, dict]:
         """Store the result of step ``n_steps`` (applied on ``previous_key``) and remember it."""
         facts = {**{k: v for k, v in facts.items() if k != "size_bytes"}, **_param_facts(model)}
         manifest = self.store.save(key, model.state_dict(), {
@@ -177,7 +197,7 @@ class _Builder:
             "weights": self.baseline.weights_id,
             "previous": previous_key,
             "step": recipe.steps[n_steps - 1].to_json(),
-            "layout": layout_of(model),
+            "layout": layout,
             "facts": facts,
         })
         self.memo[key] = model, {**facts, "size_bytes": manifest["bytes"]}

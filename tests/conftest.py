@@ -49,7 +49,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def variant_set(baseline, cache_dir):
-    """All five variants built once from random weights into a session-wide cache."""
+    """Every default variant built once from random weights into a session-wide cache."""
     return build_variants(baseline, store=Store(cache_dir), progress=False)
 
 

@@ -9,7 +9,9 @@ import pytest
 from waitress import create_server
 
 from leanvgg.compare import Settings
+from leanvgg.recipes import RECIPES
 from leanvgg.service import ComparisonService
+from leanvgg.variants import default_names
 from leanvgg.web import create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -61,14 +63,17 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
     seconds = time.perf_counter() - started
 
     rows = page.query_selector_all("#table tbody tr")
-    assert [r.get_attribute("data-variant") for r in rows] == [
-        "baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    assert [r.get_attribute("data-variant") for r in rows] == default_names()
     for row in rows:
         cells = [c.inner_text() for c in row.query_selector_all("td")]
-        assert len(cells) == 10
+        assert len(cells) == 11
         assert float(cells[2]) > 0 and float(cells[5]) > 0  # size MB, median ms
-        assert cells[7].endswith("×") and len(cells[9].split(" · ")) == 3
+        assert cells[7].endswith("×") and len(cells[10].split(" · ")) == 3
         assert cells[8] == "—"  # no evaluation report in this cache
+        compiled = RECIPES[row.get_attribute("data-variant")].compiled
+        assert (float(cells[9]) > 0) if compiled else cells[9] == "—"  # one-off seconds
+        origin = "article" if RECIPES[row.get_attribute("data-variant")].article else "beyond"
+        assert origin in cells[0]
     assert page.get_attribute("#table tbody tr:first-child", "class") == "baseline"
     assert page.query_selector_all("td.best")  # the best of each column is highlighted
     assert page.is_visible("#preview") and page.is_hidden("#busy")
@@ -80,7 +85,7 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
         return [chart ? chart.data.labels.length || chart.data.datasets.length : 0,
                 pixels.some(v => v !== 0)];
     })""")
-    assert drawn == [[5, True]] * 4
+    assert drawn == [[len(default_names()), True]] * 4
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

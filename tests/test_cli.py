@@ -10,10 +10,11 @@ from PIL import Image
 
 from conftest import encode
 from leanvgg.cli import main
+from leanvgg.variants import default_names
 from hostile import png_header
 
 VARIANT_KEYS = {"name", "description", "input_size", "size_mb", "params", "params_total", "macs",
-                "latency_ms", "speedup", "top3", "fine_tuned", "steps"}
+                "latency_ms", "speedup", "top3", "fine_tuned", "steps", "article", "preparation_s"}
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_compare_json_schema(warm_cache, photo_path, capsys):
     assert result["runs"] == 2 and result["warmup"] == 0
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"].startswith("2.14")
     variants = {v["name"]: v for v in result["variants"]}
-    assert list(variants) == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    assert list(variants) == default_names()
     for v in variants.values():
         assert VARIANT_KEYS <= v.keys()
         assert set(v["latency_ms"]) == {"median", "p90", "min"}

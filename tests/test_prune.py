@@ -67,6 +67,16 @@ def test_vgg19_channel_counts_and_parameter_total(vgg19):
     assert count_params(pruned) == vgg19_params(widths)
 
 
+def test_kept_channels_can_be_rounded_to_kernel_blocks(vgg19):
+    pruned, report = prune_filters(vgg19, multiple_of=16)
+    assert [(layer.before, layer.after) for layer in report] == [(256, 224)] + [(512, 448)] * 8
+    assert pruned.classifier[0].in_features == 448 * 7 * 7
+    narrow = nn.Sequential(nn.Conv2d(3, 8, 3))
+    _, (small,) = prune_filters(models.VGG(narrow, init_weights=False), layers=[0],
+                                multiple_of=16)
+    assert small.after == 8  # never more filters than there are
+
+
 def test_removed_filters_are_the_lowest_l2_norms(vgg19):
     _, report = prune_filters(vgg19)
     for layer in report:

@@ -10,9 +10,12 @@ from leanvgg.store import Store
 from leanvgg.variants import build_variants, resolve_names
 
 
-def test_registry_lists_the_five_variants():
-    assert list(RECIPES) == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
-    assert RECIPES["res160"].input_size == 160
+def test_registry_holds_the_articles_five_and_the_fast_variants():
+    article = [name for name, recipe in RECIPES.items() if recipe.article]
+    assert article == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    fast = [name for name, recipe in RECIPES.items() if recipe.compiled]
+    assert fast == ["int8_static", "bf16", "turbo", "turbo160"]
+    assert RECIPES["res160"].input_size == RECIPES["turbo160"].input_size == 160
 
 
 def test_res160_shares_the_baselines_weights_in_memory(variant_set):

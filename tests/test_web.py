@@ -8,7 +8,7 @@ from leanvgg.compare import Settings
 from leanvgg.images import ImageLimits
 from leanvgg.service import ComparisonService
 from leanvgg.store import Store
-from leanvgg.variants import build_variants
+from leanvgg.variants import build_variants, default_names
 from leanvgg.web import create_app
 from hostile import corpus
 from tiny import tiny_baseline
@@ -67,7 +67,7 @@ def test_variants_lists_static_facts(client):
     body = client.get("/api/variants").json
     assert body["predictions_meaningful"] is False and "meaningless" in body["note"]
     names = [v["name"] for v in body["variants"]]
-    assert names == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
+    assert names == default_names()
     for v in body["variants"]:
         assert {"description", "input_size", "size_mb", "params", "macs", "fine_tuned"} <= v.keys()
 

@@ -107,7 +107,14 @@ const COLUMNS = [
   { get: (v) => v.speedup, show: fmt.x, lower: false },
   // accuracy from the latest `leanvgg evaluate` of these very weights; "—" when none
   { get: (v) => (v.accuracy ? v.accuracy.top1 : null), show: fmt.pct, lower: false },
+  // one-off preparation (calibration when built, compilation at start), not per image
+  { get: oneOff, show: (s) => (s === null ? "—" : s.toFixed(1)), lower: null },
 ];
+
+function oneOff(variant) {
+  const costs = Object.values(variant.preparation_s);
+  return costs.length ? costs.reduce((a, b) => a + b, 0) : null;
+}
 
 function cell(row, text, className) {
   const td = row.insertCell();
@@ -132,7 +139,9 @@ function render(result, seconds) {
     const name = cell(row, variant.name);
     const tag = document.createElement("span");
     tag.className = "tag";
-    tag.textContent = variant.fine_tuned === false ? "not fine-tuned" : variant.description;
+    const origin = variant.article ? "article" : "beyond the article";
+    tag.textContent = `${origin} · ` +
+      (variant.fine_tuned === false ? "not fine-tuned" : variant.description);
     tag.title = variant.description;
     name.appendChild(tag);
     COLUMNS.forEach((col, i) => {
@@ -141,6 +150,10 @@ function render(result, seconds) {
       if (col.show === fmt.pct && variant.accuracy) {
         td.title = `${variant.accuracy.dataset}: top-3 ${fmt.pct(variant.accuracy.top3)}, ` +
           `agrees with baseline ${fmt.pct(variant.accuracy.agreement)}`;
+      }
+      if (col.get === oneOff && value !== null) {
+        td.title = Object.entries(variant.preparation_s)
+          .map(([k, s]) => `${k.replace("_s", "")} ${s.toFixed(1)} s`).join(", ");
       }
     });
     cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));

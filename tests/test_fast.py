@@ -1,0 +1,134 @@
+"""The CPU-native fast variants: static INT8 (really INT8), bf16, turbo; built, cached, reloaded."""
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+from leanvgg import runtime, variants
+from leanvgg.data import CALIBRATION_PHOTOS, DataUnavailable, calibration_batch
+from leanvgg.measure import count_params, state_dict_bytes
+from leanvgg.quantize import StaticInt8, quantize_static_int8, static_int8_skeleton
+from leanvgg.store import Store
+from leanvgg.variants import build_variants, default_names
+from tiny import tiny_baseline, tiny_vgg
+
+FAST = ["baseline", "int8_static", "turbo", "turbo160"]
+QDQ = torch.ops.quantized_decomposed
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return tiny_vgg(dropout=False)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return calibration_batch(64)
+
+
+@pytest.fixture(scope="module")
+def int8(float_model, calibration):
+    return quantize_static_int8(float_model, calibration)
+
+
+def test_calibration_uses_real_photos_with_licences():
+    batch = calibration_batch(96)
+    photos = [p for p in CALIBRATION_PHOTOS.iterdir() if p.suffix == ".jpg"]
+    assert len(photos) == 6 and (CALIBRATION_PHOTOS / "LICENSES.md").exists()
+    assert batch.shape == (6 * 4, 3, 96, 96)
+    # each photo, then its mirror image
+    assert torch.equal(batch[1], batch[0].flip(-1))
+    assert torch.equal(batch, calibration_batch(96))  # seeded crops
+
+
+def test_a_user_calibration_folder(tmp_path, photo):
+    photo.save(tmp_path / "a.png")
+    assert calibration_batch(64, tmp_path).shape == (4, 3, 64, 64)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DataUnavailable, match="notes.txt"):
+        calibration_batch(64, tmp_path)
+    with pytest.raises(DataUnavailable, match="does not exist"):
+        calibration_batch(64, tmp_path / "missing")
+
+
+def test_every_conv_and_linear_has_int8_weights_and_int8_activations(float_model, int8):
+    graph = int8.graph.graph
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in float_model.modules())
+    weight_ops = [n for n in graph.nodes if n.target == QDQ.dequantize_per_channel.default]
+    assert len(weight_ops) == n_layers == 19
+    for node in weight_ops:
+        weight = getattr(int8.graph, node.args[0].target)
+        assert weight.dtype == torch.int8  # stored INT8, not FP32 fake-quantized
+    activations = [n for n in graph.nodes if n.target == QDQ.quantize_per_tensor.default]
+    assert len(activations) >= n_layers and all(n.args[-1] == torch.uint8 for n in activations)
+    # no observers or fake-quant modules left in the graph
+    assert not any("observer" in type(m).__name__.lower() or "fake" in type(m).__name__.lower()
+                   for m in int8.modules())
+
+
+def test_compiled_int8_runs_onednn_int8_convolutions(int8):
+    compiled, seconds = runtime.compile_for_cpu(int8, 64)
+    assert seconds > 0
+    with torch.inference_mode():
+        _, code = run_and_get_code(compiled, torch.zeros(2, 3, 64, 64))
+    source = "\n".join(code)
+    assert source.count("qconv") >= 16  # one fused INT8 oneDNN convolution per conv layer
+
+
+def test_int8_is_a_quarter_of_fp32_and_counts_every_weight(float_model, int8):
+    assert state_dict_bytes(int8) < 0.3 * state_dict_bytes(float_model)
+    assert count_params(int8) == count_params(float_model)
+
+
+def test_int8_stays_close_to_fp32_and_leaves_the_input_alone(float_model, int8, calibration):
+    before = {k: v.clone() for k, v in float_model.state_dict().items()}
+    with torch.inference_mode():
+        reference, quantized = float_model(calibration), int8(calibration)
+    assert (reference - quantized).abs().max() < 0.05 * reference.abs().max()
+    assert all(torch.equal(before[k], v) for k, v in float_model.state_dict().items())
+
+
+def test_a_stored_state_dict_reloads_without_calibration(float_model, int8, calibration):
+    skeleton = static_int8_skeleton(float_model, 64)
+    with torch.inference_mode():
+        assert not torch.equal(skeleton(calibration[:3]), int8(calibration[:3]))
+        skeleton.load_state_dict(int8.state_dict())
+        assert torch.equal(skeleton(calibration[:3]), int8(calibration[:3]))
+
+
+def test_bf16_variant_is_bf16_and_close_to_fp32(float_model, calibration):
+    model = runtime.to_bf16(float_model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.inference_mode():
+        reference, half = float_model(calibration[:2]), model(calibration[:2])
+    assert half.dtype == torch.float32
+    assert (reference - half).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_bf16_is_left_out_by_default_where_the_cpu_emulates_it(monkeypatch):
+    monkeypatch.setattr(variants, "native_bf16", lambda: False)
+    assert "bf16" not in default_names() and "turbo" in default_names()
+    monkeypatch.setattr(variants, "native_bf16", lambda: True)
+    assert "bf16" in default_names()
+
+
+def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_path, calibration):
+    built = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
+    again = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
+    for name in FAST[1:]:
+        first, second = built.variants[name], again.variants[name]
+        assert isinstance(first.model, runtime.Compiled)
+        assert first.artifact == second.artifact
+        costs = second.summary()["preparation_s"]
+        assert costs["calibration_s"] > 0 and costs["compile_s"] > 0
+        size = first.input_size
+        x = torch.nn.functional.interpolate(calibration[:2], size=(size, size))
+        with torch.inference_mode():
+            assert torch.equal(first.model(x), second.model(x)), name
+    turbo = built.variants["turbo"].summary()
+    assert turbo["article"] is False and built.variants["baseline"].summary()["article"] is True
+    assert turbo["macs"] < built.variants["int8_static"].summary()["macs"]
+    assert turbo["size_mb"] < built.variants["int8_static"].summary()["size_mb"]
+    assert built.variants["turbo160"].summary()["input_size"] == 160
+    assert isinstance(built.variants["int8_static"].model.compiled._orig_mod, StaticInt8)
