@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve compare build test bench-quantization bench-accuracy bench-load clean
+.PHONY: serve compare build test bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-tune clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,21 @@ bench-accuracy: $(STAMP)
 # 16 clients for 60 s against a real server on 127.0.0.1 (results in benchmarks/results/).
 bench-load: $(STAMP)
 	$(BIN)/python benchmarks/load_test.py $(ARGS)
+
+# leanvgg's variants against OpenVINO, ONNX Runtime and torch.compile bf16, in one run.
+bench-peers: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench,peers]'
+	$(BIN)/python benchmarks/peers.py $(ARGS)
+
+# Accuracy, top-1 agreement and logit error of the fast variants against FP32.
+bench-fidelity: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/fidelity.py $(ARGS)
+
+# leanvgg tune's search on the digits-trained VGG-19 (Pareto front, sensitivity, choice).
+bench-tune: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/tune_digits.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) test-artifacts

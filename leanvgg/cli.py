@@ -15,20 +15,37 @@ import torch.distributed
 
 from leanvgg.compare import ComparisonResult, Settings, compare
 from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
-from leanvgg.evaluate import (MappingError, cifar10_test, evaluate, image_folder, load_mapping,
-                              save_report)
+from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
+                              load_mapping, save_report)
 from leanvgg.finetune import distributed_context
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
+from leanvgg.runtime import native_bf16
 from leanvgg.store import Store
-from leanvgg.variants import build_variants, finetune_variant, resolve_names
+from leanvgg.tune import (TUNE_REPORT, Space, format_front, plot_front, rebuild_float_model,
+                          search, tuned_config)
+from leanvgg.variants import build_variants, finetune_variant, register_tuned, resolve_names
 
 log = logging.getLogger("leanvgg")
+# recipes with their own fine-tuning artifact (others share one of these)
+FINETUNABLE = ("pruned", "turbo")
 
 # One epoch over 500 images took about 11 minutes on the 2-core dev machine (0.73 images/s for
 # the pruned VGG-19 at 224×224, batch 16): minutes, not hours.
 DEFAULT_SUBSET = 500
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _word_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _positive(text: str) -> int:
@@ -103,6 +120,42 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="global batch size (default 16)")
     fit.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     fit.add_argument("--seed", type=int, default=0, help="subset and shuffling seed (default 0)")
+    fit.add_argument("--variant", choices=FINETUNABLE, default="pruned",
+                     help="whose pruned model to fine-tune: 'pruned' (shared with "
+                          "pruned_quantized) or 'turbo' (shared with turbo160) (default pruned)")
+
+    tn = commands.add_parser(
+        "tune", parents=[weights_only],
+        help="the fastest variant within an accuracy budget (Pareto front of a search)",
+        description="Search pruning ratio × precision × input resolution (× fine-tuning), "
+                    "measuring each candidate's latency on this machine and its accuracy on the "
+                    "validation data; print the Pareto front, save a JSON report and a PNG "
+                    "plot, and register the fastest candidate within --max-drop as 'tuned'. "
+                    "Ctrl-C keeps every finished candidate; rerunning resumes.")
+    tn.add_argument("--max-drop", type=float, required=True,
+                    help="accuracy points the choice may lose against FP32 (e.g. 1.0)")
+    tn.add_argument("--dataset", choices=("cifar10", "imagenet", "folder"), default="cifar10",
+                    help="validation data, as for 'evaluate' (default cifar10)")
+    tn.add_argument("--data", metavar="DIR", default=None, help="the data folder, as for 'evaluate'")
+    tn.add_argument("--mapping", metavar="FILE", default=None,
+                    help="JSON {folder name: [ImageNet class indices]} for --dataset folder")
+    tn.add_argument("--subset", type=_positive, default=200,
+                    help="validation images, stratified by class (default 200)")
+    tn.add_argument("--budget-minutes", type=float, default=None,
+                    help="stop measuring new candidates after this long (default: no limit)")
+    tn.add_argument("--resolutions", type=_int_list, default=(224, 192, 160, 128),
+                    metavar="A,B", help="input sizes (default 224,192,160,128)")
+    tn.add_argument("--prune-ratios", type=_float_list, default=(0.0, 0.1, 0.2, 0.3, 0.5),
+                    metavar="A,B", help="filter pruning ratios (default 0,0.1,0.2,0.3,0.5)")
+    tn.add_argument("--precisions", type=_word_list,
+                    default=("fp32", "bf16", "int8") if native_bf16() else ("fp32", "int8"),
+                    metavar="A,B", help="of fp32, bf16, int8 (default: all; bf16 only where "
+                                        "the CPU computes in bf16)")
+    tn.add_argument("--finetune-subset", type=int, default=0,
+                    help="CIFAR-10 training images for one recovery epoch per pruned model "
+                         "(default 0: no fine-tuned candidates; --dataset cifar10 only)")
+    tn.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
+    tn.add_argument("--warmup", type=_non_negative, default=2, help="warm-up runs (default 2)")
 
     ev = commands.add_parser(
         "evaluate", parents=[weights],
@@ -145,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(levelname)s %(name)s: %(message)s")
     commands = {"compare": _compare, "build": _build, "finetune": _finetune,
-                 "evaluate": _evaluate, "serve": _serve}
+                 "evaluate": _evaluate, "tune": _tune, "serve": _serve}
     try:
         return commands[args.command](args)
     except (ImageError, WeightsError, DataUnavailable, MappingError) as err:
@@ -180,11 +233,11 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    size = RECIPES["pruned"].input_size
+    size = RECIPES[args.variant].input_size
     dataset = stratified_subset(cifar10(args.data, train=True, size=size), args.subset,
                                 seed=args.seed)
     _, facts = finetune_variant(load_baseline(args.weights), dataset, group_index_tensor(),
-                                store=Store(), epochs=args.epochs, lr=args.lr,
+                                name=args.variant, store=Store(), epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, seed=args.seed)
     rank, world_size = distributed_context()
     if rank == 0:
@@ -197,7 +250,7 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _labelled(args: argparse.Namespace) -> Labelled:
     if args.dataset == "cifar10":
         labelled = cifar10_test(args.data)
     elif args.data is None:
@@ -207,7 +260,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         labelled = image_folder(args.data, load_mapping(args.mapping)
                                 if args.dataset == "folder" else None)
-    labelled = labelled.subset(args.subset)
+    return labelled.subset(args.subset)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    labelled = _labelled(args)
     store = Store()
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
                                  store=store)
@@ -217,6 +274,51 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name, acc in results.items():
         print(f"{name:<17}{acc.top1:>8.1%}{acc.top3:>8.1%}{acc.agreement:>8.1%}  "
               f"({acc.images} images)")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    try:
+        space = Space(resolutions=args.resolutions, prune_ratios=args.prune_ratios,
+                      precisions=args.precisions)
+    except ValueError as err:
+        print(f"leanvgg: error: {err}", file=sys.stderr)
+        return 2
+    validation = _labelled(args)
+    train = None
+    if args.finetune_subset:
+        if args.dataset != "cifar10":
+            raise DataUnavailable("--finetune-subset needs --dataset cifar10.")
+        train = Labelled("cifar10-train", lambda size: stratified_subset(
+            cifar10(args.data, train=True, size=size), args.finetune_subset),
+            group_index_tensor())
+    baseline = load_baseline(args.weights)
+    store = Store()
+    store.root.mkdir(parents=True, exist_ok=True)
+    report = store.root / f"{TUNE_REPORT}.report.json"
+    options = {"train": train, "report": report, "runs": args.runs, "warmup": args.warmup,
+               "model_id": f"{baseline.weights_id} on {validation.name}"}
+    try:
+        result = search(baseline.model, validation, max_drop=args.max_drop, space=space,
+                        budget_s=None if args.budget_minutes is None
+                        else 60 * args.budget_minutes, **options)
+    except KeyboardInterrupt:
+        print(f"leanvgg: interrupted; finished candidates are kept in {report}; run the same "
+              "command again to resume.", file=sys.stderr)
+        return 130
+    plot_path = store.root / "tune.png"
+    plot_front(result, plot_path)
+    print(format_front(result))
+    if result.chosen is None:
+        print(f"No candidate is within {args.max_drop:g} points of FP32; nothing registered.")
+    else:
+        candidate = result.candidates[result.chosen]
+        finetuned = (rebuild_float_model(baseline.model, result, train=train)
+                     if candidate["fine_tuned"] else None)
+        register_tuned(baseline, tuned_config(result), store, finetuned)
+        print(f"Registered {result.chosen} as 'tuned': 'leanvgg compare' and the dashboard "
+              "now show it.")
+    print(f"Report: {report}\nPlot: {plot_path}")
     return 0
 
 

@@ -104,28 +104,35 @@ def cifar10_test(root: str | Path | None) -> Labelled:
                     group_index_tensor())
 
 
+def predict(model: torch.nn.Module, dataset: Dataset, membership: torch.Tensor, *,
+            batch_size: int = 16, progress: bool = False,
+            desc: str = "evaluating") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 groups, top-k groups (k ≤ 3) and true groups of every image in ``dataset``."""
+    k = min(3, len(membership))
+    top1, topk, targets = [], [], []
+    with torch.inference_mode():
+        for images, labels in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc,
+                                   unit="batch", disable=not progress):
+            scores = group_probabilities(model(images), membership)
+            top1.append(scores.argmax(dim=1))
+            topk.append(scores.topk(k, dim=1).indices)
+            targets.append(labels)
+    return torch.cat(top1), torch.cat(topk), torch.cat(targets)
+
+
 def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 16,
              progress: bool = True) -> dict[str, Accuracy]:
     """Top-1, top-3 and agreement with the baseline for every variant (baseline first)."""
     if "baseline" not in variant_set.variants:
         raise ValueError("Evaluation needs the 'baseline' variant to measure agreement with it.")
     names = sorted(variant_set.variants, key=lambda n: n != "baseline")
-    membership = labelled.membership
-    k = min(3, len(membership))
     baseline_top1 = None
     results = {}
     for name in names:
         variant = variant_set.variants[name]
-        loader = DataLoader(labelled.dataset(variant.input_size), batch_size=batch_size)
-        top1, topk, targets = [], [], []
-        with torch.inference_mode():
-            for images, labels in tqdm(loader, desc=f"evaluating {name}", unit="batch",
-                                       disable=not progress):
-                scores = group_probabilities(variant.model(images), membership)
-                top1.append(scores.argmax(dim=1))
-                topk.append(scores.topk(k, dim=1).indices)
-                targets.append(labels)
-        top1, topk, targets = torch.cat(top1), torch.cat(topk), torch.cat(targets)
+        top1, topk, targets = predict(variant.model, labelled.dataset(variant.input_size),
+                                      labelled.membership, batch_size=batch_size,
+                                      progress=progress, desc=f"evaluating {name}")
         if baseline_top1 is None:
             baseline_top1 = top1
         results[name] = Accuracy(

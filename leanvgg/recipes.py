@@ -168,8 +168,8 @@ RECIPES: dict[str, Recipe] = {
                steps=(Prune(), FineTune(), QuantizeDynamicInt8()), article=True),
         Recipe("res160", "the baseline's weights fed 160×160 inputs", input_size=160,
                article=True),
-        Recipe("int8_static", "static INT8 convs + Linears (PT2E, calibrated on real photos), "
-               "compiled", steps=(QuantizeStaticInt8(),), compiled=True),
+        Recipe("int8_static", "static INT8 convs and Linears, calibrated on photos, compiled",
+               steps=(QuantizeStaticInt8(),), compiled=True),
         Recipe("bf16", "bf16 weights and activations, channels-last, compiled",
                steps=(CastBf16(),), compiled=True, needs_native_bf16=True),
         Recipe("turbo", "pruned to 16-channel blocks (+ fine-tuning), static INT8, compiled",
@@ -179,3 +179,21 @@ RECIPES: dict[str, Recipe] = {
                input_size=160, compiled=True),
     )
 }
+
+
+def tuned_recipe(config: dict) -> Recipe:
+    """The recipe of a candidate chosen by ``leanvgg tune`` (see ``leanvgg.tune``)."""
+    chosen = config["candidate"]
+    steps: list[Step] = []
+    if chosen["prune_ratio"] > 0:
+        steps.append(Prune(ratio=chosen["prune_ratio"], layers=tuple(config["layers"]),
+                           multiple_of=config["multiple_of"]))
+        if chosen["fine_tuned"]:
+            steps.append(FineTune())
+    if chosen["precision"] == "int8":
+        steps.append(QuantizeStaticInt8(input_size=chosen["resolution"]))
+    elif chosen["precision"] == "bf16":
+        steps.append(CastBf16())
+    return Recipe("tuned", f"fastest within {config['max_drop']:g} accuracy points "
+                  f"({config['key']}), chosen by leanvgg tune", tuple(steps),
+                  input_size=chosen["resolution"], compiled=chosen["precision"] != "fp32")

@@ -14,6 +14,7 @@ from leanvgg.compare import ComparisonResult, Settings, compare
 from leanvgg.images import DEFAULT_LIMITS, ImageLimits, decode
 from leanvgg.models import load_baseline
 from leanvgg.store import Store
+from leanvgg.tune import TUNE_REPORT, summarize
 from leanvgg.variants import VariantSet, build_variants
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,11 @@ class ComparisonService:
         else:
             state = "warming up"
         return {"status": state, **({"error": self._failure} if self._failure else {})}
+
+    def tune_report(self) -> dict | None:
+        """The latest ``leanvgg tune`` search in this service's cache, summarized; None if none."""
+        state = (self.store or Store()).load_json(TUNE_REPORT)
+        return summarize(state) if state else None
 
     def variant_set(self) -> VariantSet:
         if self._variant_set is None:

@@ -106,9 +106,7 @@ class Store:
     def save_json(self, name: str, document: dict) -> None:
         """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{name}.report.json"
-        os.replace(_write_temp(path, lambda f: f.write(json.dumps(document, indent=2).encode())),
-                   path)
+        write_atomic(self.root / f"{name}.report.json", json.dumps(document, indent=2).encode())
 
     def load_json(self, name: str) -> dict | None:
         """The document saved under ``name``, or None when absent or unreadable (logged)."""
@@ -120,6 +118,11 @@ class Store:
         except (OSError, ValueError) as err:
             log.warning("Ignoring unreadable %s (%s).", path, err)
             return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: readers see the old or the new file, whole."""
+    os.replace(_write_temp(path, lambda f: f.write(data)), path)
 
 
 def _write_temp(path: Path, write: Callable[[BinaryIO], object]) -> str:

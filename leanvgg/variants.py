@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +16,13 @@ from leanvgg.finetune import distributed_context, finetune
 from leanvgg.measure import count_macs, count_nonzero_params, count_params, state_dict_bytes
 from leanvgg.models import Baseline, from_layout, layout_of
 from leanvgg.runtime import compile_for_cpu, native_bf16
-from leanvgg.recipes import RECIPES, FineTune, Recipe, artifact_key
+from leanvgg.recipes import RECIPES, FineTune, Recipe, artifact_key, tuned_recipe
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
 
 REPORT = "evaluation"  # the store document holding the latest accuracy figures
+TUNED = "tuned"  # the store document holding leanvgg tune's latest choice
 
 
 @dataclass(frozen=True)
@@ -70,21 +71,51 @@ class VariantSet:
     variants: dict[str, Variant]
 
 
-def default_names() -> list[str]:
+def default_names(registry: Mapping[str, Recipe] = RECIPES) -> list[str]:
     """Every registered variant, except bf16 where the CPU only emulates bf16 (slower than FP32)."""
-    return [name for name, recipe in RECIPES.items()
+    return [name for name, recipe in registry.items()
             if not recipe.needs_native_bf16 or native_bf16()]
 
 
-def resolve_names(names: Iterable[str] | None) -> list[str]:
+def resolve_names(names: Iterable[str] | None,
+                  registry: Mapping[str, Recipe] = RECIPES) -> list[str]:
     """Validated variant names in registry order (``default_names()`` when ``names`` is None)."""
     if names is None:
-        return default_names()
+        return default_names(registry)
     names = list(names)
-    unknown = [n for n in names if n not in RECIPES]
+    unknown = [n for n in names if n not in registry]
     if unknown:
-        raise ValueError(f"Invalid variants {unknown}. Known variants: {', '.join(RECIPES)}.")
-    return [n for n in RECIPES if n in names]
+        raise ValueError(f"Invalid variants {unknown}. Known variants: {', '.join(registry)}.")
+    return [n for n in registry if n in names]
+
+
+def registry_for(baseline: Baseline, store: Store) -> dict[str, Recipe]:
+    """The registered recipes, plus ``tuned`` when ``leanvgg tune`` chose one for these weights."""
+    config = store.load_json(TUNED)
+    if config is None or config.get("weights") != baseline.weights_id:
+        return dict(RECIPES)
+    return {**RECIPES, "tuned": tuned_recipe(config)}
+
+
+def register_tuned(baseline: Baseline, config: dict, store: Store,
+                   finetuned: nn.Module | None = None) -> Recipe:
+    """Record ``leanvgg tune``'s choice so ``compare`` and the dashboard show it as ``tuned``.
+
+    ``config`` holds the chosen candidate, the layers pruned and the budget; a fine-tuned
+    choice needs its fine-tuned FP32 model, stored as the recipe's FineTune artifact.
+    """
+    config = {**config, "weights": baseline.weights_id}
+    recipe = tuned_recipe(config)
+    if config["candidate"]["fine_tuned"]:
+        if finetuned is None:
+            raise ValueError("A fine-tuned choice needs its fine-tuned model.")
+        position = next(i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune))
+        builder = _Builder(baseline, store)
+        _, facts, key = builder.artifact(recipe, position)
+        builder.save(recipe, position + 1, artifact_key(key, recipe.steps[position].to_json()),
+                     key, finetuned, {**facts, "fine_tuned": True}, layout_of(finetuned))
+    store.save_json(TUNED, config)
+    return recipe
 
 
 def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
@@ -96,9 +127,11 @@ def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
     store = store if store is not None else Store()
     builder = _Builder(baseline, store)
     accuracy = store.load_json(REPORT) or {}
+    registry = registry_for(baseline, store)
     variants = {}
-    for name in tqdm(resolve_names(names), desc="variants", unit="variant", disable=not progress):
-        recipe = RECIPES[name]
+    for name in tqdm(resolve_names(names, registry), desc="variants", unit="variant",
+                     disable=not progress):
+        recipe = registry[name]
         model, facts, key = builder.artifact(recipe, len(recipe.steps))
         facts = {**facts, "macs": count_macs(model, recipe.input_size)}
         if "calibration" in facts:

@@ -135,7 +135,8 @@ def test_two_files_in_the_field_are_refused(client, photo_bytes):
 def test_no_route_reads_or_writes_a_path_the_client_names(client, photo_bytes, tmp_path,
                                                          monkeypatch):
     rules = {rule.rule for rule in client.application.url_map.iter_rules()}
-    assert rules == {"/", "/healthz", "/api/variants", "/api/compare", "/static/<path:filename>"}
+    assert rules == {"/", "/healthz", "/api/variants", "/api/compare", "/api/tune",
+                     "/static/<path:filename>"}
     for probe in ("/static/../__init__.py", "/static/..%2f..%2fpyproject.toml",
                   "/static/%2e%2e/views.py", "/static//etc/passwd"):
         assert client.get(probe, follow_redirects=True).status_code == 404, probe

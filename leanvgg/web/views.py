@@ -73,6 +73,15 @@ def variants():
                    variants=[v.summary() for v in variant_set.variants.values()])
 
 
+@bp.get("/api/tune")
+def tune_front():
+    """The latest ``leanvgg tune`` search: every candidate, the Pareto front and the choice."""
+    report = _service().tune_report()
+    if report is None:
+        return _error("No search yet: run 'leanvgg tune --max-drop 1.0 …' to make one.", 404)
+    return jsonify(report)
+
+
 @bp.post("/api/compare")
 def compare():
     if request.mimetype != "multipart/form-data":

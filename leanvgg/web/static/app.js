@@ -4,7 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const charts = {};
-const COLORS = ["#2f6fde", "#e07a1f", "#2a9d61", "#b33dc6", "#d64545", "#5b6b82", "#0f9fb0"];
+const COLORS = ["#2f6fde", "#e07a1f", "#2a9d61", "#b33dc6", "#d64545", "#5b6b82", "#0f9fb0",
+  "#c9a227", "#7a4fd6", "#8c564b"];
 
 function showError(message) {
   const box = $("error");
@@ -226,5 +227,54 @@ function setUpDrop() {
   drop.addEventListener("drop", (e) => upload(e.dataTransfer.files[0]));
 }
 
+// The latest `leanvgg tune` search, if any: latency against accuracy, front joined.
+async function loadTune() {
+  const response = await fetch("/api/tune");
+  if (!response.ok) return;  // 404: no search yet, the section stays hidden
+  const report = await response.json();
+  const point = (c) => ({ x: c.latency_ms.median, y: 100 * c.accuracy, c });
+  const front = report.candidates.filter((c) => c.on_front)
+    .sort((a, b) => a.latency_ms.median - b.latency_ms.median);
+  const others = report.candidates.filter((c) => !c.on_front);
+  const chosen = report.candidates.find((c) => c.chosen);
+  $("tune-summary").textContent =
+    `${report.candidates.length} candidates measured (${report.skipped} skipped) for ` +
+    `${report.model_id}; budget: at most ${report.max_drop} points below FP32 ` +
+    `(${(100 * report.baseline.accuracy).toFixed(2)}%). ` +
+    (chosen ? `Chosen as "tuned": ${chosen.key}, ${chosen.latency_ms.median.toFixed(1)} ms.`
+            : "No candidate is within the budget.");
+  if (charts.tune) charts.tune.destroy();
+  charts.tune = new Chart($("chart-tune"), {
+    type: "scatter",
+    data: {
+      datasets: [
+        { label: "Pareto front", data: front.map(point), showLine: true, borderColor: COLORS[0],
+          backgroundColor: COLORS[0], pointRadius: 6 },
+        { label: "other candidates", data: others.map(point), backgroundColor: "#9aa5b1",
+          pointRadius: 4 },
+        { label: "tuned", data: chosen ? [point(chosen)] : [], backgroundColor: COLORS[2],
+          pointRadius: 10, pointStyle: "star" },
+      ],
+    },
+    options: {
+      maintainAspectRatio: false, animation: false,
+      plugins: {
+        title: { display: true, text: "Latency vs accuracy of every candidate (upper left is better)" },
+        tooltip: { callbacks: { label: (item) => {
+          const c = item.raw.c;
+          return `${c.key}: ${item.raw.y.toFixed(2)}%, ${item.raw.x.toFixed(1)} ms, ` +
+            `${c.size_mb.toFixed(1)} MB`;
+        } } },
+      },
+      scales: {
+        x: { beginAtZero: true, title: { display: true, text: "median ms" } },
+        y: { title: { display: true, text: "top-1 %" } },
+      },
+    },
+  });
+  $("tune").hidden = false;
+}
+
 setUpDrop();
 pollHealth();
+loadTune();

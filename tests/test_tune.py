@@ -1,0 +1,178 @@
+"""The accuracy-budgeted search on a VGG-19-shaped tiny model and a tiny CIFAR folder."""
+
+import json
+
+import pytest
+
+from leanvgg import tune
+from leanvgg.data import cifar10, group_index_tensor
+from leanvgg.evaluate import Labelled
+from leanvgg.tune import Candidate, Space, pareto_front, search
+from tiny import tiny_vgg, write_cifar
+
+SPACE = Space(resolutions=(64, 32), prune_ratios=(0.0, 0.5), precisions=("fp32", "int8"))
+FP32_SPACE = Space(resolutions=(64, 32), prune_ratios=(0.0, 0.5), precisions=("fp32",))
+LAYERS = (28, 30, 32, 34)
+
+
+def _validation(root):
+    return Labelled("tiny-cifar", lambda size: cifar10(root, train=False, size=size),
+                    group_index_tensor())
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("cifar"), per_class=3)
+
+
+@pytest.fixture(scope="module")
+def searched(cifar_root, tmp_path_factory):
+    """One search over the 8-candidate space, shared by the tests that only read it."""
+    with pytest.MonkeyPatch.context() as patch:
+        import torchvision.datasets.cifar as tv_cifar
+
+        patch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
+        report = tmp_path_factory.mktemp("tune") / "tune.json"
+        return _search(_validation(cifar_root), report), report
+
+
+def _search(validation, report, space=SPACE, **kwargs):
+    return search(tiny_vgg(dropout=False), validation, space=space, layers=LAYERS,
+                  multiple_of=1, runs=2, warmup=1, report=report, model_id="tiny",
+                  progress=False, **{"max_drop": 100.0, **kwargs})
+
+
+def _dominates(a, b):
+    faster = a["latency_ms"]["median"] <= b["latency_ms"]["median"]
+    return faster and a["accuracy"] >= b["accuracy"] and (
+        a["latency_ms"]["median"] < b["latency_ms"]["median"] or a["accuracy"] > b["accuracy"])
+
+
+def test_pareto_front_keeps_exactly_the_undominated():
+    points = [{"latency_ms": {"median": ms}, "accuracy": acc, "name": name} for name, ms, acc in
+              [("a", 10, 0.90), ("b", 5, 0.80), ("c", 7, 0.85), ("d", 8, 0.70), ("e", 12, 0.90)]]
+    assert [p["name"] for p in pareto_front(points)] == ["b", "c", "a"]
+
+
+def test_a_candidate_is_skipped_when_a_safer_one_already_broke_the_budget():
+    base = {"accuracy": 0.9}
+    failed = {"prune_ratio": 0.1, "precision": "int8", "resolution": 160, "fine_tuned": False,
+              "accuracy": 0.8}
+    done = {"failed": failed}
+    assert "dominated" in tune._skip_reason(Candidate(0.3, "int8", 128), done, base, 1.0)
+    assert tune._skip_reason(Candidate(0.3, "int8", 192), done, base, 1.0) is None  # larger
+    assert tune._skip_reason(Candidate(0.3, "fp32", 128), done, base, 1.0) is None  # other kind
+    assert tune._skip_reason(Candidate(0.3, "int8", 128), done, base, 20.0) is None  # in budget
+
+
+def test_search_front_and_choice(searched):
+    result, _ = searched
+    measured = {k: r for k, r in result.candidates.items() if "accuracy" in r}
+    assert len(measured) == len(result.candidates) == 8 and result.complete
+    front = [measured[k] for k in result.front]
+    for point in front:
+        assert not any(_dominates(other, point) for other in measured.values())
+    for key, record in measured.items():
+        if key not in result.front:
+            assert any(_dominates(point, record) for point in front)
+    # a 100-point budget admits everything: the choice is simply the fastest candidate
+    assert result.chosen == min(measured, key=lambda k: measured[k]["latency_ms"]["median"])
+    assert set(result.sensitivity) == {str(layer) for layer in LAYERS}
+    int8 = measured["prune0-int8-64px"]
+    assert int8["size_mb"] < 0.35 * measured["prune0-fp32-64px"]["size_mb"]
+    assert measured["prune0.5-fp32-64px"]["macs"] < measured["prune0-fp32-64px"]["macs"]
+    summary = tune.summarize(json.loads(searched[1].read_text()))
+    assert summary["chosen"] == result.chosen and summary["front"] == result.front
+
+
+def test_the_choice_respects_the_budget(searched):
+    result, _ = searched
+    base = result.baseline["accuracy"]
+    for max_drop in (0.0, 5.0, 20.0):
+        key = tune._choose(result.candidates, tune._baseline_key(SPACE), max_drop)
+        chosen = result.candidates[key]
+        assert 100 * (base - chosen["accuracy"]) <= max_drop
+        faster = [r for r in result.candidates.values()
+                  if r["latency_ms"]["median"] < chosen["latency_ms"]["median"]]
+        assert all(100 * (base - r["accuracy"]) > max_drop for r in faster)
+
+
+def test_a_finished_search_measures_nothing_again(searched, cifar_root, monkeypatch,
+                                                  tiny_cifar_files):
+    result, report = searched
+    monkeypatch.setattr(tune, "_measure", lambda *a, **k: pytest.fail("measured again"))
+    again = _search(_validation(cifar_root), report)
+    assert again.candidates == result.candidates and again.chosen == result.chosen
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(cifar_root, tmp_path, monkeypatch,
+                                                        tiny_cifar_files):
+    report, validation = tmp_path / "tune.json", _validation(cifar_root)
+    measure = tune._measure
+    calls = []
+
+    def counted(candidate, *args, **kwargs):
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        calls.append(candidate.key)
+        return measure(candidate, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "_measure", counted)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        _search(validation, report, FP32_SPACE)
+    first = list(calls)
+    assert len(first) == 2 and set(json.loads(report.read_text())["candidates"]) == set(first)
+    calls.clear()
+    interrupt = False
+    result = _search(validation, report, FP32_SPACE)
+    assert len(calls) == 2 and not set(calls) & set(first)  # only the unfinished ones
+    assert all("accuracy" in r for r in result.candidates.values())
+
+
+def test_the_time_budget_stops_the_search(cifar_root, tmp_path, tiny_cifar_files):
+    result = _search(_validation(cifar_root), tmp_path / "tune.json", FP32_SPACE, budget_s=0.0)
+    assert not result.complete and result.candidates == {}
+
+
+def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
+        cifar_root, tmp_path, monkeypatch, capsys, tiny_cifar_files, photo_path):
+    from leanvgg import cli
+    from leanvgg.compare import Settings
+    from leanvgg.service import ComparisonService
+    from leanvgg.store import Store
+    from leanvgg.variants import build_variants
+    from leanvgg.web import create_app
+    from tiny import tiny_baseline
+
+    monkeypatch.setenv("LEANVGG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(cli, "load_baseline", lambda weights, **_: tiny_baseline())
+    args = ["tune", "--max-drop", "100", "--data", str(cifar_root), "--subset", "20",
+            "--resolutions", "64,32", "--prune-ratios", "0,0.5", "--precisions", "fp32",
+            "--runs", "2", "--warmup", "0"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "← chosen" in out and "Registered" in out
+    home = tmp_path / "home"
+    assert (home / "tune.png").stat().st_size > 10_000 and (home / "tune.report.json").exists()
+
+    variant_set = build_variants(tiny_baseline(), ["baseline", "tuned"], store=Store(home),
+                                 progress=False)
+    tuned = variant_set.variants["tuned"]
+    chosen = json.loads((home / "tuned.report.json").read_text())["candidate"]
+    assert tuned.input_size == chosen["resolution"] and "leanvgg tune" in tuned.recipe.description
+
+    service = ComparisonService(settings=Settings(runs=1, warmup=0), variant_set=variant_set,
+                                store=Store(home))
+    client = create_app({"TESTING": True, "LEANVGG_SERVICE": service}).test_client()
+    body = client.get("/api/tune").json
+    assert body["chosen"] == tuned.recipe.description.split("(")[1].split(")")[0]
+    assert len(body["candidates"]) == 4 and any(c["on_front"] for c in body["candidates"])
+    empty = ComparisonService(settings=Settings(), variant_set=variant_set,
+                              store=Store(tmp_path / "empty"))
+    response = create_app({"TESTING": True, "LEANVGG_SERVICE": empty}).test_client().get(
+        "/api/tune")
+    assert response.status_code == 404 and "leanvgg tune" in response.json["error"]
+
+    assert cli.main(["tune", "--max-drop", "1", "--precisions", "fp64"]) == 2
+    assert "Invalid precisions" in capsys.readouterr().err
