@@ -65,14 +65,17 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def run(*, clients: int, seconds: float, runs: int = 1, home: str | None = None) -> dict:
+def run(*, clients: int, seconds: float, runs: int = 1, home: str | None = None,
+        variants: str | None = None) -> dict:
+    """``variants``: the server's --variants (default: every default variant)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, **({"LEANVGG_HOME": home} if home else {})}
     server = subprocess.Popen(
         [sys.executable, "-m", "leanvgg", "serve", "--weights", "random", "--port", str(port),
-         "--runs", str(runs), "--warmup", "0"],
+         "--runs", str(runs), "--warmup", "0",
+         *(["--variants", variants] if variants else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:

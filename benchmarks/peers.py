@@ -118,16 +118,30 @@ def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads
 
 
 def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """GOP/s of a large square matmul in each precision: what this machine can do at best."""
+    """GOP/s of one large matmul per precision: roughly the best this machine can do.
+
+    FP32 and bf16 through torch.mm (oneDNN/MKL); INT8 through torch.ao's quantized Linear
+    (fbgemm's u8×s8 GEMM; torch._int_mm has no fast CPU kernel). bf16 uses n/2 where the CPU
+    only emulates it, or one repeat would take many seconds.
+    """
+    import warnings
+
+    from torch.ao.nn.quantized import Linear as QuantizedLinear
+
     torch.set_num_threads(threads)
-    ops = 2 * n**3
     a32, b32 = torch.randn(n, n), torch.randn(n, n)
-    a8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    b8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    cases = {"fp32": lambda: a32 @ b32, "int8": lambda: torch._int_mm(a8, b8),
-             "bf16": lambda: a32.bfloat16() @ b32.bfloat16()}
+    m = n if native_bf16() else n // 2
+    a16, b16 = torch.randn(m, m).bfloat16(), torch.randn(m, m).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        linear = QuantizedLinear(n, n)
+        linear.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, n), 0.02, 0, torch.qint8),
+                               None)
+        x8 = torch.quantize_per_tensor(torch.rand(n, n), 0.01, 0, torch.quint8)
+    cases = {"fp32": (lambda: a32 @ b32, 2 * n**3), "int8": (lambda: linear(x8), 2 * n**3),
+             "bf16": (lambda: a16 @ b16, 2 * m**3)}
     ceilings = {}
-    for name, fn in cases.items():
+    for name, (fn, ops) in cases.items():
         fn()
         samples = []
         for _ in range(repeats):

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch.distributed
 
 from leanvgg.compare import ComparisonResult, Settings, compare
-from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
+from leanvgg.data import (DataUnavailable, calibration_batch, cifar10, group_index_tensor,
+                          stratified_subset)
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
                               load_mapping, save_report)
 from leanvgg.finetune import distributed_context
@@ -25,7 +26,8 @@ from leanvgg.runtime import native_bf16
 from leanvgg.store import Store
 from leanvgg.tune import (TUNE_REPORT, Space, format_front, plot_front, rebuild_float_model,
                           search, tuned_config)
-from leanvgg.variants import build_variants, finetune_variant, register_tuned, resolve_names
+from leanvgg.variants import (TUNED, NotTuned, build_variants, finetune_variant, register_tuned,
+                              resolve_names)
 
 log = logging.getLogger("leanvgg")
 # recipes with their own fine-tuning artifact (others share one of these)
@@ -64,7 +66,9 @@ def _non_negative(text: str) -> int:
 
 def _variant_list(text: str) -> list[str]:
     try:
-        return resolve_names(n.strip() for n in text.split(",") if n.strip())
+        # `tuned` exists once `leanvgg tune` has chosen one; build_variants checks that
+        return resolve_names((n.strip() for n in text.split(",") if n.strip()),
+                             {**RECIPES, TUNED: None})
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -84,7 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     weights = argparse.ArgumentParser(add_help=False, parents=[weights_only])
     weights.add_argument(
         "--variants", type=_variant_list, default=None, metavar="A,B",
-        help=f"comma-separated subset of {', '.join(RECIPES)} (default: all)")
+        help=f"comma-separated subset of {', '.join(RECIPES)}, {TUNED} (default: all, bf16 "
+             "only where the CPU computes in bf16, tuned once 'leanvgg tune' chose one)")
+    weights.add_argument(
+        "--calibration", metavar="DIR", default=None,
+        help="images to calibrate static INT8 on (default: the photos shipped with leanvgg)")
 
     timing = argparse.ArgumentParser(add_help=False)
     timing.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
@@ -154,6 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     tn.add_argument("--finetune-subset", type=int, default=0,
                     help="CIFAR-10 training images for one recovery epoch per pruned model "
                          "(default 0: no fine-tuned candidates; --dataset cifar10 only)")
+    tn.add_argument("--calibration", metavar="DIR", default=None,
+                    help="images to calibrate static INT8 on (default: the bundled photos)")
     tn.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
     tn.add_argument("--warmup", type=_non_negative, default=2, help="warm-up runs (default 2)")
 
@@ -201,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "evaluate": _evaluate, "tune": _tune, "serve": _serve}
     try:
         return commands[args.command](args)
-    except (ImageError, WeightsError, DataUnavailable, MappingError) as err:
+    except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned) as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -212,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compare(args: argparse.Namespace) -> int:
     image = decode(read_file(args.image))  # fail on a bad image before any model work
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
-                                 store=Store())
+                                 store=Store(), calibration=args.calibration)
     result = compare(image, variant_set,
                      Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
                      progress=True)
@@ -225,7 +235,8 @@ def _with_baseline(names: list[str] | None) -> list[str] | None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    variant_set = build_variants(load_baseline(args.weights), args.variants, store=Store())
+    variant_set = build_variants(load_baseline(args.weights), args.variants, store=Store(),
+                                 calibration=args.calibration)
     for variant in variant_set.variants.values():
         print(f"{variant.name:<17} {variant.facts['size_bytes'] / 2**20:8.1f} MB  "
               f"{variant.facts['params']:>12,} params")
@@ -267,7 +278,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     labelled = _labelled(args)
     store = Store()
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
-                                 store=store)
+                                 store=store, calibration=args.calibration)
     results = evaluate(variant_set, labelled, batch_size=args.batch_size)
     save_report(store, results)
     print(f"{'variant':<17}{'top-1':>8}{'top-3':>8}{'agrees':>8}  on {labelled.name}")
@@ -297,6 +308,7 @@ def _tune(args: argparse.Namespace) -> int:
     store.root.mkdir(parents=True, exist_ok=True)
     report = store.root / f"{TUNE_REPORT}.report.json"
     options = {"train": train, "report": report, "runs": args.runs, "warmup": args.warmup,
+               "calibration": lambda size: calibration_batch(size, args.calibration),
                "model_id": f"{baseline.weights_id} on {validation.name}"}
     try:
         result = search(baseline.model, validation, max_drop=args.max_drop, space=space,
@@ -337,7 +349,7 @@ def _serve(args: argparse.Namespace) -> int:
                       "LEANVGG_VARIANTS": _with_baseline(args.variants),
                       "LEANVGG_RUNS": args.runs, "LEANVGG_WARMUP": args.warmup,
                       "LEANVGG_THREADS": args.threads,
-                      "LEANVGG_LIMITS": limits})
+                      "LEANVGG_LIMITS": limits, "LEANVGG_CALIBRATION": args.calibration})
     log.info("Dashboard on http://%s:%d/ (variants loading in the background)",
              args.host, args.port)
     # waitress stops its workers cleanly on SystemExit; make SIGTERM (service managers, kill)

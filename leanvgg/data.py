@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,15 @@ def stratified_subset(dataset: Dataset, size: int, *, seed: int = 0) -> Subset:
 
 
 CALIBRATION_PHOTOS = Path(__file__).parent / "calibration_photos"  # licences in LICENSES.md
+
+
+def calibration_digest(folder: str | Path) -> str:
+    """A short content hash of a calibration folder, so its artifacts change when it does."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def calibration_batch(size: int, folder: str | Path | None = None, *, seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import ClassVar, Protocol
 
 from torch import nn
 
-from leanvgg.data import calibration_batch
+from leanvgg.data import calibration_batch, calibration_digest
 from leanvgg.prune import VGG19_DEEP_CONVS, prune_filters
 from leanvgg.quantize import quantize_dynamic_int8, quantize_static_int8, static_int8_skeleton
 from leanvgg.runtime import to_bf16
@@ -97,9 +97,10 @@ class QuantizeStaticInt8:
         return static_int8_skeleton(model, self.input_size)
 
     def to_json(self) -> dict:
+        source = ("bundled-photos-v1" if self.calibration is None
+                  else f"folder-sha256:{calibration_digest(self.calibration)}")
         return {"op": "quantize_static_int8", "backend": "torchao.pt2e x86_inductor",
-                "input_size": self.input_size,
-                "calibration": self.calibration or "bundled-photos-v1"}
+                "input_size": self.input_size, "calibration": source}
 
 
 @dataclass(frozen=True)

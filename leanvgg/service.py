@@ -43,13 +43,15 @@ class ComparisonService:
     def __init__(self, *, weights: str = "auto", names: list[str] | None = None,
                  settings: Settings = Settings(), limits: ImageLimits = DEFAULT_LIMITS,
                  store: Store | None = None, max_queue: int = 8,
-                 variant_set: VariantSet | None = None) -> None:
-        """``variant_set``: variants built already (then ``start`` is not needed)."""
+                 variant_set: VariantSet | None = None, calibration: str | None = None) -> None:
+        """``variant_set``: variants built already (then ``start`` is not needed);
+        ``calibration``: a folder of images for static INT8 (default: the bundled photos)."""
         self.weights = weights
         self.names = names
         self.settings = settings
         self.limits = limits
         self.store = store
+        self.calibration = calibration
         if max_queue < 1:
             raise ValueError(f"Invalid max_queue {max_queue}: at least 1 comparison must fit.")
         self.max_queue = max_queue  # comparisons admitted at once: one measuring, the rest waiting
@@ -76,7 +78,8 @@ class ComparisonService:
     def _warm_up(self) -> None:
         try:
             baseline = load_baseline(self.weights)
-            self._variant_set = build_variants(baseline, self.names, store=self.store)
+            self._variant_set = build_variants(baseline, self.names, store=self.store,
+                                               calibration=self.calibration)
             log.info("Ready: %s", ", ".join(self._variant_set.variants))
         except Exception as err:  # reported by status() and every request, not lost in a thread
             log.exception("Warm-up failed")

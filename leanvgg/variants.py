@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,13 +18,18 @@ from leanvgg.finetune import distributed_context, finetune
 from leanvgg.measure import count_macs, count_nonzero_params, count_params, state_dict_bytes
 from leanvgg.models import Baseline, from_layout, layout_of
 from leanvgg.runtime import compile_for_cpu, native_bf16
-from leanvgg.recipes import RECIPES, FineTune, Recipe, artifact_key, tuned_recipe
+from leanvgg.recipes import (RECIPES, FineTune, QuantizeStaticInt8, Recipe, artifact_key,
+                             tuned_recipe)
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
 
 REPORT = "evaluation"  # the store document holding the latest accuracy figures
 TUNED = "tuned"  # the store document holding leanvgg tune's latest choice
+
+
+class NotTuned(LookupError):
+    """``tuned`` was asked for, but ``leanvgg tune`` has not chosen one for these weights."""
 
 
 @dataclass(frozen=True)
@@ -89,12 +96,24 @@ def resolve_names(names: Iterable[str] | None,
     return [n for n in registry if n in names]
 
 
-def registry_for(baseline: Baseline, store: Store) -> dict[str, Recipe]:
-    """The registered recipes, plus ``tuned`` when ``leanvgg tune`` chose one for these weights."""
+def registry_for(baseline: Baseline, store: Store,
+                 calibration: str | None = None) -> dict[str, Recipe]:
+    """The registered recipes, plus ``tuned`` when ``leanvgg tune`` chose one for these weights.
+
+    ``calibration``: a folder of images that replaces the bundled photos in every static-INT8
+    step (its content hash is part of the artifacts' keys).
+    """
     config = store.load_json(TUNED)
-    if config is None or config.get("weights") != baseline.weights_id:
-        return dict(RECIPES)
-    return {**RECIPES, "tuned": tuned_recipe(config)}
+    registry = dict(RECIPES)
+    if config is not None and config.get("weights") == baseline.weights_id:
+        registry[TUNED] = tuned_recipe(config)
+    if calibration is not None:
+        calibration = str(Path(calibration).resolve())
+        registry = {name: dataclasses.replace(recipe, steps=tuple(
+            dataclasses.replace(step, calibration=calibration)
+            if isinstance(step, QuantizeStaticInt8) else step for step in recipe.steps))
+            for name, recipe in registry.items()}
+    return registry
 
 
 def register_tuned(baseline: Baseline, config: dict, store: Store,
@@ -119,7 +138,8 @@ def register_tuned(baseline: Baseline, config: dict, store: Store,
 
 
 def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
-                   store: Store | None = None, progress: bool = True) -> VariantSet:
+                   store: Store | None = None, progress: bool = True,
+                   calibration: str | None = None) -> VariantSet:
     """Every requested variant, from the cache when a valid entry exists, else built and stored.
 
     Recipes that produce the same weights (baseline and res160) share one model in memory.
@@ -127,7 +147,9 @@ def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
     store = store if store is not None else Store()
     builder = _Builder(baseline, store)
     accuracy = store.load_json(REPORT) or {}
-    registry = registry_for(baseline, store)
+    registry = registry_for(baseline, store, calibration)
+    if names is not None and TUNED in names and TUNED not in registry:
+        raise NotTuned("No 'tuned' variant for these weights yet: run 'leanvgg tune' first.")
     variants = {}
     for name in tqdm(resolve_names(names, registry), desc="variants", unit="variant",
                      disable=not progress):

@@ -132,3 +132,18 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
     assert turbo["size_mb"] < built.variants["int8_static"].summary()["size_mb"]
     assert built.variants["turbo160"].summary()["input_size"] == 160
     assert isinstance(built.variants["int8_static"].model.compiled._orig_mod, StaticInt8)
+
+
+def test_a_user_calibration_folder_makes_its_own_artifact(tmp_path, photo):
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    photo.save(folder / "cat.png")
+    store = Store(tmp_path / "cache")
+    bundled = build_variants(tiny_baseline(), ["baseline", "int8_static"], store=store,
+                             progress=False).variants["int8_static"]
+    own = build_variants(tiny_baseline(), ["baseline", "int8_static"], store=store,
+                         progress=False, calibration=str(folder)).variants["int8_static"]
+    assert own.artifact != bundled.artifact
+    assert own.facts["calibration"]["images"] == 4 and bundled.facts["calibration"]["images"] == 24
+    with pytest.raises(variants.NotTuned, match="leanvgg tune"):
+        build_variants(tiny_baseline(), ["baseline", "tuned"], store=store, progress=False)

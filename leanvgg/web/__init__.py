@@ -26,6 +26,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         LEANVGG_THREADS=None,
         LEANVGG_SERVICE=None,
         LEANVGG_LIMITS=DEFAULT_LIMITS,
+        LEANVGG_CALIBRATION=None,  # a folder of images for static INT8; None: bundled photos
         MAX_FORM_PARTS=8,
     )
     if test_config:
@@ -36,7 +37,7 @@ def create_app(test_config: dict | None = None) -> Flask:
             weights=app.config["LEANVGG_WEIGHTS"], names=app.config["LEANVGG_VARIANTS"],
             settings=Settings(runs=app.config["LEANVGG_RUNS"], warmup=app.config["LEANVGG_WARMUP"],
                               threads=app.config["LEANVGG_THREADS"]),
-            limits=app.config["LEANVGG_LIMITS"])
+            limits=app.config["LEANVGG_LIMITS"], calibration=app.config["LEANVGG_CALIBRATION"])
         service.start()
     # Requests above the image limit (plus the multipart envelope) get a 413 before their body
     # is read in full. Behind waitress, Werkzeug applies the form-memory bound to the uploaded
