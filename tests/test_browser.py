@@ -11,6 +11,7 @@ from waitress import create_server
 from leanvgg.compare import Settings
 from leanvgg.recipes import RECIPES
 from leanvgg.service import ComparisonService
+from leanvgg.store import Store
 from leanvgg.variants import default_names
 from leanvgg.web import create_app
 
@@ -22,8 +23,9 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 
 @pytest.fixture
-def server(variant_set):
-    service = ComparisonService(settings=Settings(runs=2, warmup=1), variant_set=variant_set)
+def server(variant_set, cache_dir):
+    service = ComparisonService(settings=Settings(runs=2, warmup=1), variant_set=variant_set,
+                                store=Store(cache_dir))
     wsgi = create_server(create_app({"LEANVGG_SERVICE": service}), host="127.0.0.1", port=0)
     thread = threading.Thread(target=wsgi.run, daemon=True)
     thread.start()
@@ -79,7 +81,7 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
     assert page.is_visible("#preview") and page.is_hidden("#busy")
     assert "waiting for other measurements" in page.inner_text("#provenance")
 
-    drawn = page.evaluate("""() => [...document.querySelectorAll('canvas')].map(c => {
+    drawn = page.evaluate("""() => [...document.querySelectorAll('#results canvas')].map(c => {
         const chart = Chart.getChart(c);
         const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         return [chart ? chart.data.labels.length || chart.data.datasets.length : 0,

@@ -165,14 +165,14 @@ def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
     service = ComparisonService(settings=Settings(runs=1, warmup=0), variant_set=variant_set,
                                 store=Store(home))
     client = create_app({"TESTING": True, "LEANVGG_SERVICE": service}).test_client()
-    body = client.get("/api/tune").json
+    body = client.get("/api/tune").json["search"]
     assert body["chosen"] == tuned.recipe.description.split("(")[1].split(")")[0]
     assert len(body["candidates"]) == 4 and any(c["on_front"] for c in body["candidates"])
     empty = ComparisonService(settings=Settings(), variant_set=variant_set,
                               store=Store(tmp_path / "empty"))
     response = create_app({"TESTING": True, "LEANVGG_SERVICE": empty}).test_client().get(
         "/api/tune")
-    assert response.status_code == 404 and "leanvgg tune" in response.json["error"]
+    assert response.json["search"] is None and "leanvgg tune" in response.json["message"]
 
     assert cli.main(["tune", "--max-drop", "1", "--precisions", "fp64"]) == 2
     assert "Invalid precisions" in capsys.readouterr().err

@@ -75,11 +75,15 @@ def variants():
 
 @bp.get("/api/tune")
 def tune_front():
-    """The latest ``leanvgg tune`` search: every candidate, the Pareto front and the choice."""
+    """The latest ``leanvgg tune`` search: every candidate, the Pareto front and the choice.
+
+    No search yet is a normal state of the page, not an error: ``search`` is then null.
+    """
     report = _service().tune_report()
     if report is None:
-        return _error("No search yet: run 'leanvgg tune --max-drop 1.0 …' to make one.", 404)
-    return jsonify(report)
+        return jsonify(search=None,
+                       message="No search yet: run 'leanvgg tune --max-drop 1.0 …' to make one.")
+    return jsonify(search=report)
 
 
 @bp.post("/api/compare")

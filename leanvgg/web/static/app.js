@@ -230,8 +230,9 @@ function setUpDrop() {
 // The latest `leanvgg tune` search, if any: latency against accuracy, front joined.
 async function loadTune() {
   const response = await fetch("/api/tune");
-  if (!response.ok) return;  // 404: no search yet, the section stays hidden
-  const report = await response.json();
+  if (!response.ok) return;
+  const report = (await response.json()).search;
+  if (!report) return;  // no search yet: the section stays hidden
   const point = (c) => ({ x: c.latency_ms.median, y: 100 * c.accuracy, c });
   const front = report.candidates.filter((c) => c.on_front)
     .sort((a, b) => a.latency_ms.median - b.latency_ms.median);
