@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from leanvgg.finetune import distributed_context, finetune
 from leanvgg.measure import count_macs, count_nonzero_params, count_params, state_dict_bytes
 from leanvgg.models import Baseline, from_layout, layout_of
-from leanvgg.runtime import compile_for_cpu, native_bf16
 from leanvgg.recipes import (RECIPES, FineTune, QuantizeStaticInt8, Recipe, artifact_key,
                              tuned_recipe)
+from leanvgg.runtime import compile_for_cpu, native_bf16
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
