@@ -85,14 +85,29 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--weights", default="auto", metavar="W",
         help=f"{' | '.join(WEIGHTS_CHOICES)} | PATH to a VGG-19 state dict (default: auto = "
              "ImageNet when cached or downloadable, otherwise seeded random weights)")
-    weights = argparse.ArgumentParser(add_help=False, parents=[weights_only])
+    calibration = argparse.ArgumentParser(add_help=False)
+    calibration.add_argument(
+        "--calibration", metavar="DIR", default=None,
+        help="images to calibrate static INT8 on (default: the photos shipped with leanvgg)")
+    weights = argparse.ArgumentParser(add_help=False, parents=[weights_only, calibration])
     weights.add_argument(
         "--variants", type=_variant_list, default=None, metavar="A,B",
         help=f"comma-separated subset of {', '.join(RECIPES)}, {TUNED} (default: all, bf16 "
              "only where the CPU computes in bf16, tuned once 'leanvgg tune' chose one)")
-    weights.add_argument(
-        "--calibration", metavar="DIR", default=None,
-        help="images to calibrate static INT8 on (default: the photos shipped with leanvgg)")
+
+    # A labelled set, as 'evaluate' and 'tune' read it (see _labelled).
+    labelled = argparse.ArgumentParser(add_help=False)
+    labelled.add_argument(
+        "--dataset", choices=("cifar10", "imagenet", "folder"), default="cifar10",
+        help="cifar10: the test split mapped to ImageNet groups; imagenet: a validation folder "
+             "of the 1000 WordNet-id folders; folder: any ImageFolder with --mapping "
+             "(default cifar10)")
+    labelled.add_argument(
+        "--data", metavar="DIR", default=None,
+        help="the data folder (for cifar10: holding cifar-10-batches-py/; default: download)")
+    labelled.add_argument(
+        "--mapping", metavar="FILE", default=None,
+        help="JSON {folder name: [ImageNet class indices]} for --dataset folder")
 
     timing = argparse.ArgumentParser(add_help=False)
     timing.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
@@ -133,7 +148,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "pruned_quantized) or 'turbo' (shared with turbo160) (default pruned)")
 
     tn = commands.add_parser(
-        "tune", parents=[weights_only],
+        "tune", parents=[weights_only, labelled, calibration],
         help="the fastest variant within an accuracy budget (Pareto front of a search)",
         description="Search pruning ratio × precision × input resolution (× fine-tuning), "
                     "measuring each candidate's latency on this machine and its accuracy on the "
@@ -142,11 +157,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "Ctrl-C keeps every finished candidate; rerunning resumes.")
     tn.add_argument("--max-drop", type=float, required=True,
                     help="accuracy points the choice may lose against FP32 (e.g. 1.0)")
-    tn.add_argument("--dataset", choices=("cifar10", "imagenet", "folder"), default="cifar10",
-                    help="validation data, as for 'evaluate' (default cifar10)")
-    tn.add_argument("--data", metavar="DIR", default=None, help="the data folder, as for 'evaluate'")
-    tn.add_argument("--mapping", metavar="FILE", default=None,
-                    help="JSON {folder name: [ImageNet class indices]} for --dataset folder")
     tn.add_argument("--subset", type=_positive, default=200,
                     help="validation images, stratified by class (default 200)")
     tn.add_argument("--budget-minutes", type=float, default=None,
@@ -162,25 +172,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     tn.add_argument("--finetune-subset", type=int, default=0,
                     help="CIFAR-10 training images for one recovery epoch per pruned model "
                          "(default 0: no fine-tuned candidates; --dataset cifar10 only)")
-    tn.add_argument("--calibration", metavar="DIR", default=None,
-                    help="images to calibrate static INT8 on (default: the bundled photos)")
     tn.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
     tn.add_argument("--warmup", type=_non_negative, default=2, help="warm-up runs (default 2)")
 
     ev = commands.add_parser(
-        "evaluate", parents=[weights],
+        "evaluate", parents=[weights, labelled],
         help="top-1 / top-3 accuracy of every variant on a labelled set",
         description="Measure each variant's top-1 and top-3 accuracy and its top-1 agreement with "
                     "the baseline, and store the report so 'compare' and the dashboard show it.")
-    ev.add_argument("--dataset", choices=("cifar10", "imagenet", "folder"), default="cifar10",
-                    help="cifar10: the test split mapped to ImageNet groups; imagenet: a "
-                         "validation folder of the 1000 WordNet-id folders; folder: any "
-                         "ImageFolder with --mapping (default cifar10)")
-    ev.add_argument("--data", metavar="DIR", default=None,
-                    help="the data folder (for cifar10: holding cifar-10-batches-py/; "
-                         "default: download)")
-    ev.add_argument("--mapping", metavar="FILE", default=None,
-                    help="JSON {folder name: [ImageNet class indices]} for --dataset folder")
     ev.add_argument("--subset", type=_positive, default=500,
                     help="images, stratified by class (default 500)")
     ev.add_argument("--batch-size", type=_positive, default=16, help="batch size (default 16)")

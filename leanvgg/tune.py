@@ -222,14 +222,22 @@ def _float_model(cache: dict, model: nn.Module, candidate: Candidate, state: dic
     if not chosen:
         cache[key] = None
         return None
-    pruned, _ = prune_filters(model, ratio=candidate.prune_ratio, layers=chosen,
-                              multiple_of=multiple_of)
-    if candidate.fine_tuned:
-        assert train is not None
-        pruned, _ = finetune(pruned, train.dataset(max(state["space"]["resolutions"])),
-                             train.membership, epochs=epochs, lr=lr, progress=False)
-    cache[key] = pruned
-    return pruned
+    cache[key] = _pruned(model, candidate.prune_ratio, chosen, multiple_of=multiple_of,
+                         train=train if candidate.fine_tuned else None,
+                         resolution=max(state["space"]["resolutions"]),
+                         finetune_args={"lr": lr, "epochs": epochs})
+    return cache[key]
+
+
+def _pruned(model: nn.Module, ratio: float, layers: Sequence[int], *, multiple_of: int,
+            train: Labelled | None, resolution: int, finetune_args: dict) -> nn.Module:
+    """``model`` pruned at ``ratio`` in ``layers``, then fine-tuned (seeded) on ``train`` if any."""
+    pruned, _ = prune_filters(model, ratio=ratio, layers=layers, multiple_of=multiple_of)
+    if train is None:
+        return pruned
+    tuned, _ = finetune(pruned, train.dataset(resolution), train.membership, progress=False,
+                        **finetune_args)
+    return tuned
 
 
 def _measure(candidate: Candidate, model: nn.Module, validation: Labelled,
@@ -336,16 +344,12 @@ def rebuild_float_model(model: nn.Module, result: TuneResult, *,
     chosen = config["candidate"]
     if chosen["prune_ratio"] == 0:
         return model
-    pruned, _ = prune_filters(model, ratio=chosen["prune_ratio"], layers=config["layers"],
-                              multiple_of=result.multiple_of)
-    if not chosen["fine_tuned"]:
-        return pruned
-    if train is None:
+    if chosen["fine_tuned"] and train is None:
         raise ValueError("The chosen candidate was fine-tuned: pass the same training data.")
-    resolution = max(r["resolution"] for r in result.candidates.values())
-    tuned, _ = finetune(pruned, train.dataset(resolution), train.membership, progress=False,
-                        **result.finetune)
-    return tuned
+    return _pruned(model, chosen["prune_ratio"], config["layers"],
+                   multiple_of=result.multiple_of, train=train if chosen["fine_tuned"] else None,
+                   resolution=max(r["resolution"] for r in result.candidates.values()),
+                   finetune_args=result.finetune)
 
 
 def format_front(result: TuneResult) -> str:
