@@ -21,9 +21,9 @@ from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, im
 from leanvgg.finetune import distributed_context
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
-from leanvgg.recipes import RECIPES
+from leanvgg.recipes import RECIPES, QuantizeStaticInt8
 from leanvgg.runtime import native_bf16
-from leanvgg.store import Store
+from leanvgg.store import CacheError, Store
 from leanvgg.tune import (TUNE_REPORT, Space, format_front, plot_front, rebuild_float_model,
                           search, tuned_config)
 from leanvgg.variants import (TUNED, NotTuned, build_variants, finetune_variant, register_tuned,
@@ -64,6 +64,19 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {value}")
+    return value
+
+
+def _folder(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing folder")
+    return text
+
+
 def _variant_list(text: str) -> list[str]:
     try:
         # `tuned` exists once `leanvgg tune` has chosen one; build_variants checks that
@@ -73,30 +86,37 @@ def _variant_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, like every other error of leanvgg (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="leanvgg",
         description="Build compressed VGG-19 variants and measure them side by side on this CPU.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log build steps")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    weights_only = argparse.ArgumentParser(add_help=False)
+    weights_only = _Parser(add_help=False)
     weights_only.add_argument(
         "--weights", default="auto", metavar="W",
         help=f"{' | '.join(WEIGHTS_CHOICES)} | PATH to a VGG-19 state dict (default: auto = "
              "ImageNet when cached or downloadable, otherwise seeded random weights)")
-    calibration = argparse.ArgumentParser(add_help=False)
+    calibration = _Parser(add_help=False)
     calibration.add_argument(
-        "--calibration", metavar="DIR", default=None,
+        "--calibration", metavar="DIR", default=None, type=_folder,
         help="images to calibrate static INT8 on (default: the photos shipped with leanvgg)")
-    weights = argparse.ArgumentParser(add_help=False, parents=[weights_only, calibration])
+    weights = _Parser(add_help=False, parents=[weights_only, calibration])
     weights.add_argument(
         "--variants", type=_variant_list, default=None, metavar="A,B",
         help=f"comma-separated subset of {', '.join(RECIPES)}, {TUNED} (default: all, bf16 "
              "only where the CPU computes in bf16, tuned once 'leanvgg tune' chose one)")
 
     # A labelled set, as 'evaluate' and 'tune' read it (see _labelled).
-    labelled = argparse.ArgumentParser(add_help=False)
+    labelled = _Parser(add_help=False)
     labelled.add_argument(
         "--dataset", choices=("cifar10", "imagenet", "folder"), default="cifar10",
         help="cifar10: the test split mapped to ImageNet groups; imagenet: a validation folder "
@@ -109,7 +129,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--mapping", metavar="FILE", default=None,
         help="JSON {folder name: [ImageNet class indices]} for --dataset folder")
 
-    timing = argparse.ArgumentParser(add_help=False)
+    timing = _Parser(add_help=False)
     timing.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
     timing.add_argument("--warmup", type=_non_negative, default=2,
                         help="untimed warm-up runs (default 2)")
@@ -186,11 +206,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     srv = commands.add_parser(
         "serve", parents=[weights, timing], help="run the dashboard and JSON API",
-        description="Serve the dashboard on a production WSGI server (waitress). The variants "
-                    "load in the background; until then the page says 'warming up'.")
+        description="Serve the dashboard on a production WSGI server (waitress). The page "
+                    "answers at once; each variant becomes usable as soon as it is loaded or "
+                    "built. Latency is profiled per variant in the background (--runs passes "
+                    "after --warmup, default 30 and 2); an upload runs each variant once.")
     srv.add_argument("--host", default="127.0.0.1",
                      help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    srv.add_argument("--port", type=_positive, default=8000, help="TCP port (default 8000)")
+    srv.set_defaults(runs=30)
+    srv.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    srv.add_argument("--queue-timeout", type=_positive, default=120, metavar="SECONDS",
+                     help="longest wait for the measurement slot before 503 with Retry-After "
+                          "(default 120)")
+    srv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="a further Host name to answer to (repeatable; default: only "
+                          "127.0.0.1, localhost and --host; others get 400, which stops DNS "
+                          "rebinding)")
     srv.add_argument("--max-upload-mb", type=_positive, default=DEFAULT_LIMITS.max_bytes // 2**20,
                      help="largest accepted upload in MB (default %(default)s)")
     srv.add_argument("--max-megapixels", type=_positive,
@@ -210,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "evaluate": _evaluate, "tune": _tune, "serve": _serve}
     try:
         return commands[args.command](args)
-    except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned) as err:
+    except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned,
+            CacheError) as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -219,10 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    image = decode(read_file(args.image))  # fail on a bad image before any model work
+    picture = decode(read_file(args.image))  # fail on a bad image before any model work
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
                                  store=Store(), calibration=args.calibration)
-    result = compare(image, variant_set,
+    result = compare(picture, variant_set,
                      Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
                      progress=True)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
@@ -304,11 +335,13 @@ def _tune(args: argparse.Namespace) -> int:
             group_index_tensor())
     baseline = load_baseline(args.weights)
     store = Store()
-    store.root.mkdir(parents=True, exist_ok=True)
     report = store.root / f"{TUNE_REPORT}.report.json"
     options = {"train": train, "report": report, "runs": args.runs, "warmup": args.warmup,
                "calibration": lambda size: calibration_batch(size, args.calibration),
-               "model_id": f"{baseline.weights_id} on {validation.name}"}
+               "model_id": f"{baseline.weights_id} on {validation.name}",
+               "settings": {"subset": args.subset, "finetune_subset": args.finetune_subset,
+                            "calibration": QuantizeStaticInt8(
+                                calibration=args.calibration).to_json()["calibration"]}}
     try:
         result = search(baseline.model, validation, max_drop=args.max_drop, space=space,
                         budget_s=None if args.budget_minutes is None
@@ -334,9 +367,8 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from waitress import serve
-
-    from leanvgg.web import create_app
+    from leanvgg.service import ComparisonService
+    from leanvgg.web import make_server
 
     try:
         limits = dataclasses.replace(DEFAULT_LIMITS, max_bytes=args.max_upload_mb * 2**20,
@@ -344,25 +376,30 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
-    app = create_app({"LEANVGG_WEIGHTS": args.weights,
-                      "LEANVGG_VARIANTS": _with_baseline(args.variants),
-                      "LEANVGG_RUNS": args.runs, "LEANVGG_WARMUP": args.warmup,
-                      "LEANVGG_THREADS": args.threads,
-                      "LEANVGG_LIMITS": limits, "LEANVGG_CALIBRATION": args.calibration})
+    service = ComparisonService(
+        weights=args.weights, names=_with_baseline(args.variants),
+        settings=Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
+        limits=limits, store=Store(), calibration=args.calibration,
+        queue_timeout_s=args.queue_timeout)
+    try:
+        # Bound before the warm-up starts: a taken port fails in a second, not after minutes.
+        server = make_server(service, host=args.host, port=args.port, allowed=args.allowed_host)
+    except OSError as err:
+        print(f"leanvgg: error: cannot listen on {args.host}:{args.port}: "
+              f"{err.strerror or err}.", file=sys.stderr)
+        return 2
+    service.start()
     log.info("Dashboard on http://%s:%d/ (variants loading in the background)",
              args.host, args.port)
     # waitress stops its workers cleanly on SystemExit; make SIGTERM (service managers, kill)
     # take that path instead of killing the process mid-answer.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    # Enough threads for every admitted comparison to wait for the measurement slot while a few
-    # more still answer bad uploads, health checks and the page at once.
     try:
-        serve(app, host=args.host, port=args.port,
-              threads=app.extensions["leanvgg"].max_queue + 4)
+        server.run()
     except SystemExit:
         pass  # the signal came before waitress's loop (which catches it itself) had started
     log.info("Server stopped.")
-    if app.extensions["leanvgg"].warming_up():
+    if not service.stop(timeout_s=5):
         # Torch work cannot be interrupted, and a daemon thread inside it aborts the interpreter
         # at exit. Leave at once instead: cache writes are atomic, so nothing half-written is
         # ever loaded (an interrupted write leaves only an ignored temporary file).

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
 
-from leanvgg.images import preprocess
-from leanvgg.measure import Latency, Prediction, machine_facts, time_models, top_k
+from leanvgg.images import Batches, Picture
+from leanvgg.measure import Latency, Prediction, Profile, machine_facts, time_models_iter, top_k
 from leanvgg.models import CATEGORIES
 from leanvgg.variants import VariantSet
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -25,6 +26,10 @@ class Settings:
             raise ValueError(f"Invalid settings {self}: runs >= 1, warmup >= 0, threads >= 1.")
 
 
+# A request of the dashboard: one pass per variant for its predictions; latency from profiles.
+ONE_PASS = Settings(runs=1, warmup=0)
+
+
 @dataclass(frozen=True)
 class VariantResult:
     name: str
@@ -34,15 +39,21 @@ class VariantResult:
     params: int
     params_total: int
     macs: int
-    latency_ms: Latency
-    speedup: float
+    latency_ms: Latency  # from ``latency_source``
+    latency_source: str  # "profile": measured apart, N passes; "request": this request's passes
+    image_ms: float  # this image's last pass
+    profile: dict | None  # the variant's stored latency profile on this machine, with its age
+    speedup: float  # the baseline's median over this variant's (both from profiles if any)
     top3: list[Prediction]
     fine_tuned: bool | None
     finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
     accuracy: dict | None  # the latest evaluation of these weights, when one exists
     steps: list[dict]
     article: bool  # one of the article's five variants
-    preparation_s: dict  # one-off costs (calibration_s, compile_s), apart from latency
+    preparation_s: dict  # one-off costs (calibration_s, compile_s, load_s), apart from latency
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class ComparisonResult:
     image: dict
     machine: dict
     variants: list[VariantResult] = field(default_factory=list)
+    not_ready: dict = field(default_factory=dict)  # variant → its state, when left out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,35 +83,72 @@ def _threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-def compare(image: Image.Image, variant_set: VariantSet, settings: Settings = Settings(), *,
+def compare(image: Image.Image | Picture | Batches, variant_set: VariantSet, settings: Settings = Settings(),
+            *, profiles: Mapping[str, Profile] | None = None,
             progress: bool = False) -> ComparisonResult:
     """Time and run every variant on one image, one forward pass at a time (see ``time_models``).
 
-    Each variant's top-3 comes from the output of its own last timed run.
+    Each variant's top-3 comes from the output of its own last timed run. With ``profiles``,
+    latencies and speedups come from them (a CNN's latency does not depend on the picture) and
+    this image's own passes are reported beside them.
     """
-    variants = variant_set.variants
-    if "baseline" not in variants:
-        raise ValueError("The comparison needs the 'baseline' variant to compute speedups.")
-    batches = {v.input_size: preprocess(image, v.input_size) for v in variants.values()}
-    jobs = {name: (v.model, batches[v.input_size]) for name, v in variants.items()}
-    with _threads(settings.threads) as threads:
-        timings = time_models(jobs, runs=settings.runs, warmup=settings.warmup, progress=progress)
-    baseline_median = timings["baseline"][0].median
-    results = []
-    for name, variant in variants.items():
-        latency, logits = timings[name]
-        results.append(VariantResult(**variant.summary(), latency_ms=latency,
-                                     speedup=baseline_median / latency.median,
-                                     top3=top_k(logits, CATEGORIES, 3)))
-    baseline = variant_set.baseline
-    return ComparisonResult(
-        weights=baseline.weights,
-        predictions_meaningful=baseline.meaningful,
-        note=baseline.note,
-        threads=threads,
-        runs=settings.runs,
-        warmup=settings.warmup,
-        image={"width": image.width, "height": image.height},
-        machine=machine_facts(threads),
-        variants=results,
-    )
+    comparison = Comparison(image, variant_set, settings, profiles=profiles)
+    return comparison.result(list(comparison.rows(progress=progress)))
+
+
+class Comparison:
+    """One image against every variant, row by row (the dashboard streams them as they come)."""
+
+    def __init__(self, image: Image.Image | Picture | Batches, variant_set: VariantSet,
+                 settings: Settings = Settings(), *,
+                 profiles: Mapping[str, Profile] | None = None) -> None:
+        if "baseline" not in variant_set.variants:
+            raise ValueError("The comparison needs the 'baseline' variant to compute speedups.")
+        if isinstance(image, Image.Image):
+            image = Picture.of(image)
+        if isinstance(image, Picture):
+            image = image.batches({v.input_size for v in variant_set.variants.values()})
+        self.batches = image
+        self.variant_set = variant_set
+        self.settings = settings
+        self.profiles = dict(profiles or {})
+        self.threads = settings.threads or torch.get_num_threads()
+
+    def rows(self, *, progress: bool = False) -> Iterator[VariantResult]:
+        """Each variant's row as soon as its last pass ends, baseline first."""
+        variants = self.variant_set.variants
+        jobs = {name: (v.model, self.batches.tensors[v.input_size])
+                for name, v in variants.items()}
+        baseline_median = None
+        with _threads(self.settings.threads):
+            for name, measured, logits in time_models_iter(
+                    jobs, runs=self.settings.runs, warmup=self.settings.warmup,
+                    progress=progress):
+                profile = self.profiles.get(name)
+                latency = profile.latency if profile else measured
+                if baseline_median is None:  # the baseline comes first
+                    baseline_median = latency.median
+                variant = variants[name]
+                yield VariantResult(
+                    **variant.summary(), latency_ms=latency,
+                    latency_source="profile" if profile else "request",
+                    image_ms=measured.median,
+                    profile=profile.to_dict() if profile else None,
+                    speedup=baseline_median / latency.median,
+                    top3=top_k(logits, CATEGORIES, 3))
+
+    def result(self, rows: list[VariantResult], not_ready: Mapping[str, str] | None = None
+               ) -> ComparisonResult:
+        baseline = self.variant_set.baseline
+        return ComparisonResult(
+            weights=baseline.weights,
+            predictions_meaningful=baseline.meaningful,
+            note=baseline.note,
+            threads=self.threads,
+            runs=self.settings.runs,
+            warmup=self.settings.warmup,
+            image={"width": self.batches.width, "height": self.batches.height},
+            machine=machine_facts(self.threads),
+            variants=rows,
+            not_ready=dict(not_ready or {}),
+        )

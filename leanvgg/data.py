@@ -111,7 +111,8 @@ def stratified_subset(dataset: Dataset, size: int, *, seed: int = 0) -> Subset:
     targets = torch.as_tensor(dataset.targets)
     classes = targets.unique().tolist()
     if not 0 < size <= len(targets):
-        raise ValueError(f"Invalid subset size {size}: it must be in 1..{len(targets)}.")
+        raise DataUnavailable(f"Invalid subset size {size}: the data set has {len(targets)} "
+                              f"images, so it must be in 1..{len(targets)}.")
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for rank, label in enumerate(classes):
@@ -157,7 +158,7 @@ def calibration_batch(size: int, folder: str | Path | None = None, *, seed: int 
         torch.manual_seed(seed)
         for path in files:
             try:
-                image = decode(read_file(path))
+                image = decode(read_file(path)).square  # what the models see of it
             except ImageError as err:
                 raise DataUnavailable(f"Calibration image {path.name}: {err}") from None
             centred = preprocess(image, size)[0]

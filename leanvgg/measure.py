@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import calendar
 import io
 import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 
 import torch
 import torchvision
@@ -111,15 +112,45 @@ def count_macs(model: nn.Module, input_size: int) -> int:
 
 @dataclass(frozen=True)
 class Latency:
-    median: float  # milliseconds
+    """Statistics of timed forward passes, in milliseconds."""
+
+    median: float
     p90: float
     min: float
+    p10: float = 0.0
+    mean: float = 0.0
+    stdev: float = 0.0
+    runs: int = 1
 
     @classmethod
     def from_seconds(cls, samples: list[float]) -> Latency:
         ms = sorted(s * 1e3 for s in samples)
-        p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
-        return cls(statistics.median(ms), p90, ms[0])
+        if len(ms) == 1:
+            return cls(ms[0], ms[0], ms[0], ms[0], ms[0], 0.0, 1)
+        deciles = statistics.quantiles(ms, n=10, method="inclusive")
+        return cls(statistics.median(ms), deciles[-1], ms[0], deciles[0], statistics.fmean(ms),
+                   statistics.stdev(ms), len(ms))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A variant's latency on this machine, measured apart from any request (see service)."""
+
+    latency: Latency
+    measured_at: float  # time.time() when the last pass ended
+    threads: int
+
+    def to_dict(self) -> dict:
+        return {**asdict(self.latency), "threads": self.threads,
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                             time.gmtime(self.measured_at)),
+                "age_s": round(time.time() - self.measured_at, 1)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Profile:
+        fields = {k: data[k] for k in ("median", "p90", "min", "p10", "mean", "stdev", "runs")}
+        return cls(Latency(**fields), calendar.timegm(
+            time.strptime(data["measured_at"], "%Y-%m-%dT%H:%M:%SZ")), data["threads"])
 
 
 def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
@@ -131,21 +162,29 @@ def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int
     landing on whichever model happens to be timed first. Each job's returned output is produced
     by its last timed pass, so predictions and timings come from the same computation.
     """
+    return {name: (latency, output) for name, latency, output in
+            time_models_iter(jobs, runs=runs, warmup=warmup, progress=progress)}
+
+
+def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
+                     warmup: int, progress: bool = False
+                     ) -> Iterator[tuple[str, Latency, torch.Tensor]]:
+    """``time_models``, yielding each job as soon as its last timed pass ends (in job order)."""
     samples: dict[str, list[float]] = {name: [] for name in jobs}
-    outputs: dict[str, torch.Tensor] = {}
     with torch.inference_mode(), tqdm(total=len(jobs) * (warmup + runs), desc="measuring",
                                       unit="pass", disable=not progress) as bar:
         for model, batch in jobs.values():
             for _ in range(warmup):
                 model(batch)
                 bar.update()
-        for _ in range(runs):
+        for round_ in range(runs):
             for name, (model, batch) in jobs.items():
                 start = time.perf_counter()
-                outputs[name] = model(batch)
+                output = model(batch)
                 samples[name].append(time.perf_counter() - start)
                 bar.update()
-    return {name: (Latency.from_seconds(samples[name]), outputs[name]) for name in jobs}
+                if round_ == runs - 1:
+                    yield name, Latency.from_seconds(samples[name]), output
 
 
 @dataclass(frozen=True)

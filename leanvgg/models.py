@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,8 @@ def _file_baseline(path: Path) -> Baseline:
             f"{', '.join(WEIGHTS_CHOICES)} or the path of a VGG-19 state-dict file."
         )
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()  # read once: the bytes hashed below are the bytes loaded
+        state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a bad file; all mean the same
         raise WeightsError(f"{str(path)!r} is not a PyTorch state-dict file ({err}).") from err
     if not isinstance(state_dict, dict) or not all(
@@ -101,7 +103,7 @@ def _file_baseline(path: Path) -> Baseline:
         raise WeightsError(
             f"{str(path)!r} is not a torchvision VGG-19 state dict: {first[0].strip()}"
         ) from err
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(data).hexdigest()[:16]
     return Baseline(model.eval(), str(path), f"file-{digest}", meaningful=True)
 
 

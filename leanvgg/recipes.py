@@ -97,7 +97,8 @@ class QuantizeStaticInt8:
         return static_int8_skeleton(model, self.input_size)
 
     def to_json(self) -> dict:
-        source = ("bundled-photos-v1" if self.calibration is None
+        # v2: the views are taken from the centre square that decoding keeps (leanvgg.images)
+        source = ("bundled-photos-v2" if self.calibration is None
                   else f"folder-sha256:{calibration_digest(self.calibration)}")
         return {"op": "quantize_static_int8", "backend": "torchao.pt2e x86_inductor",
                 "input_size": self.input_size, "calibration": source}

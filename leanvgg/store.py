@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +28,45 @@ def default_root() -> Path:
 
 # Temporary files older than this are left by killed writers (a live write takes seconds).
 STALE_TEMP_SECONDS = 3600
+# What every manifest holds, with its type; an entry missing one is treated as corrupt.
+MANIFEST_FIELDS = {"key": str, "sha256": str, "bytes": int, "manifest_sha256": str}
+
+
+class CacheError(Exception):
+    """The cache folder cannot be trusted or used; the message says why and what to do."""
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """The hash of a manifest's content, itself excluded: edits to a manifest are detected."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_digest(manifest: dict, digest: str) -> None:
+    if manifest["sha256"] != digest:
+        raise ValueError("content hash does not match its manifest")
+
+
+def private_root(root: Path) -> Path:
+    """``root``, created ``0700`` if missing; refused if another user could write into it.
+
+    The cache holds code-bearing artifacts (weights, compiled kernels), so a folder that
+    someone else owns or that everyone may write to could feed this process their files.
+    """
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = root.stat()
+    except OSError as err:
+        raise CacheError(f"Cannot use the cache folder {str(root)!r}: {err.strerror or err}. "
+                         "Set LEANVGG_HOME to a folder of your own.") from None
+    if info.st_uid != os.getuid():
+        raise CacheError(f"The cache folder {str(root)!r} belongs to another user (uid "
+                         f"{info.st_uid}); set LEANVGG_HOME to a folder of your own.")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CacheError(f"The cache folder {str(root)!r} is writable by other users (mode "
+                         f"{stat.filemode(info.st_mode)}); run 'chmod go-w {root}' or set "
+                         "LEANVGG_HOME to a private folder.")
+    return root
 
 
 class Store:
@@ -37,32 +79,77 @@ class Store:
     """
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        self.root = private_root(Path(root) if root is not None else default_root())
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        return self.root / f"{key}.pt", self.root / f"{key}.json"
+    def _paths(self, key: str, suffix: str = ".pt") -> tuple[Path, Path]:
+        return self.root / f"{key}{suffix}", self.root / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        """Whether an entry (valid or not) exists under ``key``."""
+        return self._paths(key)[1].exists()
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold the entry's lock: one builder at a time per entry, across processes.
+
+        A second builder waits, then finds the entry made (check with ``load`` inside).
+        The kernel drops the lock when its holder dies, so a killed builder blocks nobody.
+        """
+        fd = os.open(self.root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def save(self, key: str, state_dict: dict, manifest: dict) -> dict:
         """Store an artifact; returns the manifest as written (with ``bytes`` and ``sha256``).
 
-        Only state dicts are stored: they load with ``weights_only=True``, which cannot run
-        code (``torch.export.load`` may unpickle arbitrary objects, so programs are not).
+        Only state dicts are stored this way: they load with ``weights_only=True``, which
+        cannot run code (``torch.export.load`` may unpickle arbitrary objects, so programs are
+        not). Compiled code goes through ``save_file``.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        return self._commit(
+            key, ".pt", lambda path: _write_temp(path, lambda f: torch.save(state_dict, f)),
+            manifest)
+
+    def save_file(self, key: str, suffix: str, write: Callable[[Path], object],
+                  manifest: dict) -> dict:
+        """Store a file that ``write(path)`` makes (e.g. an AOTInductor package), like ``save``."""
+        def write_temp(path: Path) -> str:
+            # keeps the real suffix last: writers such as AOTInductor insist on it
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                       suffix=f".tmp{path.suffix}")
+            os.close(fd)
+            try:
+                write(Path(tmp))
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            return tmp
+
+        return self._commit(key, suffix, write_temp, manifest)
+
+    def _commit(self, key: str, suffix: str, write_temp: Callable[[Path], str],
+                manifest: dict) -> dict:
+        """Write the data to a temporary file, hash it, then rename data and manifest in."""
         self.sweep()
-        weights_path, manifest_path = self._paths(key)
-        weights_tmp = _write_temp(weights_path, lambda f: torch.save(state_dict, f))
+        data_path, manifest_path = self._paths(key, suffix)
+        data_tmp = write_temp(data_path)
         try:
-            with open(weights_tmp, "rb") as f:
+            with open(data_tmp, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
             manifest = {**manifest, "key": key, "sha256": digest,
-                        "bytes": os.path.getsize(weights_tmp)}
+                        "bytes": os.path.getsize(data_tmp)}
+            manifest["manifest_sha256"] = _manifest_digest(manifest)
             manifest_tmp = _write_temp(
                 manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
         except BaseException:
-            os.unlink(weights_tmp)
+            os.unlink(data_tmp)
             raise
-        os.replace(weights_tmp, weights_path)
+        os.replace(data_tmp, data_path)
         os.replace(manifest_tmp, manifest_path)
         return manifest
 
@@ -70,7 +157,7 @@ class Store:
         """Delete temporary files that killed writers left behind; returns what was removed."""
         removed = []
         cutoff = time.time() - older_than_s
-        for path in self.root.glob(".*.tmp"):
+        for path in self.root.glob(".*.tmp*"):
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
@@ -81,31 +168,68 @@ class Store:
             log.info("Removed %d stale temporary file(s) from %s.", len(removed), self.root)
         return removed
 
-    def load(self, key: str) -> tuple[dict, dict] | None:
-        """``(state_dict, manifest)``, or None when absent or corrupt (corruption is logged)."""
-        weights_path, manifest_path = self._paths(key)
-        if not weights_path.exists() and not manifest_path.exists():
+    def load(self, key: str, validate: Callable[[dict], object] | None = None,
+             ) -> tuple[dict, dict] | None:
+        """``(state_dict, manifest)``, or None when absent or corrupt (corruption is logged).
+
+        The tensors are memory-mapped from the file (clean, shared, evictable pages rather than
+        a private copy), through the very file descriptor that was hashed: the folder is
+        private and writers only ever replace files, so the bytes hashed are the bytes mapped.
+        ``validate`` checks the caller's own manifest fields; whatever it raises marks the entry
+        as corrupt.
+        """
+        def read(path: Path, manifest: dict) -> dict:
+            with path.open("rb") as f:
+                _check_digest(manifest, hashlib.file_digest(f, "sha256").hexdigest())
+                with warnings.catch_warnings():
+                    # Emitted by torch itself when it restores quantized tensors; not actionable.
+                    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+                    warnings.filterwarnings("ignore",
+                                            message=".*quantized tensor creation functions")
+                    return torch.load(f"/proc/self/fd/{f.fileno()}", map_location="cpu",
+                                      weights_only=True, mmap=True)
+
+        return self._load(key, ".pt", read, validate)
+
+    def load_file(self, key: str, suffix: str, validate: Callable[[dict], object] | None = None,
+                  ) -> tuple[Path, dict] | None:
+        """``(path, manifest)`` of a file stored by ``save_file`` whose hash checks out, or None
+        (absent or corrupt, logged). The folder is private (``private_root``), so the file
+        cannot be swapped between this check and its use by anyone but this user."""
+        def check(path: Path, manifest: dict) -> Path:
+            with path.open("rb") as f:
+                _check_digest(manifest, hashlib.file_digest(f, "sha256").hexdigest())
+            return path
+
+        return self._load(key, suffix, check, validate)
+
+    def _load(self, key: str, suffix: str, read: Callable[[Path, dict], object],
+              validate: Callable[[dict], object] | None):
+        data_path, manifest_path = self._paths(key, suffix)
+        if not data_path.exists() and not manifest_path.exists():
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-            with weights_path.open("rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            if manifest.get("key") != key or manifest.get("sha256") != digest:
-                raise ValueError("content hash does not match its manifest")
-            with warnings.catch_warnings():
-                # Emitted by torch itself when it restores quantized tensors; not actionable.
-                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
-                state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+            if not isinstance(manifest, dict):
+                raise ValueError("the manifest is not a JSON object")
+            for field, kind in MANIFEST_FIELDS.items():
+                if not isinstance(manifest.get(field), kind):
+                    raise ValueError(f"the manifest lacks a valid {field!r}")
+            if manifest["manifest_sha256"] != _manifest_digest(manifest):
+                raise ValueError("the manifest was changed after it was written")
+            if manifest["key"] != key:
+                raise ValueError("the manifest belongs to another entry")
+            if validate is not None:
+                validate(manifest)
+            content = read(data_path, manifest)
         except Exception as err:  # any damage means the same thing: rebuild it
             log.warning("Cache entry %s is corrupt or incomplete (%s); rebuilding it.",
-                        weights_path, err)
+                        data_path, err)
             return None
-        return state_dict, manifest
+        return content, manifest
 
     def save_json(self, name: str, document: dict) -> None:
         """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""
-        self.root.mkdir(parents=True, exist_ok=True)
         write_atomic(self.root / f"{name}.report.json", json.dumps(document, indent=2).encode())
 
     def load_json(self, name: str) -> dict | None:

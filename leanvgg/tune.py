@@ -12,10 +12,12 @@ search keeps them and a rerun resumes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from leanvgg.store import write_atomic
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2  # 2: the settings that made it are stored and compared on resume
 TUNE_REPORT = "tune"  # the store document name of the latest search (``<root>/tune.report.json``)
 
 
@@ -112,14 +114,22 @@ def search(model: nn.Module, validation: Labelled, *, max_drop: float, space: Sp
            calibration: Callable[[int], torch.Tensor] = calibration_batch,
            layers: Sequence[int] = VGG19_DEEP_CONVS, multiple_of: int = 16, runs: int = 10,
            warmup: int = 2, budget_s: float | None = None, report: Path | None = None,
-           model_id: str = "", progress: bool = True) -> TuneResult:
+           model_id: str = "", settings: Mapping[str, object] | None = None,
+           progress: bool = True) -> TuneResult:
     """Measure the space (resuming from ``report``) and return its Pareto front and choice.
 
     ``max_drop`` is in accuracy points (1.0 = one percentage point below the FP32 baseline).
     ``train`` enables fine-tuned candidates (one recovery epoch per pruned model).
+    ``settings``: what else determines the results (calibration source, training subset...);
+    a report made with other settings is kept aside and the search starts afresh, so no
+    decision taken under one budget survives into another.
     """
     started = time.monotonic()
-    state = _load(report, model_id, max_drop, space)
+    settings = {**(settings or {}), "max_drop": max_drop, "runs": runs, "warmup": warmup,
+                "layers": list(layers), "multiple_of": multiple_of,
+                "finetune": {"lr": finetune_lr, "epochs": finetune_epochs,
+                             "train": train.name if train is not None else None}}
+    state = _load(report, model_id, settings, space)
     state.update(multiple_of=multiple_of, max_drop=max_drop,
                  finetune={"lr": finetune_lr, "epochs": finetune_epochs})
     native = max(space.resolutions)
@@ -303,18 +313,26 @@ def summarize(state: dict) -> dict:
             "skipped": sum("accuracy" not in r for r in result.candidates.values())}
 
 
-def _load(report: Path | None, model_id: str, max_drop: float, space: Space) -> dict:
-    fresh = {"format": REPORT_FORMAT, "model_id": model_id, "space": asdict(space),
-             "sensitivity": None, "reference_accuracy": None, "layers": {}, "candidates": {}}
+def _load(report: Path | None, model_id: str, settings: dict, space: Space) -> dict:
+    fresh = {"format": REPORT_FORMAT, "model_id": model_id, "settings": settings,
+             "space": asdict(space), "sensitivity": None, "reference_accuracy": None,
+             "layers": {}, "candidates": {}}
     if report is None or not report.exists():
         return fresh
     try:
         state = json.loads(report.read_text())
-    except (OSError, ValueError) as err:
+        summarize(state)  # every field the search and the dashboard read is there
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("Ignoring unreadable tuning report %s (%s).", report, err)
         return fresh
-    if state.get("format") != REPORT_FORMAT or state.get("model_id") != model_id:
-        log.info("The report %s is for another model; starting afresh.", report)
+    # JSON turns tuples into lists; compare like with like
+    if (state.get("format"), state.get("model_id"), state.get("settings")) != (
+            REPORT_FORMAT, model_id, json.loads(json.dumps(settings))):
+        kept = report.with_name(f"{report.name.removesuffix('.report.json')}."
+                                f"{time.strftime('%Y%m%d-%H%M%S')}.report.json")
+        os.replace(report, kept)
+        log.warning("The report %s was made for another model or with other settings; kept it "
+                    "as %s and starting a new search.", report, kept)
         return fresh
     state["space"] = asdict(space)  # a wider or narrower space reuses what it can
     log.info("Resuming: %d candidates already measured.", len(state["candidates"]))
@@ -406,6 +424,8 @@ def plot_front(result: TuneResult, path: Path) -> None:
     ax.set_title("leanvgg tune: every candidate measured on this machine (area ∝ size)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, png.getvalue())

@@ -1,5 +1,8 @@
 import importlib.resources
 import io
+import threading
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,28 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+@contextmanager
+def running(server):
+    """Run a waitress server in a thread; stop it from inside its own loop (closing its
+    sockets from another thread races with the loop's select)."""
+    from waitress import wasyncore
+
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        thread.join(timeout=10)
+        server.task_dispatcher.shutdown()
+
+
+def multipart(data: bytes, filename: str = "upload") -> tuple[bytes, str]:
+    """A multipart/form-data body holding ``data`` in the field ``image``, and its type."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    return body + data + f"\r\n--{boundary}--\r\n".encode(), \
+        f"multipart/form-data; boundary={boundary}"

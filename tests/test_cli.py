@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -14,7 +15,8 @@ from leanvgg.variants import default_names
 from hostile import png_header
 
 VARIANT_KEYS = {"name", "description", "input_size", "size_mb", "params", "params_total", "macs",
-                "latency_ms", "speedup", "top3", "fine_tuned", "steps", "article", "preparation_s"}
+                "latency_ms", "speedup", "top3", "fine_tuned", "steps", "article", "preparation_s",
+                "latency_source", "image_ms", "profile"}
 
 
 @pytest.fixture
@@ -36,7 +38,8 @@ def test_compare_json_schema(warm_cache, photo_path, capsys):
     assert list(variants) == default_names()
     for v in variants.values():
         assert VARIANT_KEYS <= v.keys()
-        assert set(v["latency_ms"]) == {"median", "p90", "min"}
+        assert set(v["latency_ms"]) == {"median", "p90", "min", "p10", "mean", "stdev", "runs"}
+        assert v["latency_source"] == "request" and v["latency_ms"]["runs"] == 2
         assert 0 < v["latency_ms"]["min"] <= v["latency_ms"]["median"] <= v["latency_ms"]["p90"]
         assert v["size_mb"] > 0 and v["params"] > 0 and v["macs"] > 0 and v["speedup"] > 0
         assert len(v["top3"]) == 3
@@ -93,7 +96,8 @@ def test_bad_arguments_exit_2(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0]
 
 
 def test_console_script_never_shows_a_traceback(tmp_path, photo):
@@ -162,7 +166,7 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
         stderr=subprocess.PIPE, text=True, env=env)
     try:
         for line in server.stderr:
-            if "Serving on http://127.0.0.1:" in line:
+            if "Dashboard on http://127.0.0.1:" in line:
                 break
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=60)
@@ -171,3 +175,53 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     assert server.returncode == 0
     assert "Received SIGTERM; shutting down." in err and "Server stopped." in err
     assert "Traceback" not in err
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leanvgg"), result.stderr
+    assert "error:" in lines[0]
+    return lines[0]
+
+
+def _leanvgg(*args: str, home, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "leanvgg", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "LEANVGG_HOME": str(home)},
+                          **kwargs)
+
+
+def test_bad_command_lines_exit_2_with_one_line(tmp_path, photo_path):
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    home = tmp_path / "home"
+    assert "cannot be read" in _one_line_error(_leanvgg("compare", str(loop), home=home))
+    assert "not an existing folder" in _one_line_error(_leanvgg(
+        "compare", str(photo_path), "--calibration", str(tmp_path / "missing"), home=home))
+    assert "1..65535" in _one_line_error(_leanvgg("serve", "--port", "70000", home=home))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert "writable by other users" in _one_line_error(
+        _leanvgg("compare", str(photo_path), "--weights", "random", home=shared))
+
+
+def test_finetune_subset_larger_than_the_data_exits_2(tmp_path, tiny_cifar_files, capsys):
+    from tiny import write_cifar
+
+    root = write_cifar(tmp_path / "cifar", per_class=2)
+    code = main(["finetune", "--weights", "random", "--data", str(root), "--subset", "1000"])
+    assert code == 2
+    assert "Invalid subset size 1000: the data set has 100 images" in capsys.readouterr().err
+
+
+def test_serve_on_a_taken_port_exits_2_at_once(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        line = _one_line_error(_leanvgg("serve", "--weights", "random", "--port",
+                                        str(taken.getsockname()[1]), home=tmp_path / "home"))
+    assert "cannot listen on 127.0.0.1" in line and "in use" in line
+    assert time.monotonic() - started < 60  # before any variant is loaded or built

@@ -1,14 +1,21 @@
 """The CPU-native fast variants: static INT8 (really INT8), bf16, turbo; built, cached, reloaded."""
 
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
-from torch._inductor.utils import run_and_get_code
 
 from leanvgg import runtime, variants
+from leanvgg.compare import Settings, compare
 from leanvgg.data import CALIBRATION_PHOTOS, DataUnavailable, calibration_batch
 from leanvgg.measure import count_params, state_dict_bytes
-from leanvgg.quantize import StaticInt8, quantize_static_int8, static_int8_skeleton
+from leanvgg.quantize import quantize_static_int8, static_int8_skeleton
 from leanvgg.store import Store
 from leanvgg.variants import build_variants, default_names
 from tiny import tiny_baseline, tiny_vgg
@@ -67,13 +74,18 @@ def test_every_conv_and_linear_has_int8_weights_and_int8_activations(float_model
                    for m in int8.modules())
 
 
-def test_compiled_int8_runs_onednn_int8_convolutions(int8):
-    compiled, seconds = runtime.compile_for_cpu(int8, 64)
-    assert seconds > 0
-    with torch.inference_mode():
-        _, code = run_and_get_code(compiled, torch.zeros(2, 3, 64, 64))
-    source = "\n".join(code)
-    assert source.count("qconv") >= 16  # one fused INT8 oneDNN convolution per conv layer
+def test_packaged_int8_runs_onednn_int8_convolutions(int8, calibration, tmp_path):
+    path = tmp_path / "int8.pt2"
+    runtime.package(int8, 64, path)
+    with zipfile.ZipFile(path) as archive:
+        source = "\n".join(archive.read(name).decode() for name in archive.namelist()
+                            if name.endswith("wrapper.cpp"))
+    # fused INT8 oneDNN convolutions (freezing folded the quantize/dequantize pairs), one per conv
+    assert source.count("qconv") >= 16
+    packaged = runtime.load_package(path, 64)
+    with torch.inference_mode():  # batch 3 runs row by row through the batch-1 code
+        torch.testing.assert_close(packaged(calibration[:3]), int8(calibration[:3]),
+                                   rtol=0.05, atol=0.05)
 
 
 def test_int8_is_a_quarter_of_fp32_and_counts_every_weight(float_model, int8):
@@ -118,10 +130,13 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
     again = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
     for name in FAST[1:]:
         first, second = built.variants[name], again.variants[name]
-        assert isinstance(first.model, runtime.Compiled)
+        assert isinstance(first.model, runtime.Packaged)
         assert first.artifact == second.artifact
+        assert first.summary()["preparation_s"]["compile_s"] > 0
         costs = second.summary()["preparation_s"]
-        assert costs["calibration_s"] > 0 and costs["compile_s"] > 0
+        assert costs["calibration_s"] > 0 and costs["load_s"] > 0
+        assert "compile_s" not in costs  # the package came from the cache
+        assert second.facts["macs"] == first.facts["macs"]
         size = first.input_size
         x = torch.nn.functional.interpolate(calibration[:2], size=(size, size))
         with torch.inference_mode():
@@ -131,7 +146,50 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
     assert turbo["macs"] < built.variants["int8_static"].summary()["macs"]
     assert turbo["size_mb"] < built.variants["int8_static"].summary()["size_mb"]
     assert built.variants["turbo160"].summary()["input_size"] == 160
-    assert isinstance(built.variants["int8_static"].model.compiled._orig_mod, StaticInt8)
+
+
+def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, photo):
+    build_variants(tiny_baseline(), ["baseline", "int8_static"], store=Store(tmp_path),
+                   progress=False)
+    script = textwrap.dedent("""
+        import json, sys, time
+        sys.path.insert(0, sys.argv[2])
+        from leanvgg import runtime, variants
+        from leanvgg.store import Store
+        from tiny import tiny_baseline
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("compiled again")
+
+        variants.package = runtime.package = refuse
+        start = time.perf_counter()
+        built = variants.build_variants(tiny_baseline(), ["baseline", "int8_static"],
+                                        store=Store(sys.argv[1]), progress=False)
+        print(json.dumps({"seconds": time.perf_counter() - start,
+                          "costs": built.variants["int8_static"].summary()["preparation_s"]}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path),
+                             str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert "compile_s" not in report["costs"] and report["costs"]["load_s"] > 0
+    assert report["seconds"] < 30  # packaging alone took longer than this (see compile_s)
+
+
+def test_no_recompilation_when_requests_run(tmp_path, photo):
+    from leanvgg.images import Picture
+
+    built = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
+    picture = Picture(photo.crop((0, 0, 300, 300)), photo.width, photo.height)
+    counters = torch._dynamo.utils.counters
+    before = dict(counters["stats"])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(2):  # inference mode, new tensors, other strides: nothing is traced
+            result = compare(picture, built, Settings(runs=1, warmup=0))
+            compare(picture, built, Settings(runs=1, warmup=0, threads=1))
+    assert dict(counters["stats"]) == before
+    assert len(result.variants) == len(FAST)
 
 
 def test_a_user_calibration_folder_makes_its_own_artifact(tmp_path, photo):

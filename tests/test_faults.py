@@ -4,16 +4,21 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision.models._api as torchvision_api
 
 from leanvgg.models import IMAGENET_WEIGHTS, WeightsError, load_baseline
-from leanvgg.store import Store
+from leanvgg.store import CacheError, Store, _manifest_digest
+from leanvgg.variants import build_variants
+from tiny import tiny_baseline
 
 # A child that rewrites one artifact forever, each generation a tensor filled with its number.
 _WRITER = """
@@ -93,6 +98,7 @@ def test_pickled_code_in_weights_or_cache_files_never_runs(tmp_path, caplog):
     (tmp_path / "cache" / "artifact.pt").write_bytes(trap.read_bytes())
     manifest = json.loads((tmp_path / "cache" / "artifact.json").read_text())
     manifest["sha256"] = hashlib.sha256(trap.read_bytes()).hexdigest()  # a matching hash, too
+    manifest["manifest_sha256"] = _manifest_digest(manifest)  # and a manifest that checks out
     (tmp_path / "cache" / "artifact.json").write_text(json.dumps(manifest))
     assert store.load("artifact") is None and "corrupt" in caplog.text
     assert not marker.exists()
@@ -110,3 +116,76 @@ def test_downloaded_weights_keep_torchvisions_hash_check(monkeypatch):
         load_baseline("imagenet", progress=False)
     (url, kwargs), = calls
     assert url == IMAGENET_WEIGHTS.url and kwargs.get("check_hash") is True
+
+
+def _tiny_entry(tmp_path):
+    """A tiny baseline with its quantized variant built into a fresh cache."""
+    store = Store(tmp_path / "cache")
+    built = build_variants(tiny_baseline(), ["quantized"], store=store, progress=False)
+    key = built.variants["quantized"].artifact
+    return store, key, tmp_path / "cache" / f"{key}.json"
+
+
+@pytest.mark.parametrize("damage", ["delete layout", "delete facts", "edit a fact",
+                                    "delete sha256", "not an object", "bad layout"])
+def test_a_damaged_manifest_is_rebuilt_not_a_traceback(tmp_path, caplog, damage):
+    store, key, path = _tiny_entry(tmp_path)
+    manifest = json.loads(path.read_text())
+    if damage == "delete layout":
+        del manifest["layout"]
+    elif damage == "delete facts":
+        del manifest["facts"]
+    elif damage == "edit a fact":
+        manifest["facts"]["params"] = 1  # still well-formed: only the manifest hash sees it
+    elif damage == "delete sha256":
+        del manifest["sha256"]
+    elif damage == "not an object":
+        manifest = [manifest]
+    else:
+        manifest["layout"]["cfg"] = ["x"]
+    if isinstance(manifest, dict) and damage in ("delete layout", "delete facts", "bad layout"):
+        manifest["manifest_sha256"] = _manifest_digest(manifest)  # only the schema check sees it
+    path.write_text(json.dumps(manifest))
+    rebuilt = build_variants(tiny_baseline(), ["quantized"], store=store, progress=False)
+    assert rebuilt.variants["quantized"].artifact == key
+    assert "rebuilding it" in caplog.text
+    assert store.load(key) is not None  # and the entry is whole again
+
+
+def test_two_processes_building_one_entry_build_it_once(tmp_path):
+    script = textwrap.dedent("""
+        import logging, sys
+        sys.path.insert(0, sys.argv[2])
+        logging.basicConfig(level=logging.INFO)
+        from leanvgg.store import Store
+        from leanvgg.variants import build_variants
+        from tiny import tiny_baseline
+        build_variants(tiny_baseline(), ["int8_static"], store=Store(sys.argv[1]), progress=False)
+    """)
+    command = [sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parent)]
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [run.communicate(timeout=600)[1] for run in runs]
+    assert all(run.returncode == 0 for run in runs), logs
+    built = sum(log.count("Building int8_static") for log in logs)
+    assert built == 1, logs  # the other waited on the entry's lock, then loaded it
+    assert sum(log.count("Compiling int8_static") for log in logs) == 1, logs  # its package too
+    assert sum(log.count("Loaded int8_static's compiled package") for log in logs) == 2
+
+
+def test_the_cache_folder_is_private_and_foreign_ones_are_refused(tmp_path):
+    home = tmp_path / "home"
+    Store(home)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(CacheError, match="writable by other users"):
+        Store(shared)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    if os.getuid() == 0:  # CI runs as root: give the folder away instead
+        os.chown(foreign, 12345, 12345)
+    else:
+        foreign = Path("/")  # root's
+    with pytest.raises(CacheError, match="another user"):
+        Store(foreign)

@@ -49,7 +49,7 @@ def test_stratified_subset_is_balanced_and_seeded(tmp_path, tiny_cifar_files):
     assert sorted(labels.count(c) for c in range(10)) == [2] * 7 + [3] * 3
     assert subset.indices == stratified_subset(dataset, 23, seed=1).indices
     assert subset.indices != stratified_subset(dataset, 23, seed=2).indices
-    with pytest.raises(ValueError, match="Invalid subset size 201"):
+    with pytest.raises(DataUnavailable, match="Invalid subset size 201"):
         stratified_subset(dataset, 201)
 
 

@@ -8,45 +8,47 @@ from leanvgg.images import ImageError, ImageLimits, decode, preprocess, read_fil
 
 
 def test_decodes_a_real_photo(photo_path):
-    image = decode(photo_path.read_bytes())
-    assert image.mode == "RGB" and image.size == (451, 300)
+    picture = decode(photo_path.read_bytes())
+    assert (picture.width, picture.height) == (451, 300)
+    # what every variant looks at: the centre square
+    assert picture.square.mode == "RGB" and picture.square.size == (300, 300)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
 def test_any_mode_becomes_rgb(photo, mode):
     source = photo.convert("L").convert(mode) if mode == "I;16" else photo.convert(mode)
     fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
-    image = decode(encode(source, fmt))
-    assert image.mode == "RGB" and image.size == photo.size
+    picture = decode(encode(source, fmt))
+    assert picture.square.mode == "RGB" and (picture.width, picture.height) == photo.size
 
 
 def test_sixteen_bit_gray_keeps_its_brightness():
     ramp = Image.new("I;16", (64, 64))
     ramp.putdata([v * 1000 for v in range(64)] * 64)  # 0 .. 63000 of 65535
-    image = decode(encode(ramp, "PNG"))
+    image = decode(encode(ramp, "PNG")).square
     assert image.getpixel((63, 0)) == pytest.approx((245, 245, 245), abs=1)
     assert image.getpixel((0, 0)) == (0, 0, 0)
 
 
 def test_transparency_is_composited_on_white():
     clear = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
-    assert decode(encode(clear, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    assert decode(encode(clear, "PNG")).square.getpixel((0, 0)) == (255, 255, 255)
     palette = Image.new("P", (40, 40), 0)
     palette.putpalette([0, 0, 0] * 256)
-    assert decode(encode(palette, "PNG", transparency=0)).getpixel((0, 0)) == (255, 255, 255)
+    assert decode(encode(palette, "PNG", transparency=0)).square.getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_exif_orientation_is_applied(photo):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    image = decode(encode(photo, "JPEG", exif=exif))
-    assert image.size == (photo.height, photo.width)
+    picture = decode(encode(photo, "JPEG", exif=exif))
+    assert (picture.width, picture.height) == (photo.height, photo.width)
 
 
 def test_first_frame_of_an_animated_gif():
     frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    assert decode(data).getpixel((5, 5)) == (255, 0, 0)
+    assert decode(data).square.getpixel((5, 5)) == (255, 0, 0)
 
 
 @pytest.mark.parametrize("size", [224, 160])
@@ -115,3 +117,51 @@ def test_read_file_errors(tmp_path):
     big.write_bytes(b"\0" * 2048)
     with pytest.raises(ImageError, match="limit"):
         read_file(big, limits=ImageLimits(max_bytes=1024))
+
+
+def test_symlink_loop_is_an_image_error(tmp_path):
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    with pytest.raises(ImageError, match="cannot be read"):
+        read_file(loop)
+
+
+@pytest.mark.parametrize("size", [224, 160])
+def test_the_centre_square_gives_the_models_the_same_input(photo, size):
+    # Decoding keeps only the centre square; the models must see what the full frame gave them
+    # (shorter side resized, centre crop): same geometry, pixels within interpolation noise.
+    # (Rounding the resized width differs by a fraction of a pixel: ~3/255 on fur.) A square
+    # cropped elsewhere (the left one) is far off, so the bound tells the geometry apart.
+    full = preprocess(photo, size)
+    kept = decode(encode(photo, "PNG")).batches([size]).tensors[size]
+    elsewhere = preprocess(photo.crop((0, 0, photo.height, photo.height)), size)
+    assert kept.shape == full.shape
+    assert (kept - full).abs().mean() < 0.08 < (elsewhere - full).abs().mean()
+
+
+def test_large_photos_are_reduced_early_to_a_bounded_square(photo):
+    big = photo.resize((3 * 451 * 2, 3 * 300 * 2))  # 2706 × 1800
+    picture = decode(encode(big, "JPEG", quality=95))
+    assert (picture.width, picture.height) == big.size
+    assert 512 <= picture.square.width < 1024 and picture.square.width == picture.square.height
+    reference = preprocess(big, 224)
+    assert (picture.batches([224]).tensors[224] - reference).abs().mean() < 0.05
+
+
+def test_an_extreme_aspect_ratio_costs_only_its_centre_square():
+    # 1,000,000 × 32 would become 256 × 8,000,000 (6 GB) if resized before cropping.
+    strip = Image.new("RGB", (1_000_000, 32), (200, 10, 10))
+    strip.paste((10, 10, 200), (500_000 - 16, 0, 500_000 + 16, 32))  # the centre is blue
+    picture = decode(encode(strip, "PNG"))
+    assert (picture.width, picture.height) == (1_000_000, 32)
+    assert picture.square.size == (32, 32)
+    assert picture.square.getpixel((16, 16)) == (10, 10, 200)
+
+
+def test_reduction_composites_transparency_per_strip():
+    # Red at alpha 0 beside opaque blue: premultiplied reduction over white never turns pink.
+    rgba = Image.new("RGBA", (2400, 2400), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 2400, 1200))
+    square = decode(encode(rgba, "PNG")).square
+    assert square.getpixel((10, 10)) == (0, 0, 255)
+    assert square.getpixel((10, square.height - 10)) == (255, 255, 255)

@@ -55,7 +55,9 @@ def test_latency_statistics():
     assert stats.median == pytest.approx(55.0)
     assert stats.min == pytest.approx(10.0)
     assert stats.p90 == pytest.approx(91.0)
-    assert Latency.from_seconds([0.005]) == Latency(5.0, 5.0, 5.0)
+    assert stats.p10 == pytest.approx(19.0) and stats.mean == pytest.approx(55.0)
+    assert stats.stdev == pytest.approx(30.2765, rel=1e-4) and stats.runs == 10  # sample stdev
+    assert Latency.from_seconds([0.005]) == Latency(5.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1)
 
 
 def test_time_models_warms_up_then_alternates_timed_runs():

@@ -164,15 +164,49 @@ def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
 
     service = ComparisonService(settings=Settings(runs=1, warmup=0), variant_set=variant_set,
                                 store=Store(home))
-    client = create_app({"TESTING": True, "LEANVGG_SERVICE": service}).test_client()
+    client = create_app(service, {"TESTING": True}).test_client()
     body = client.get("/api/tune").json["search"]
     assert body["chosen"] == tuned.recipe.description.split("(")[1].split(")")[0]
     assert len(body["candidates"]) == 4 and any(c["on_front"] for c in body["candidates"])
     empty = ComparisonService(settings=Settings(), variant_set=variant_set,
                               store=Store(tmp_path / "empty"))
-    response = create_app({"TESTING": True, "LEANVGG_SERVICE": empty}).test_client().get(
+    response = create_app(empty, {"TESTING": True}).test_client().get(
         "/api/tune")
     assert response.json["search"] is None and "leanvgg tune" in response.json["message"]
 
     assert cli.main(["tune", "--max-drop", "1", "--precisions", "fp64"]) == 2
     assert "Invalid precisions" in capsys.readouterr().err
+
+
+def test_a_report_made_with_other_settings_is_kept_aside_not_resumed(searched, cifar_root,
+                                                                     monkeypatch,
+                                                                     tiny_cifar_files, caplog):
+    result, report = searched
+    fresh = report.parent / "settings" / "tune.report.json"
+    fresh.parent.mkdir()
+    fresh.write_text(report.read_text())
+    calls = []
+    measure = tune._measure
+    monkeypatch.setattr(tune, "_measure",
+                        lambda c, *a, **k: calls.append(c.key) or measure(c, *a, **k))
+    again = _search(_validation(cifar_root), fresh, max_drop=50.0)  # another budget
+    assert len(calls) == len(result.candidates)  # every candidate measured anew
+    assert again.max_drop == 50.0
+    kept = [p for p in fresh.parent.iterdir() if p != fresh]
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["candidates"] == result.candidates
+    assert "other settings" in caplog.text
+
+
+@pytest.mark.parametrize("document", [{"format": 2}, {"candidates": []}, {"space": 3}, []])
+def test_a_report_with_wrong_fields_never_makes_the_api_fail(tmp_path, document):
+    from leanvgg.compare import Settings
+    from leanvgg.service import ComparisonService
+    from leanvgg.store import Store
+    from leanvgg.web import create_app
+
+    store = Store(tmp_path)
+    (tmp_path / "tune.report.json").write_text(json.dumps(document))
+    service = ComparisonService(settings=Settings(), store=store)  # the report needs no model
+    response = create_app(service, {"TESTING": True}).test_client().get("/api/tune")
+    assert response.status_code == 200
+    assert response.json["search"] is None and "unreadable" in response.json["message"]

@@ -22,16 +22,18 @@ def ready_service(variant_set):
 
 
 def test_a_started_service_loads_its_variants(variant_set, cache_dir):
-    service = ComparisonService(weights="random", names=["quantized"], store=Store(cache_dir))
-    assert service.status() == {"status": "warming up"}
+    service = ComparisonService(weights="random", names=["baseline", "quantized"],
+                                store=Store(cache_dir))
+    assert service.status() == {"status": "warming up", "serving": False, "variants": {}}
     service.start(background=False)
-    assert service.status() == {"status": "ready"}
-    assert list(service.variant_set().variants) == ["quantized"]
+    assert service.status() == {"status": "ready", "serving": True,
+                                "variants": {"baseline": "ready", "quantized": "ready"}}
+    assert list(service.variant_set().variants) == ["baseline", "quantized"]
 
 
 @pytest.fixture
 def app(ready_service):
-    return create_app({"TESTING": True, "LEANVGG_SERVICE": ready_service})
+    return create_app(ready_service, {"TESTING": True})
 
 
 @pytest.fixture
@@ -60,16 +62,20 @@ def test_page_is_self_contained_and_secured(client):
 
 def test_healthz_ready(client):
     response = client.get("/healthz")
-    assert response.status_code == 200 and response.json == {"status": "ready"}
+    assert response.status_code == 200
+    assert response.json["status"] == "ready" and response.json["serving"] is True
+    assert set(response.json["variants"].values()) == {"ready"}
 
 
-def test_variants_lists_static_facts(client):
+def test_variants_lists_states_and_static_facts(client):
     body = client.get("/api/variants").json
     assert body["predictions_meaningful"] is False and "meaningless" in body["note"]
     names = [v["name"] for v in body["variants"]]
     assert names == default_names()
     for v in body["variants"]:
-        assert {"description", "input_size", "size_mb", "params", "macs", "fine_tuned"} <= v.keys()
+        assert v["state"] == "ready" and v["reason"] is None
+        assert {"description", "input_size", "size_mb", "params", "macs", "fine_tuned",
+                "profile"} <= v.keys()
 
 
 def test_compare_returns_the_cli_json_plus_queue_wait(client, photo_bytes):
@@ -78,7 +84,20 @@ def test_compare_returns_the_cli_json_plus_queue_wait(client, photo_bytes):
     body = response.json
     assert body["queue_wait_ms"] >= 0 and body["runs"] == 1 and body["threads"] == 1
     assert [v["name"] for v in body["variants"]][0] == "baseline"
-    assert all(len(v["top3"]) == 3 and v["latency_ms"]["median"] > 0 for v in body["variants"])
+    assert body["not_ready"] == {}
+    for v in body["variants"]:  # no profile measured in this service: this request's pass
+        assert len(v["top3"]) == 3 and v["latency_ms"]["median"] > 0
+        assert v["latency_source"] == "request" and v["image_ms"] == v["latency_ms"]["median"]
+
+
+def test_runs_measures_latency_in_the_request(client, photo_bytes):
+    response = client.post("/api/compare?runs=3",
+                           data={"image": (io.BytesIO(photo_bytes), "cat.png")})
+    assert response.status_code == 200 and response.json["runs"] == 3
+    assert all(v["latency_ms"]["runs"] == 3 for v in response.json["variants"])
+    bad = client.post("/api/compare?runs=zero",
+                      data={"image": (io.BytesIO(photo_bytes), "cat.png")})
+    assert bad.status_code == 400 and "Invalid runs" in bad.json["error"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +109,7 @@ def tiny_service(tmp_path_factory):
 
 
 def test_every_hostile_upload_gets_its_documented_answer(tiny_service, photo):
-    client = create_app({"TESTING": True, "LEANVGG_SERVICE": tiny_service}).test_client()
+    client = create_app(tiny_service, {"TESTING": True}).test_client()
     for upload in corpus(photo):
         response = client.post("/api/compare",
                                data={"image": (io.BytesIO(upload.data), f"{upload.name}.jpg")})
@@ -105,7 +124,7 @@ def test_every_hostile_upload_gets_its_documented_answer(tiny_service, photo):
 def test_upload_limits_are_configurable(tiny_service, photo):
     strict = ComparisonService(settings=FAST, variant_set=tiny_service.variant_set(),
                                limits=ImageLimits(max_bytes=2**20, min_side=400))
-    client = create_app({"TESTING": True, "LEANVGG_SERVICE": strict}).test_client()
+    client = create_app(strict, {"TESTING": True}).test_client()
     assert client.application.config["MAX_CONTENT_LENGTH"] < 2 * 2**20
     big = client.post("/api/compare", data={"image": (io.BytesIO(b"\0" * 2 * 2**20), "a.png")})
     assert big.status_code == 413 and "the limit is 1 MB" in big.json["error"]
@@ -135,7 +154,8 @@ def test_two_files_in_the_field_are_refused(client, photo_bytes):
 def test_no_route_reads_or_writes_a_path_the_client_names(client, photo_bytes, tmp_path,
                                                          monkeypatch):
     rules = {rule.rule for rule in client.application.url_map.iter_rules()}
-    assert rules == {"/", "/healthz", "/api/variants", "/api/compare", "/api/tune",
+    assert rules == {"/", "/healthz", "/api/variants", "/api/compare", "/api/compare/stream",
+                     "/api/tune",
                      "/static/<path:filename>"}
     for probe in ("/static/../__init__.py", "/static/..%2f..%2fpyproject.toml",
                   "/static/%2e%2e/views.py", "/static//etc/passwd"):
@@ -153,12 +173,13 @@ def test_unknown_route_and_method_are_json(client):
     assert response.status_code == 405 and "error" in response.json
 
 
-def test_warming_up_answers_503_everywhere_but_the_page(photo_bytes):
+def test_warming_up_answers_at_once_and_refuses_comparisons(photo_bytes):
     waiting = ComparisonService(weights="random", settings=FAST)  # never started
-    client = create_app({"TESTING": True, "LEANVGG_SERVICE": waiting}).test_client()
-    assert client.get("/healthz").json == {"status": "warming up"}
+    client = create_app(waiting, {"TESTING": True}).test_client()
+    assert client.get("/healthz").json["status"] == "warming up"
     assert client.get("/healthz").status_code == 503
-    assert client.get("/api/variants").status_code == 503
+    variants = client.get("/api/variants")
+    assert variants.status_code == 200 and variants.json["weights"] is None
     response = client.post("/api/compare", data={"image": (io.BytesIO(photo_bytes), "a.png")})
     assert response.status_code == 503 and "Warming up" in response.json["error"]
     assert client.get("/").status_code == 200
@@ -167,7 +188,7 @@ def test_warming_up_answers_503_everywhere_but_the_page(photo_bytes):
 def test_a_failed_warm_up_is_reported(tmp_path):
     broken = ComparisonService(weights=str(tmp_path / "missing.pth"), settings=FAST)
     broken.start(background=False)
-    client = create_app({"TESTING": True, "LEANVGG_SERVICE": broken}).test_client()
+    client = create_app(broken, {"TESTING": True}).test_client()
     response = client.get("/healthz")
     assert response.status_code == 503 and response.json["status"] == "failed"
     assert "no such file" in response.json["error"]
@@ -202,6 +223,28 @@ def test_concurrent_comparisons_queue_and_say_how_long_they_waited(client, photo
 def test_a_full_queue_answers_busy(ready_service, photo_bytes):
     tight = ComparisonService(settings=FAST, max_queue=1,
                               variant_set=ready_service.variant_set())
-    client = create_app({"TESTING": True, "LEANVGG_SERVICE": tight}).test_client()
+    client = create_app(tight, {"TESTING": True}).test_client()
     statuses = sorted(r.status_code for r in _concurrently(client, photo_bytes, 2))
     assert statuses == [200, 503]
+
+
+def test_uploads_are_decoded_only_once_admitted(tiny_service, photo, monkeypatch):
+    from leanvgg import images
+
+    tight = ComparisonService(settings=FAST, max_queue=1, variant_set=tiny_service.variant_set())
+    decoded = []
+    real_decode = images.Checked.decode
+    monkeypatch.setattr(images.Checked, "decode",
+                        lambda self: decoded.append(self.image.size) or real_decode(self))
+    client = create_app(tight, {"TESTING": True}).test_client()
+    data = encode(photo, "PNG")
+    with tight._slot:  # the measurement slot is busy: the first upload is admitted and waits
+        first = threading.Thread(target=client.post, args=("/api/compare",),
+                                 kwargs={"data": {"image": (io.BytesIO(data), "a.png")}})
+        first.start()
+        while not decoded:
+            threading.Event().wait(0.01)
+        second = client.post("/api/compare", data={"image": (io.BytesIO(data), "b.png")})
+        assert second.status_code == 503 and "busy" in second.json["error"]
+        assert len(decoded) == 1  # the refused upload's pixels were never decoded
+    first.join()

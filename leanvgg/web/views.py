@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, jsonify, render_template, request
-from werkzeug.exceptions import HTTPException
+from flask import (Blueprint, Response, current_app, jsonify, render_template, request,
+                   stream_with_context)
+from werkzeug.exceptions import BadRequest, HTTPException
 
 from leanvgg.images import ImageError, ImageTooLarge, UnsupportedFormat
-from leanvgg.service import Busy, ComparisonService, NotReady
+from leanvgg.service import Abandoned, Busy, ComparisonService, NotReady, ReportError
 
 log = logging.getLogger(__name__)
 bp = Blueprint("leanvgg", __name__)
+MAX_RUNS = 100  # ?runs=N: timed passes per variant in one request
 
 # The page loads only its own files; nothing external, nothing inline.
 _SECURITY_HEADERS = {
@@ -28,6 +32,22 @@ def _service() -> ComparisonService:
 
 def _error(message: str, status: int):
     return jsonify(error=message), status
+
+
+@bp.before_app_request
+def _same_origin_writes_only():
+    """Refuse POSTs that a browser says come from another site (another page the user has
+    open must not make this server compute); clients that send neither header (curl,
+    scripts) are not browsers and pass."""
+    if request.method != "POST":
+        return None
+    site = request.headers.get("Sec-Fetch-Site")
+    origin = request.headers.get("Origin")
+    if site not in (None, "same-origin", "none") or (
+            origin is not None and urlsplit(origin).netloc != request.host):
+        return _error("Cross-site requests are refused: upload from this server's own page "
+                      "or from a client that is not a browser.", 403)
+    return None
 
 
 @bp.after_app_request
@@ -57,20 +77,35 @@ def index():
 
 @bp.get("/healthz")
 def healthz():
+    """200 while comparisons can be served (``ready``, or ``degraded``/``warming up`` with the
+    baseline ready), else 503; each variant's state either way."""
     status = _service().status()
-    return jsonify(status), 200 if status["status"] == "ready" else 503
+    return jsonify(status), 200 if status["serving"] else 503
 
 
 @bp.get("/api/variants")
 def variants():
+    """Every variant's state (queued, building, compiling, ready, failed with its reason) and,
+    once ready, its facts and latency profile. Answers at once, from the first second."""
+    service = _service()
+    status = service.status()
+    ready = {}
     try:
-        variant_set = _service().variant_set()
-    except NotReady as err:
-        return _error(str(err), 503)
-    baseline = variant_set.baseline
-    return jsonify(weights=baseline.weights, predictions_meaningful=baseline.meaningful,
-                   note=baseline.note,
-                   variants=[v.summary() for v in variant_set.variants.values()])
+        variant_set = service.variant_set()
+        ready = variant_set.variants
+    except NotReady:
+        pass
+    profiles = service.profiles()
+    rows = []
+    for state in service.variant_statuses():
+        row = {"name": state.name, "state": state.state, "reason": state.reason}
+        if state.name in ready:
+            profile = profiles.get(state.name)
+            row.update(ready[state.name].summary(),
+                       profile=profile.to_dict() if profile else None)
+        rows.append(row)
+    return jsonify(status=status["status"], error=status.get("error"), **service.weights_info(),
+                   variants=rows)
 
 
 @bp.get("/api/tune")
@@ -79,28 +114,108 @@ def tune_front():
 
     No search yet is a normal state of the page, not an error: ``search`` is then null.
     """
-    report = _service().tune_report()
+    try:
+        report = _service().tune_report()
+    except ReportError as err:
+        return jsonify(search=None, message=str(err))
     if report is None:
         return jsonify(search=None,
                        message="No search yet: run 'leanvgg tune --max-drop 1.0 …' to make one.")
     return jsonify(search=report)
 
 
-@bp.post("/api/compare")
-def compare():
+def _upload() -> bytes | tuple:
     if request.mimetype != "multipart/form-data":
         return _error("Send the image as multipart/form-data in a field named 'image'.", 415)
     files = request.files.getlist("image")
     if len(files) != 1:
         return _error(f"Expected exactly one file in the field 'image', got {len(files)}.", 400)
-    try:
-        result = _service().compare(files[0].read())
-    except ImageTooLarge as err:
+    return files[0].read()
+
+
+def _runs() -> int | None:
+    """``?runs=N``: measure latency in this request (N passes) instead of the profiles."""
+    runs = request.args.get("runs")
+    if runs is None:
+        return None
+    if not runs.isdigit() or not 1 <= int(runs) <= MAX_RUNS:
+        raise BadRequest(f"Invalid runs {runs!r}: an integer in 1..{MAX_RUNS}.")
+    return int(runs)
+
+
+def _disconnected():
+    """waitress's check of whether the client has gone (needs channel_request_lookahead)."""
+    return request.environ.get("waitress.client_disconnected", lambda: False)
+
+
+def _refusal(err: Exception):
+    """The HTTP answer for what ``admit`` and ``measure`` raise, or None."""
+    if isinstance(err, ImageTooLarge):
         return _error(str(err), 413)
-    except UnsupportedFormat as err:
+    if isinstance(err, UnsupportedFormat):
         return _error(str(err), 415)
-    except ImageError as err:
+    if isinstance(err, ImageError):
         return _error(str(err), 400)
-    except (NotReady, Busy) as err:
+    if isinstance(err, Busy):
+        response, status = _error(str(err), 503)
+        response.headers["Retry-After"] = str(err.retry_after_s)
+        return response, status
+    if isinstance(err, NotReady):
         return _error(str(err), 503)
+    return None
+
+
+@bp.post("/api/compare")
+def compare():
+    """The whole comparison as one JSON object (the ``leanvgg compare --json`` object)."""
+    data = _upload()
+    if not isinstance(data, bytes):
+        return data
+    runs = _runs()
+    try:
+        result = _service().compare(data, runs=runs, disconnected=_disconnected())
+    except Abandoned:
+        log.info("Dropped a comparison whose client had gone.")
+        return _error("The client went away.", 499)
+    except (ImageError, NotReady, Busy) as err:
+        return _refusal(err)
     return jsonify(result.to_dict())
+
+
+@bp.post("/api/compare/stream")
+def compare_stream():
+    """The comparison as NDJSON: ``{"event": "row", "row": …}`` per variant as soon as it is
+    computed, then ``{"event": "done", "result": …}`` (or ``{"event": "error", …}``).
+    Bad uploads and a full queue are refused with a status code before anything streams."""
+    data = _upload()
+    if not isinstance(data, bytes):
+        return data
+    runs = _runs()
+    service = _service()
+    try:
+        ticket = service.admit(data)
+    except (ImageError, NotReady, Busy) as err:
+        return _refusal(err)
+    disconnected = _disconnected()
+
+    def events():
+        def line(document: dict) -> str:
+            return json.dumps(document) + "\n"
+
+        yield line({"event": "start", "variants": list(ticket.variant_set.variants),
+                    "not_ready": ticket.not_ready})
+        try:
+            for event, payload in service.measure(ticket, runs=runs, disconnected=disconnected):
+                if event == "row":
+                    yield line({"event": "row", "row": payload.to_dict()})
+                else:
+                    yield line({"event": "done", "result": payload.to_dict()})
+        except Abandoned:
+            log.info("Dropped a comparison whose client had gone.")
+        except Busy as err:
+            yield line({"event": "error", "status": 503, "error": str(err)})
+
+    response = Response(stream_with_context(events()), mimetype="application/x-ndjson",
+                        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    response.call_on_close(ticket.release)  # also when the stream never started
+    return response

@@ -1,5 +1,6 @@
 "use strict";
-// The dashboard: upload an image, call /api/compare, draw the table and the charts.
+// The dashboard: follow the variants' states, upload an image, stream /api/compare/stream's
+// rows into the table, then draw the charts.
 // Everything from the server is inserted as text, never as HTML.
 
 const $ = (id) => document.getElementById(id);
@@ -21,35 +22,42 @@ async function readError(response) {
   return `The server answered ${response.status} ${response.statusText}.`;
 }
 
-async function pollHealth() {
+// Each variant's state (queued, building, compiling, ready, failed) until all have settled.
+async function pollVariants() {
   const pill = $("status");
+  let settled = false;
   try {
-    const response = await fetch("/healthz");
-    const body = await response.json();
-    if (body.status === "ready") {
-      await loadVariants();  // the banner is in place before the page says "ready"
-      pill.dataset.state = "ready";
-      pill.textContent = "ready";
-      return;
-    }
-    if (body.status === "failed") {
-      pill.dataset.state = "failed";
-      pill.textContent = "failed";
-      showError(body.error);
-      return;
-    }
+    const response = await fetch("/api/variants");
+    const info = await response.json();
+    showStates(info.variants);
+    if (info.weights !== null) showWeights(info);
+    const ready = info.variants.filter((v) => v.state === "ready").length;
+    pill.dataset.state = info.status === "warming up" ? (ready ? "partial" : "warming") : info.status;
+    pill.textContent = {
+      ready: "ready",
+      degraded: "ready (some variants failed)",
+      failed: "failed",
+    }[info.status] || (ready ? `ready: ${ready} of ${info.variants.length} variants`
+                             : "warming up…");
+    if (info.status === "failed") showError(info.error || "The baseline failed to load.");
+    settled = ["ready", "degraded", "failed"].includes(info.status);
   } catch (_) {
     pill.textContent = "server unreachable, retrying…";
   }
-  pill.dataset.state = "warming";
-  if (pill.textContent !== "server unreachable, retrying…") pill.textContent = "warming up…";
-  setTimeout(pollHealth, 2000);
+  if (!settled) setTimeout(pollVariants, 1000);
 }
 
-async function loadVariants() {
-  const response = await fetch("/api/variants");
-  if (!response.ok) return;
-  showWeights(await response.json());
+function showStates(variants) {
+  const list = $("states");
+  list.replaceChildren();
+  for (const v of variants) {
+    const item = document.createElement("li");
+    item.dataset.state = v.state;
+    item.dataset.variant = v.name;
+    item.textContent = `${v.name}: ${v.state}`;
+    if (v.reason) item.title = v.reason;
+    list.appendChild(item);
+  }
 }
 
 function showWeights(info) {
@@ -71,21 +79,55 @@ async function upload(file) {
   const form = new FormData();
   form.append("image", file);
   $("busy").hidden = false;
-  $("busy-text").textContent = "Measuring every variant…";
+  $("busy-text").textContent = "Running every variant…";
   const started = performance.now();
   try {
-    const response = await fetch("/api/compare", { method: "POST", body: form });
+    // Rows arrive as NDJSON lines, each as soon as its variant has run.
+    const response = await fetch("/api/compare/stream", { method: "POST", body: form });
     if (!response.ok) {
       showError(await readError(response));
       return;
     }
-    const result = await response.json();
-    render(result, (performance.now() - started) / 1000);
+    const rows = [];
+    for await (const event of ndjson(response)) {
+      if (event.event === "start") {
+        $("table").tBodies[0].replaceChildren();
+        $("results").hidden = false;
+        $("provenance").textContent = event.not_ready && Object.keys(event.not_ready).length
+          ? `Not ready yet, left out: ${Object.entries(event.not_ready)
+            .map(([name, state]) => `${name} (${state})`).join(", ")}.` : "";
+      } else if (event.event === "row") {
+        rows.push(event.row);
+        addRow(event.row, null);
+      } else if (event.event === "done") {
+        render(event.result, (performance.now() - started) / 1000);
+      } else if (event.event === "error") {
+        showError(event.error);
+      }
+    }
   } catch (err) {
     showError(`The request failed: ${err.message}`);
   } finally {
     $("busy").hidden = true;
   }
+}
+
+async function* ndjson(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    let newline;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, newline);
+      buffered = buffered.slice(newline + 1);
+      if (line.trim()) yield JSON.parse(line);
+    }
+  }
+  if (buffered.trim()) yield JSON.parse(buffered);
 }
 
 const fmt = {
@@ -97,18 +139,20 @@ const fmt = {
   pct: (v) => (v === null ? "—" : `${(100 * v).toFixed(1)}%`),
 };
 
-// Columns: how to read a value, how to print it, and whether lower is better (null: no "best").
+// Columns after the name and the top-3: how to read a value, how to print it, and whether lower
+// is better (null: no "best").
 const COLUMNS = [
-  { get: (v) => v.input_size, show: String, lower: null },
-  { get: (v) => v.size_mb, show: fmt.mb, lower: true },
-  { get: (v) => v.params, show: fmt.int, lower: true },
-  { get: (v) => v.macs, show: fmt.gmacs, lower: true },
   { get: (v) => v.latency_ms.median, show: fmt.ms, lower: true },
   { get: (v) => v.latency_ms.p90, show: fmt.ms, lower: true },
   { get: (v) => v.speedup, show: fmt.x, lower: false },
+  { get: (v) => v.image_ms, show: fmt.ms, lower: null },
+  { get: (v) => v.size_mb, show: fmt.mb, lower: true },
+  { get: (v) => v.params, show: fmt.int, lower: true },
+  { get: (v) => v.macs, show: fmt.gmacs, lower: true },
+  { get: (v) => v.input_size, show: String, lower: null },
   // accuracy from the latest `leanvgg evaluate` of these very weights; "—" when none
   { get: (v) => (v.accuracy ? v.accuracy.top1 : null), show: fmt.pct, lower: false },
-  // one-off preparation (calibration when built, compilation at start), not per image
+  // one-off preparation (calibration when built, compilation once, loading at start)
   { get: oneOff, show: (s) => (s === null ? "—" : s.toFixed(1)), lower: null },
 ];
 
@@ -124,47 +168,66 @@ function cell(row, text, className) {
   return td;
 }
 
+function addRow(variant, best) {
+  const row = $("table").tBodies[0].insertRow();
+  row.dataset.variant = variant.name;
+  if (variant.name === "baseline") row.className = "baseline";
+  const name = cell(row, variant.name);
+  const tag = document.createElement("span");
+  tag.className = "tag";
+  const origin = variant.article ? "article" : "beyond the article";
+  tag.textContent = `${origin} · ` +
+    (variant.fine_tuned === false ? "not fine-tuned" : variant.description);
+  tag.title = variant.description;
+  name.appendChild(tag);
+  cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));
+  COLUMNS.forEach((col, i) => {
+    const value = col.get(variant);
+    const isBest = best && best[i] !== null && value === best[i];
+    const td = cell(row, col.show(value), isBest ? "best" : "");
+    if (col.get === COLUMNS[0].get) {
+      const p = variant.profile;
+      td.title = p ? `profile: ${p.runs} passes, p10–p90 ${fmt.ms(p.p10)}–${fmt.ms(p.p90)} ms, ` +
+        `measured ${Math.round(p.age_s)} s ago` : "this request's passes (no profile yet)";
+    }
+    if (col.show === fmt.pct && variant.accuracy) {
+      td.title = `${variant.accuracy.dataset}: top-3 ${fmt.pct(variant.accuracy.top3)}, ` +
+        `agrees with baseline ${fmt.pct(variant.accuracy.agreement)}`;
+    }
+    if (col.get === oneOff && value !== null) {
+      td.title = Object.entries(variant.preparation_s)
+        .map(([k, s]) => `${k.replace("_s", "")} ${s.toFixed(1)} s`).join(", ");
+    }
+  });
+}
+
 function render(result, seconds) {
-  const body = $("table").tBodies[0];
-  body.replaceChildren();
+  $("table").tBodies[0].replaceChildren();
   const best = COLUMNS.map((col) => {
     if (col.lower === null) return null;
     const values = result.variants.map(col.get).filter((v) => v !== null);
     if (!values.length) return null;
     return col.lower ? Math.min(...values) : Math.max(...values);
   });
-  for (const variant of result.variants) {
-    const row = body.insertRow();
-    row.dataset.variant = variant.name;
-    if (variant.name === "baseline") row.className = "baseline";
-    const name = cell(row, variant.name);
-    const tag = document.createElement("span");
-    tag.className = "tag";
-    const origin = variant.article ? "article" : "beyond the article";
-    tag.textContent = `${origin} · ` +
-      (variant.fine_tuned === false ? "not fine-tuned" : variant.description);
-    tag.title = variant.description;
-    name.appendChild(tag);
-    COLUMNS.forEach((col, i) => {
-      const value = col.get(variant);
-      const td = cell(row, col.show(value), best[i] !== null && value === best[i] ? "best" : "");
-      if (col.show === fmt.pct && variant.accuracy) {
-        td.title = `${variant.accuracy.dataset}: top-3 ${fmt.pct(variant.accuracy.top3)}, ` +
-          `agrees with baseline ${fmt.pct(variant.accuracy.agreement)}`;
-      }
-      if (col.get === oneOff && value !== null) {
-        td.title = Object.entries(variant.preparation_s)
-          .map(([k, s]) => `${k.replace("_s", "")} ${s.toFixed(1)} s`).join(", ");
-      }
-    });
-    cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));
-  }
+  for (const variant of result.variants) addRow(variant, best);
   const m = result.machine;
+  const profiled = result.variants.filter((v) => v.latency_source === "profile");
+  const runs = profiled.length ? Math.min(...profiled.map((v) => v.profile.runs)) : 0;
+  const source = profiled.length === result.variants.length
+    ? `Latency: each variant's profile on this machine (${runs}+ timed passes, measured apart ` +
+      "from requests); this image ran each variant once for its top-3 (\"this image ms\")."
+    : profiled.length
+      ? `Latency: profiles for ${profiled.length} variants; the others' from this request ` +
+        `(${result.runs} pass${result.runs > 1 ? "es" : ""}) until their profile is measured.`
+      : `Latency: this request's ${result.runs} timed pass${result.runs > 1 ? "es" : ""} ` +
+        `after ${result.warmup} warm-up.`;
+  const left = Object.entries(result.not_ready || {});
   $("provenance").textContent =
-    `Timings: median of ${result.runs} runs after ${result.warmup} warm-up, ` +
-    `${result.threads} threads on ${m.cpu} (${m.logical_cpus} logical CPUs), torch ${m.torch}. ` +
-    `Results in ${seconds.toFixed(1)} s, of which ${(result.queue_wait_ms / 1000).toFixed(1)} s ` +
-    `waiting for other measurements.`;
+    `${source} ${result.threads} threads on ${m.cpu} (${m.logical_cpus} logical CPUs), ` +
+    `torch ${m.torch}. Results in ${seconds.toFixed(1)} s, of which ` +
+    `${(result.queue_wait_ms / 1000).toFixed(1)} s waiting for other measurements.` +
+    (left.length ? ` Not ready yet, left out: ${left.map(([n, s]) => `${n} (${s})`).join(", ")}.`
+                 : "");
   showWeights(result);
   $("results").hidden = false;
   drawCharts(result.variants);
@@ -277,5 +340,5 @@ async function loadTune() {
 }
 
 setUpDrop();
-pollHealth();
+pollVariants();
 loadTune();

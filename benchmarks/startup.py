@@ -1,0 +1,168 @@
+"""The dashboard as a new user meets it, in one run: cold start, warm start, uploads, memory.
+
+Starts `leanvgg serve --weights random` (default variants and settings) on 127.0.0.1 with an
+empty cache, then again on the cache it left, and measures: start → page and /healthz answering,
+start → every variant ready, the first and later upload round-trips (`POST /api/compare`), the
+time to the first row of the streamed answer (`/api/compare/stream`), and the server's RSS,
+PSS and anonymous memory against the floor after warm-up and after N uploads. Saves
+benchmarks/results/startup.json. Random weights: sizes and timings are real.
+
+Run: .venv/bin/python benchmarks/startup.py --uploads 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import runtime_floor_mb, smaps  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+PHOTO = (importlib.resources.files("skimage.data") / "chelsea.png").read_bytes()
+
+
+def _request(url: str, body: bytes | None = None, content_type: str | None = None):
+    request = urllib.request.Request(url, data=body, headers={
+        "Content-Type": content_type} if content_type else {})
+    return urllib.request.urlopen(request, timeout=600)
+
+
+def _multipart() -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"cat.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    return body + PHOTO + f"\r\n--{boundary}--\r\n".encode(), \
+        f"multipart/form-data; boundary={boundary}"
+
+
+def _wait(base: str, started: float, condition) -> float:
+    while True:
+        try:
+            with _request(base + "/api/variants") as response:
+                if condition(json.loads(response.read())):
+                    return time.perf_counter() - started
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.05)
+
+
+def _upload(base: str) -> float:
+    body, content_type = _multipart()
+    started = time.perf_counter()
+    with _request(base + "/api/compare", body, content_type) as response:
+        json.loads(response.read())
+    return time.perf_counter() - started
+
+
+def _first_row(base: str) -> tuple[float, float]:
+    """Seconds from sending the upload to its first row, and to the whole answer."""
+    body, content_type = _multipart()
+    started = time.perf_counter()
+    first = None
+    with _request(base + "/api/compare/stream", body, content_type) as response:
+        for line in response:
+            if json.loads(line)["event"] == "row" and first is None:
+                first = time.perf_counter() - started
+    return first, time.perf_counter() - started
+
+
+def _floor(base: str, runtime: dict) -> float:
+    with _request(base + "/api/variants") as response:
+        variants = json.loads(response.read())["variants"]
+    unique = {}
+    for v in variants:
+        if v["state"] == "ready":
+            compiled = bool(v["preparation_s"].get("load_s"))
+            unique[(v["size_mb"], v["params"], v["input_size"] if compiled else 0)] = v["size_mb"]
+    return runtime["rss_mb"] + sum(unique.values())
+
+
+def run_server(home: str, uploads: int, runtime: dict) -> dict:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "leanvgg", "serve", "--weights", "random",
+                               "--port", str(port)], env={**os.environ, "LEANVGG_HOME": home},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        answering = _wait(base, started, lambda body: True)
+        ready = _wait(base, started, lambda body: body["status"] in ("ready", "degraded"))
+        after_ready = smaps(server.pid)
+        first = _upload(base)
+        later = [_upload(base) for _ in range(3)]
+        first_row, streamed = _first_row(base)
+        # the profiles are measured while the server is idle: let them finish
+        _wait(base, started, lambda body: all(v.get("profile") for v in body["variants"]))
+        profiled = time.perf_counter() - started
+        after_profiles = smaps(server.pid)
+        times = [_upload(base) for _ in range(uploads)]
+        after_uploads = smaps(server.pid)
+        floor = _floor(base, runtime)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    return {"answering_s": answering, "ready_s": ready, "profiles_done_s": profiled,
+            "first_upload_s": first, "later_upload_s": statistics.median(later),
+            "first_row_s": first_row, "streamed_answer_s": streamed,
+            "uploads": uploads, "upload_p50_s": statistics.median(times),
+            "upload_max_s": max(times), "floor_mb": floor, "after_ready": after_ready,
+            "after_profiles": after_profiles, "after_uploads": after_uploads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", type=int, default=50)
+    args = parser.parse_args()
+
+    import torch
+
+    from leanvgg.measure import machine_facts
+    from leanvgg.runtime import cpu_flags
+
+    runtime = runtime_floor_mb()
+    with tempfile.TemporaryDirectory(prefix="leanvgg-startup-") as home:
+        cold = run_server(home, args.uploads, runtime)
+        warm = run_server(home, args.uploads, runtime)
+    report = {"benchmark": "startup", "weights": "random (sizes and timings real)",
+              "runtime_floor": runtime, "cold": cold, "warm": warm,
+              "machine": {**machine_facts(torch.get_num_threads()),
+                          "cpu_flags": sorted(f for f in cpu_flags()
+                                              if f.startswith(("avx", "amx")))}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "startup.json").write_text(json.dumps(report, indent=2))
+    print(f"{'':<34}{'cold cache':>12}{'warm cache':>12}")
+    for key, label in [("answering_s", "start → page and /healthz (s)"),
+                       ("ready_s", "start → every variant ready (s)"),
+                       ("first_upload_s", "first upload, whole answer (s)"),
+                       ("later_upload_s", "later uploads, median (s)"),
+                       ("first_row_s", "upload → first row (s)"),
+                       ("profiles_done_s", "start → all profiles measured (s)"),
+                       ("upload_p50_s", f"{args.uploads} uploads, median (s)")]:
+        print(f"{label:<34}{cold[key]:>12.2f}{warm[key]:>12.2f}")
+    for moment in ("after_ready", "after_uploads"):
+        for name in ("cold", "warm"):
+            m, floor = report[name][moment], report[name]["floor_mb"]
+            print(f"{name} {moment}: RSS {m['rss_mb']:.0f} MB ({m['rss_mb'] / floor:.2f}× the "
+                  f"floor {floor:.0f} MB), PSS {m['pss_mb']:.0f}, anonymous "
+                  f"{m['anonymous_mb']:.0f} MB")
+    print(f"saved {RESULTS / 'startup.json'}")
+
+
+if __name__ == "__main__":
+    main()

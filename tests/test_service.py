@@ -1,0 +1,223 @@
+"""The service behind the dashboard: per-variant readiness, latency profiles measured apart from
+requests, rows streamed as they come, abandoned and over-long requests never measured."""
+
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+
+import pytest
+from torch import nn
+
+from conftest import encode, multipart, running
+from leanvgg import service as service_module
+from leanvgg import variants as variants_module
+from leanvgg.compare import Settings
+from leanvgg.service import PROFILES, ComparisonService
+from leanvgg.store import Store
+from leanvgg.variants import VariantSet, build_variants
+from leanvgg.web import create_app, make_server
+from tiny import tiny_baseline
+
+PROFILE = Settings(runs=5, warmup=1, threads=1)
+
+
+class Recorded(nn.Module):
+    """Wraps a model: records (thread name, start, end) of every call; optionally slow."""
+
+    def __init__(self, model: nn.Module, calls: list, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.calls, self.delay_s = model, calls, delay_s
+
+    def forward(self, x):
+        start = time.perf_counter()
+        time.sleep(self.delay_s)
+        out = self.model(x)
+        self.calls.append((threading.current_thread().name, start, time.perf_counter()))
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("service-cache"))
+    return build_variants(tiny_baseline(), ["baseline", "res160"], store=store, progress=False)
+
+
+def _recorded(tiny_set, calls, delays=None):
+    import dataclasses
+
+    return VariantSet(tiny_set.baseline, {
+        name: dataclasses.replace(v, model=Recorded(v.model, calls, (delays or {}).get(name, 0)))
+        for name, v in tiny_set.variants.items()})
+
+
+def test_one_failing_variant_leaves_the_others_serving(tmp_path, monkeypatch, photo):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found (g++)")
+
+    monkeypatch.setattr(service_module, "load_baseline", lambda weights: tiny_baseline())
+    monkeypatch.setattr(variants_module, "package", no_compiler)
+    service = ComparisonService(names=["baseline", "res160", "int8_static"], settings=PROFILE,
+                                store=Store(tmp_path))
+    service.start(background=False)
+    status = service.status()
+    assert status["status"] == "degraded" and status["serving"] is True
+    assert status["variants"] == {"baseline": "ready", "res160": "ready",
+                                  "int8_static": "failed"}
+    client = create_app(service, {"TESTING": True}).test_client()
+    assert client.get("/healthz").status_code == 200
+    failed = [v for v in client.get("/api/variants").json["variants"] if v["state"] == "failed"]
+    assert failed[0]["name"] == "int8_static" and "no C++ compiler" in failed[0]["reason"]
+    body = client.post("/api/compare", data={"image": (io.BytesIO(encode(photo, "PNG")),
+                                                       "a.png")}).json
+    assert [v["name"] for v in body["variants"]] == ["baseline", "res160"]
+    assert body["not_ready"] == {"int8_static": "failed: RuntimeError: no C++ compiler found "
+                                                "(g++)"}
+
+
+def test_variants_become_usable_one_by_one(tmp_path, monkeypatch, photo):
+    """While a later variant builds, the earlier ones already serve comparisons."""
+    release = threading.Event()
+    real_prepare = variants_module.VariantBuilder.prepare
+
+    def slow_prepare(self, name, on_state=lambda s: None):
+        if name == "res160":
+            on_state("building")
+            release.wait(30)
+        return real_prepare(self, name, on_state)
+
+    monkeypatch.setattr(service_module, "load_baseline", lambda weights: tiny_baseline())
+    monkeypatch.setattr(variants_module.VariantBuilder, "prepare", slow_prepare)
+    service = ComparisonService(names=["baseline", "res160"], settings=PROFILE,
+                                store=Store(tmp_path))
+    service.start(profile=False)
+    deadline = time.monotonic() + 30
+    while service.status()["variants"].get("res160") != "building":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert service.status()["serving"] and service.status()["status"] == "warming up"
+    result = service.compare(encode(photo, "PNG")).result
+    assert [v.name for v in result.variants] == ["baseline"]
+    assert result.not_ready == {"res160": "building"}
+    release.set()
+    while service.warming_up():
+        time.sleep(0.01)
+    assert service.status()["status"] == "ready"
+
+
+def test_profiles_are_measured_apart_and_never_during_a_comparison(tiny_set, tmp_path, photo):
+    calls = []
+    store = Store(tmp_path)
+    service = ComparisonService(settings=Settings(runs=40, warmup=1, threads=1), store=store,
+                                variant_set=_recorded(tiny_set, calls, {"res160": 0.01}))
+    service.start()  # profiles in the background
+    data = encode(photo, "PNG")
+    compared = 0
+    while len(service.profiles()) < 2:  # uploads now and then while the profiles are measured
+        service.compare(data)
+        compared += 1
+        time.sleep(0.1)
+    service.stop()
+    profiled = [(s, e) for name, s, e in calls if name == "leanvgg-warm-up"]
+    requested = [(s, e) for name, s, e in calls if name != "leanvgg-warm-up"]
+    assert len(profiled) == 2 * (40 + 1) and len(requested) == 2 * compared >= 2
+    for start, end in profiled:  # no profile pass overlaps a request's pass
+        assert all(end <= r_start or start >= r_end for r_start, r_end in requested)
+    profiles = service.profiles()
+    assert profiles["res160"].latency.runs == 40 and profiles["res160"].latency.median >= 10
+    stored = store.load_json(PROFILES)
+    assert len(stored) == 2 and all(p["runs"] == 40 for p in stored.values())
+    # an upload now runs each variant once and reports the profile beside its own pass
+    before = len(calls)
+    result = service.compare(data).result
+    assert len(calls) - before == 2
+    res160 = result.variants[1]
+    assert res160.latency_source == "profile" and res160.latency_ms.runs == 40
+    assert res160.speedup == pytest.approx(profiles["baseline"].latency.median
+                                           / profiles["res160"].latency.median)
+    # a second service on the same store and machine reuses the stored profiles
+    again = ComparisonService(settings=Settings(runs=40, warmup=1, threads=1), store=store,
+                              variant_set=_recorded(tiny_set, calls := []))
+    again.start()
+    deadline = time.monotonic() + 10
+    while len(again.profiles()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    again.stop()
+    assert calls == []  # nothing measured again
+
+
+def test_the_stream_delivers_each_row_as_soon_as_it_is_computed(tiny_set, photo):
+    service = ComparisonService(settings=PROFILE,
+                                variant_set=_recorded(tiny_set, [], {"res160": 1.0}))
+    server = make_server(service, port=0)
+    with running(server):
+        body, content_type = multipart(encode(photo, "PNG"))
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
+        connection.request("POST", "/api/compare/stream", body, {"Content-Type": content_type})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "application/x-ndjson"
+        events = []
+        while line := response.readline():
+            events.append((time.perf_counter(), json.loads(line)))
+        connection.close()
+    kinds = [event["event"] for _, event in events]
+    assert kinds == ["start", "row", "row", "done"]
+    assert [event["row"]["name"] for _, event in events if event["event"] == "row"] == \
+        ["baseline", "res160"]
+    # the baseline's row reached the client before the slow variant had even run
+    assert events[2][0] - events[1][0] > 0.8
+    assert len(events[3][1]["result"]["variants"]) == 2
+
+
+def test_a_disconnected_clients_request_is_never_measured(tiny_set, photo):
+    calls = []
+    service = ComparisonService(settings=PROFILE, variant_set=_recorded(tiny_set, calls))
+    server = make_server(service, port=0)
+    body, content_type = multipart(encode(photo, "PNG"))
+    with running(server):
+        with service._slot:  # another comparison is being measured
+            sock = socket.create_connection(("127.0.0.1", server.effective_port))
+            sock.sendall(f"POST /api/compare HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+                         .encode() + body)
+            deadline = time.monotonic() + 10
+            while service._admitted == 0:  # admitted and decoded, waiting for the slot
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            sock.close()  # the user closed the tab
+            time.sleep(0.5)  # waitress notices the closed connection
+        deadline = time.monotonic() + 10
+        while service._admitted:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert calls == []
+
+
+def test_a_request_waits_at_most_the_queue_timeout(tiny_set, photo):
+    service = ComparisonService(settings=PROFILE, variant_set=tiny_set, queue_timeout_s=0.3)
+    client = create_app(service, {"TESTING": True}).test_client()
+    with service._slot:
+        started = time.monotonic()
+        response = client.post("/api/compare", data={"image": (io.BytesIO(encode(photo, "PNG")),
+                                                                "a.png")})
+    assert response.status_code == 503 and "Waited 0.3 s" in response.json["error"]
+    assert int(response.headers["Retry-After"]) >= 1
+    assert time.monotonic() - started < 5
+    assert service._admitted == 0
+
+
+def test_a_stream_closed_before_it_started_gives_its_place_back(tiny_set, photo):
+    calls = []
+    service = ComparisonService(settings=PROFILE, variant_set=_recorded(tiny_set, calls),
+                                max_queue=1)
+    client = create_app(service, {"TESTING": True}).test_client()
+    response = client.post("/api/compare/stream", buffered=False,
+                           data={"image": (io.BytesIO(encode(photo, "PNG")), "a.png")})
+    assert response.status_code == 200 and service._admitted == 1
+    response.close()  # the client went away before reading anything
+    assert service._admitted == 0 and calls == []
+    assert service.compare(encode(photo, "PNG")).result.variants  # the queue is free again
