@@ -88,7 +88,6 @@ async function upload(file) {
       showError(await readError(response));
       return;
     }
-    const rows = [];
     for await (const event of ndjson(response)) {
       if (event.event === "start") {
         $("table").tBodies[0].replaceChildren();
@@ -97,7 +96,6 @@ async function upload(file) {
           ? `Not ready yet, left out: ${Object.entries(event.not_ready)
             .map(([name, state]) => `${name} (${state})`).join(", ")}.` : "";
       } else if (event.event === "row") {
-        rows.push(event.row);
         addRow(event.row, null);
       } else if (event.event === "done") {
         render(event.result, (performance.now() - started) / 1000);
