@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve compare build test bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-tune clean
+.PHONY: serve compare build test bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-tune bench-startup bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,15 @@ bench-fidelity: $(STAMP)
 bench-tune: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/tune_digits.py $(ARGS)
+
+# The dashboard from an empty cache, then a warm one: start-up, uploads, first row, memory.
+bench-startup: $(STAMP)
+	$(BIN)/python benchmarks/startup.py $(ARGS)
+
+# Memory against its floor after each variant and after N uploads; per-image decoding memory.
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/memory.py $(ARGS)
+	$(BIN)/python benchmarks/decode_memory.py
 
 clean:
 	rm -rf $(VENV) test-artifacts
