@@ -1,4 +1,4 @@
-"""Routes: the page, ``/api/compare``, ``/api/variants`` and ``/healthz``."""
+"""Routes: the page, ``/api/compare`` (whole or streamed), ``/api/variants``, ``/api/tune``, ``/healthz``."""
 
 from __future__ import annotations
 
