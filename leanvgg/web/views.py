@@ -1,4 +1,5 @@
-"""Routes: the page, ``/api/compare`` (whole or streamed), ``/api/variants``, ``/api/tune``, ``/healthz``."""
+"""Routes: the page, ``/api/compare`` (whole or streamed), ``/api/variants``, ``/api/tune``
+and ``/healthz``."""
 
 from __future__ import annotations
 
