@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
 
 from leanvgg.images import Batches, Picture
-from leanvgg.measure import Latency, Prediction, Profile, machine_facts, time_models_iter, top_k
+from leanvgg.measure import (Latency, Prediction, Profile, machine_facts, time_models_iter,
+                             top_k, using_threads)
 from leanvgg.models import CATEGORIES
 from leanvgg.variants import VariantSet
 
@@ -73,18 +73,8 @@ class ComparisonResult:
         return asdict(self)
 
 
-@contextmanager
-def _threads(n: int | None) -> Iterator[int]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n or previous)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
-
-
-def compare(image: Image.Image | Picture | Batches, variant_set: VariantSet, settings: Settings = Settings(),
-            *, profiles: Mapping[str, Profile] | None = None,
+def compare(image: Image.Image | Picture | Batches, variant_set: VariantSet,
+            settings: Settings = Settings(), *, profiles: Mapping[str, Profile] | None = None,
             progress: bool = False) -> ComparisonResult:
     """Time and run every variant on one image, one forward pass at a time (see ``time_models``).
 
@@ -120,7 +110,7 @@ class Comparison:
         jobs = {name: (v.model, self.batches.tensors[v.input_size])
                 for name, v in variants.items()}
         baseline_median = None
-        with _threads(self.settings.threads):
+        with using_threads(self.settings.threads):
             for name, measured, logits in time_models_iter(
                     jobs, runs=self.settings.runs, warmup=self.settings.warmup,
                     progress=progress):

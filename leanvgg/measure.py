@@ -10,6 +10,7 @@ import platform
 import statistics
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -151,6 +152,18 @@ class Profile:
         fields = {k: data[k] for k in ("median", "p90", "min", "p10", "mean", "stdev", "runs")}
         return cls(Latency(**fields), calendar.timegm(
             time.strptime(data["measured_at"], "%Y-%m-%dT%H:%M:%SZ")), data["threads"])
+
+
+@contextmanager
+def using_threads(n: int | None) -> Iterator[int]:
+    """PyTorch's intra-op thread count set to ``n`` (None: unchanged) for the block, restored
+    after; yields the count in force."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n or previous)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,

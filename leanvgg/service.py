@@ -7,6 +7,7 @@ upload then runs every variant once for its predictions. The web app is a thin l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ import torch
 
 from leanvgg.compare import ONE_PASS, Comparison, ComparisonResult, Settings, VariantResult
 from leanvgg.images import DEFAULT_LIMITS, Batches, ImageLimits, check
-from leanvgg.measure import Latency, Profile
+from leanvgg.measure import Latency, Profile, using_threads
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.runtime import machine_key
 from leanvgg.store import Store
@@ -34,7 +35,6 @@ PROFILES = "profiles"  # the store document of latency profiles, per variant and
 # each request thread's own arena (measured: peak growth for four worst images at once varied
 # 393–556 MB with decoding on the request threads).
 DECODE_SLOTS = 1
-STATES = ("queued", "building", "compiling", "ready", "failed")
 
 
 class NotReady(Exception):
@@ -62,7 +62,7 @@ class VariantStatus:
     """Where a variant is on its way to ready, and why it failed if it did."""
 
     name: str
-    state: str  # one of STATES
+    state: str  # queued, building, compiling, ready or failed
     reason: str | None = None
 
 
@@ -327,10 +327,8 @@ class ComparisonService:
                 waited_ms = (time.perf_counter() - ticket.queued_at) * 1e3
                 if disconnected():
                     raise Abandoned("The client went away before its comparison started.")
-                settings = (Settings(runs=runs, warmup=self.settings.warmup,
-                                     threads=self.settings.threads) if runs
-                            else Settings(runs=ONE_PASS.runs, warmup=ONE_PASS.warmup,
-                                          threads=self.settings.threads))
+                settings = (dataclasses.replace(self.settings, runs=runs) if runs
+                            else dataclasses.replace(ONE_PASS, threads=self.settings.threads))
                 comparison = Comparison(ticket.batches, ticket.variant_set, settings,
                                         profiles=None if runs else self.profiles())
                 rows = []
@@ -416,15 +414,10 @@ class ComparisonService:
                 return {}
             self._wait_idle()
             model, batch = jobs[name]
-            with self._slot, torch.inference_mode():
-                previous = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                try:
-                    start = time.perf_counter()
-                    model(batch)
-                    elapsed = time.perf_counter() - start
-                finally:
-                    torch.set_num_threads(previous)
+            with self._slot, torch.inference_mode(), using_threads(threads):
+                start = time.perf_counter()
+                model(batch)
+                elapsed = time.perf_counter() - start
             if timed:
                 samples[name].append(elapsed)
         now = time.time()

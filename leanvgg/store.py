@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -109,43 +108,34 @@ class Store:
         cannot run code (``torch.export.load`` may unpickle arbitrary objects, so programs are
         not). Compiled code goes through ``save_file``.
         """
-        return self._commit(
-            key, ".pt", lambda path: _write_temp(path, lambda f: torch.save(state_dict, f)),
-            manifest)
+        def write(path: Path) -> None:
+            with path.open("wb") as f:
+                torch.save(state_dict, f)
+
+        return self._commit(key, ".pt", write, manifest)
 
     def save_file(self, key: str, suffix: str, write: Callable[[Path], object],
                   manifest: dict) -> dict:
-        """Store a file that ``write(path)`` makes (e.g. an AOTInductor package), like ``save``."""
-        def write_temp(path: Path) -> str:
-            # keeps the real suffix last: writers such as AOTInductor insist on it
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                       suffix=f".tmp{path.suffix}")
-            os.close(fd)
-            try:
-                write(Path(tmp))
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            return tmp
+        """Store a file that ``write(path)`` makes (e.g. an AOTInductor package), like ``save``.
 
-        return self._commit(key, suffix, write_temp, manifest)
+        Its temporary file keeps the real suffix last: writers such as AOTInductor insist on it.
+        """
+        return self._commit(key, suffix, write, manifest, temp_suffix=f".tmp{suffix}")
 
-    def _commit(self, key: str, suffix: str, write_temp: Callable[[Path], str],
-                manifest: dict) -> dict:
+    def _commit(self, key: str, suffix: str, write: Callable[[Path], object], manifest: dict,
+                *, temp_suffix: str = ".tmp") -> dict:
         """Write the data to a temporary file, hash it, then rename data and manifest in."""
         self.sweep()
         data_path, manifest_path = self._paths(key, suffix)
-        data_tmp = write_temp(data_path)
+        data_tmp = _write_temp(data_path, write, suffix=temp_suffix)
         try:
             with open(data_tmp, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
             manifest = {**manifest, "key": key, "sha256": digest,
                         "bytes": os.path.getsize(data_tmp)}
             manifest["manifest_sha256"] = _manifest_digest(manifest)
-            manifest_tmp = _write_temp(
-                manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+            text = json.dumps(manifest, indent=2).encode()
+            manifest_tmp = _write_temp(manifest_path, lambda path: path.write_bytes(text))
         except BaseException:
             os.unlink(data_tmp)
             raise
@@ -246,16 +236,17 @@ class Store:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` all at once: readers see the old or the new file, whole."""
-    os.replace(_write_temp(path, lambda f: f.write(data)), path)
+    os.replace(_write_temp(path, lambda tmp: tmp.write_bytes(data)), path)
 
 
-def _write_temp(path: Path, write: Callable[[BinaryIO], object]) -> str:
-    """Write a hidden temporary file beside ``path``, flushed to disk; removed if writing fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_temp(path: Path, write: Callable[[Path], object], *, suffix: str = ".tmp") -> str:
+    """Have ``write`` fill a hidden temporary file beside ``path`` (given by its path), then
+    flush it to disk; the file is removed if writing fails."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:
         os.unlink(tmp)
