@@ -390,13 +390,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"leanvgg: error: cannot listen on {args.host}:{args.port}: "
               f"{err.strerror or err}.", file=sys.stderr)
         return 2
-    service.start()
-    log.info("Dashboard on http://%s:%d/ (variants loading in the background)",
-             args.host, args.port)
     # waitress stops its workers cleanly on SystemExit; make SIGTERM (service managers, kill)
-    # take that path instead of killing the process mid-answer.
+    # take that path instead of killing the process mid-answer. Installed before the banner
+    # below, which callers may take as the moment the server can be stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        service.start()
+        log.info("Dashboard on http://%s:%d/ (variants loading in the background)",
+                 args.host, args.port)
         server.run()
     except SystemExit:
         pass  # the signal came before waitress's loop (which catches it itself) had started
