@@ -37,6 +37,9 @@ LAYOUT = {"arch": "vgg", "batch_norm": False,
           "cfg": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
                   512, 512, 512, 512, "M"],
           "linear_features": [512 * 7 * 7, 512, 512, 10]}
+# torchvision's real classifier shape (25,088 → 4,096 → 4,096 → 10): what classifier
+# compression (neuron pruning, low rank) is about; benchmarks/tune_digits.py trains this one.
+WIDE_LAYOUT = {**LAYOUT, "linear_features": [512 * 7 * 7, 4096, 4096, 10]}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -61,15 +64,15 @@ def accuracy(model: torch.nn.Module, dataset: TensorDataset) -> float:
     return float((predictions == labels).float().mean())
 
 
-def trained_vgg19(train: TensorDataset, *, epochs: int,
-                  path: Path) -> tuple[torch.nn.Module, dict]:
+def trained_vgg19(train: TensorDataset, *, epochs: int, path: Path,
+                  layout: dict = LAYOUT) -> tuple[torch.nn.Module, dict]:
     if path.exists():
         saved = torch.load(path, weights_only=True)
         model = from_layout(saved["layout"])
         model.load_state_dict(saved["state_dict"])
         return model.eval(), saved["training"]
     torch.manual_seed(0)
-    model = from_layout(LAYOUT)
+    model = from_layout(layout)
     for module in model.modules():  # torchvision's VGG initialisation
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

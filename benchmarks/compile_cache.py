@@ -31,7 +31,7 @@ from leanvgg.models import load_baseline
 from leanvgg.recipes import RECIPES
 from leanvgg.runtime import load_package, package
 from leanvgg.store import Store
-from leanvgg.variants import _Builder
+from leanvgg.builder import Builder
 
 recipe = RECIPES[variant]
 size = recipe.input_size
@@ -58,7 +58,7 @@ if phase == "aoti-load":
     out["first_call_s"] = first_call(runner)
     out["median_ms"] = timed(runner)
 else:
-    model, _, _ = _Builder(load_baseline("random", progress=False),
+    model, _, _ = Builder(load_baseline("random", progress=False),
                            Store(os.path.join(folder, "cache"))).artifact(recipe, len(recipe.steps))
     if phase == "aoti-make":
         start = time.perf_counter()

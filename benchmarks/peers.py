@@ -186,7 +186,7 @@ def main() -> None:
         runners.append(Runner(
             f"leanvgg {name}", variant.model, size_mb=variant.facts["size_bytes"] / 2**20,
             precision=precision, macs=variant.facts["macs"], input_size=variant.input_size,
-            prepare_s=sum(variant.summary()["preparation_s"].values()),
+            prepare_s=sum(variant.summary().preparation_s.values()),
             # emulated bf16 runs ~7× slower than FP32; batch 8 would take minutes for nothing
             batch_sizes=(1,) if emulated else batch_sizes))
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,14 +1,18 @@
-"""`leanvgg tune`'s search on real data that runs offline: the digits-trained VGG-19.
+"""`leanvgg tune`'s search on real data that runs offline: digits on a VGG-19 with torchvision's
+real classifier (25,088 → 4,096 → 4,096 → 10).
 
-Run: make bench-tune   (after `make bench-accuracy` has trained the model once)
+Run: make bench-tune   (trains the model once, ~15 min on 2 cores; then the search)
 
-The library's `search` on the VGG-19 trained by benchmarks/accuracy_digits.py: validation on
-the 360 held-out digits, fine-tuned candidates trained on the 1,437 training digits (Adam,
-lr 1e-5, one epoch: the rate that recovered pruning in that experiment), static INT8 calibrated
-on 96 training digits. The digits model takes 32×32 inputs, the smallest a VGG's five poolings
-allow, so resolution is not searched here (`--resolutions 32`). The report, the Pareto plot and
-the sensitivity table go to benchmarks/results/tune_digits.{json,png}; the report doubles as the
-resume file (rerun to continue an interrupted search).
+The library's `search`, through the same builder and cache as every variant, on the VGG-19
+trained by benchmarks/accuracy_digits.py with the wide head (10 epochs): validation on the 360
+held-out digits (each accuracy with its 95 % Wilson interval), fine-tuned candidates trained on
+the 1,437 training digits (Adam, lr 1e-5, one epoch: the rate that recovered pruning in that
+experiment), static INT8 calibrated on 96 training digits (a tensor file). The digits model takes
+32×32 inputs, the smallest a VGG's five poolings allow, so resolution is not searched here; the
+space is filter pruning × classifier neuron pruning × low rank of classifier.0 × fine-tuning ×
+precision. The report, the Pareto plot and the classifier table go to
+benchmarks/results/tune_digits.{json,png}; the report doubles as the resume file. Artifacts go to
+$LEANVGG_HOME/bench-tune (several GB: every candidate's model is kept, as `tune` keeps them).
 """
 
 from __future__ import annotations
@@ -18,16 +22,22 @@ import json
 from pathlib import Path
 
 import torch
-from accuracy_digits import digits, trained_vgg19
+from accuracy_digits import WIDE_LAYOUT, digits, trained_vgg19
 from torch.utils.data import TensorDataset
 
 from leanvgg.evaluate import Labelled
 from leanvgg.measure import machine_facts
-from leanvgg.runtime import native_bf16
-from leanvgg.store import default_root
-from leanvgg.tune import Space, format_front, plot_front, search
+from leanvgg.models import Baseline
+from leanvgg.runtime import cpu_flags, native_bf16
+from leanvgg.store import Store, default_root
+from leanvgg.tune import Space, search
+from leanvgg.tune_report import format_front, plot_front
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
 
 
 def main() -> None:
@@ -35,48 +45,75 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--budget-minutes", type=float, default=None)
-    parser.add_argument("--prune-ratios", default="0,0.1,0.2,0.3,0.5")
-    parser.add_argument("--precisions",
-                        default="fp32,bf16,int8" if native_bf16() else "fp32,int8")
+    parser.add_argument("--prune-ratios", type=_floats, default=(0.0, 0.5))
+    parser.add_argument("--neuron-ratios", type=_floats, default=(0.0, 0.75))
+    parser.add_argument("--ranks", default="0,128")
+    parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=25, help="of the trained model")
+    parser.add_argument("--epochs", type=int, default=10, help="of the trained model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     train, test = digits(args.seed)
-    model, _ = trained_vgg19(
-        train, epochs=args.epochs,
-        path=default_root() / "digits" / f"vgg19_digits_e{args.epochs}_s{args.seed}.pt")
+    root = default_root()
+    name = f"vgg19_digits_wide_e{args.epochs}_s{args.seed}"
+    model, training = trained_vgg19(train, epochs=args.epochs, layout=WIDE_LAYOUT,
+                                    path=root / "digits" / f"{name}.pt")
     size = test.tensors[0].shape[-1]
+    calibration = root / "digits" / f"calibration_s{args.seed}.pt"
+    if not calibration.exists():
+        torch.save(train.tensors[0][torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(args.seed))[:96]].clone(),
+            calibration)
 
     def at(dataset: TensorDataset):
         return lambda s: dataset if s == size else TensorDataset(
             torch.nn.functional.interpolate(dataset.tensors[0], size=(s, s), mode="bilinear",
                                             align_corners=False), dataset.tensors[1])
 
-    calibration_images = train.tensors[0][torch.randperm(
-        len(train), generator=torch.Generator().manual_seed(args.seed))[:96]]
-    space = Space(resolutions=(size,),
-                  prune_ratios=tuple(float(r) for r in args.prune_ratios.split(",")),
-                  precisions=tuple(args.precisions.split(",")))
+    space = Space(resolutions=(size,), prune_ratios=args.prune_ratios,
+                  precisions=tuple(args.precisions.split(",")),
+                  neuron_ratios=args.neuron_ratios,
+                  ranks=tuple(int(r) for r in args.ranks.split(",")))
     RESULTS.mkdir(exist_ok=True)
     report = RESULTS / "tune_digits.json"
-    result = search(model, Labelled("digits-test", at(test), torch.eye(10)),
+    result = search(Baseline(model, name, f"digits-{name}", meaningful=True),
+                    Labelled("digits-test", at(test), torch.eye(10)),
                     max_drop=args.max_drop, space=space,
                     train=Labelled("digits-train", at(train), torch.eye(10)), finetune_lr=1e-5,
-                    calibration=lambda s: calibration_images, runs=args.runs,
+                    calibration=str(calibration), runs=args.runs,
                     budget_s=None if args.budget_minutes is None else 60 * args.budget_minutes,
-                    report=report, model_id=f"digits-vgg19-e{args.epochs}-s{args.seed}")
+                    store=Store(root / "bench-tune"), report=report)
     plot_front(result, RESULTS / "tune_digits.png")
     state = json.loads(report.read_text())
-    state["machine"] = machine_facts(torch.get_num_threads())
+    state["machine"] = {**machine_facts(torch.get_num_threads()),
+                        "capability": torch.backends.cpu.get_cpu_capability(),
+                        "flags": sorted(f for f in cpu_flags()
+                                        if f.startswith(("avx", "amx", "fma")))}
+    state["training"] = training
+    state["bf16_native"] = native_bf16()
     report.write_text(json.dumps(state, indent=2) + "\n")
     print(format_front(result))
-    print("\nsensitivity (accuracy with one conv pruned, before fine-tuning):")
-    ratios = sorted({r for row in result.sensitivity.values() for r in row}, key=float)
-    print(f"  {'conv':<6}" + "".join(f"{r:>8}" for r in ratios))
-    for layer, row in result.sensitivity.items():
-        print(f"  {layer:<6}" + "".join(f"{row[r]:>8.2%}" for r in ratios))
+    print()
+    print(classifier_table(result.candidates))
+
+
+def classifier_table(candidates: dict[str, dict]) -> str:
+    """What classifier compression buys and costs, INT8 and FP32 side by side (measured rows)."""
+    rows = [r for r in candidates.values() if "accuracy" in r]
+    rows.sort(key=lambda r: (r["precision"], r["prune_ratio"], r["neuron_ratio"], -r["rank"]
+                             if r["rank"] else -10**9, r["fine_tuned"]))
+    header = (f"{'precision':<10}{'filters':>8}{'neurons':>8}{'rank':>6}{'tuned':>6}"
+              f"{'size MB':>9}{'params M':>9}{'median ms':>10}{'accuracy (95% CI)':>24}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        low, high = r["accuracy_ci"]
+        lines.append(f"{r['precision']:<10}{r['prune_ratio']:>8g}{r['neuron_ratio']:>8g}"
+                     f"{r['rank'] or '-':>6}{'yes' if r['fine_tuned'] else 'no':>6}"
+                     f"{r['size_mb']:>9.1f}{r['params'] / 1e6:>9.1f}"
+                     f"{r['latency_ms']['median']:>10.2f}"
+                     f"{f'{r['accuracy']:.1%} ({100 * low:.1f}–{100 * high:.1f})':>24}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,18 @@ from collections.abc import Sequence
 import torch.distributed
 
 from leanvgg.compare import ComparisonResult, Settings, compare
-from leanvgg.data import (DataUnavailable, calibration_batch, cifar10, group_index_tensor,
-                          stratified_subset)
+from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
                               load_mapping, save_report)
-from leanvgg.finetune import distributed_context
+from leanvgg.distributed import distributed_context
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
-from leanvgg.recipes import RECIPES, QuantizeStaticInt8
+from leanvgg.recipes import RECIPES
 from leanvgg.runtime import native_bf16
-from leanvgg.store import CacheError, Store
-from leanvgg.tune import (TUNE_REPORT, Space, format_front, plot_front, rebuild_float_model,
-                          search, tuned_config)
-from leanvgg.variants import (TUNED, NotTuned, build_variants, finetune_variant, register_tuned,
-                              resolve_names)
+from leanvgg.store import SEARCH, SEARCH_PLOT, TUNED, CacheError, Store
+from leanvgg.tune import Space, search
+from leanvgg.tune_report import format_front, plot_front, tuned_config
+from leanvgg.variants import NotTuned, build_variants, finetune_variant, register_tuned, resolve_names
 
 log = logging.getLogger("leanvgg")
 # recipes with their own fine-tuning artifact (others share one of these)
@@ -171,11 +169,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     tn = commands.add_parser(
         "tune", parents=[weights_only, labelled, calibration],
         help="the fastest variant within an accuracy budget (Pareto front of a search)",
-        description="Search pruning ratio × precision × input resolution (× fine-tuning), "
-                    "measuring each candidate's latency on this machine and its accuracy on the "
-                    "validation data; print the Pareto front, save a JSON report and a PNG "
-                    "plot, and register the fastest candidate within --max-drop as 'tuned'. "
-                    "Ctrl-C keeps every finished candidate; rerunning resumes.")
+        description="Search filter pruning × classifier compression × precision × input "
+                    "resolution (× fine-tuning), measuring each candidate's latency on this "
+                    "machine and its accuracy (with its 95 %% interval) on the validation data; "
+                    "print the Pareto front, save a JSON report and a PNG plot, and register "
+                    "the fastest candidate within --max-drop as 'tuned' (the very cache entry "
+                    "measured). Ctrl-C keeps every finished candidate; rerunning resumes. Under "
+                    "'torchrun --nproc-per-node N' accuracy is counted over N shards; latency "
+                    "is measured by rank 0 alone.")
     tn.add_argument("--max-drop", type=float, required=True,
                     help="accuracy points the choice may lose against FP32 (e.g. 1.0)")
     tn.add_argument("--subset", type=_positive, default=200,
@@ -190,6 +191,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                     default=("fp32", "bf16", "int8") if native_bf16() else ("fp32", "int8"),
                     metavar="A,B", help="of fp32, bf16, int8 (default: all; bf16 only where "
                                         "the CPU computes in bf16)")
+    tn.add_argument("--neuron-ratios", type=_float_list, default=(0.0, 0.5), metavar="A,B",
+                    help="share of the classifier's hidden neurons removed (classifier.0 and "
+                         ".3, by L2 norm; default 0,0.5)")
+    tn.add_argument("--ranks", type=_int_list, default=(0,), metavar="A,B",
+                    help="inner widths of classifier.0 factorised by truncated SVD (0: not "
+                         "factorised; e.g. 0,512,256; default 0)")
     tn.add_argument("--finetune-subset", type=int, default=0,
                     help="CIFAR-10 training images for one recovery epoch per pruned model "
                          "(default 0: no fine-tuned candidates; --dataset cifar10 only)")
@@ -200,7 +207,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "evaluate", parents=[weights, labelled],
         help="top-1 / top-3 accuracy of every variant on a labelled set",
         description="Measure each variant's top-1 and top-3 accuracy and its top-1 agreement with "
-                    "the baseline, and store the report so 'compare' and the dashboard show it.")
+                    "the baseline (each with its 95 %% Wilson interval), and store the report so "
+                    "'compare' and the dashboard show it. Under 'torchrun --nproc-per-node N' "
+                    "each process counts its shard and rank 0 writes the report.")
     ev.add_argument("--subset", type=_positive, default=500,
                     help="images, stratified by class (default 500)")
     ev.add_argument("--batch-size", type=_positive, default=16, help="batch size (default 16)")
@@ -311,18 +320,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
                                  store=store, calibration=args.calibration)
     results = evaluate(variant_set, labelled, batch_size=args.batch_size)
-    save_report(store, results)
-    print(f"{'variant':<17}{'top-1':>8}{'top-3':>8}{'agrees':>8}  on {labelled.name}")
-    for name, acc in results.items():
-        print(f"{name:<17}{acc.top1:>8.1%}{acc.top3:>8.1%}{acc.agreement:>8.1%}  "
-              f"({acc.images} images)")
+    rank, world_size = distributed_context()
+    if rank == 0:
+        save_report(store, results)
+        print(format_accuracy(results, labelled.name))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def format_accuracy(results: dict, dataset: str) -> str:
+    """Accuracies with their 95 % intervals, one variant a line."""
+    def pct(value: float, interval: tuple[float, float]) -> str:
+        return f"{value:.1%} ({100 * interval[0]:.1f}–{100 * interval[1]:.1f})"
+
+    lines = [f"{'variant':<17}{'top-1 (95% CI)':>22}{'top-3 (95% CI)':>22}"
+             f"{'agrees (95% CI)':>22}  on {dataset}"]
+    for name, acc in results.items():
+        lines.append(f"{name:<17}{pct(acc.top1, acc.top1_ci):>22}{pct(acc.top3, acc.top3_ci):>22}"
+                     f"{pct(acc.agreement, acc.agreement_ci):>22}  ({acc.images} images)")
+    return "\n".join(lines)
 
 
 def _tune(args: argparse.Namespace) -> int:
     try:
         space = Space(resolutions=args.resolutions, prune_ratios=args.prune_ratios,
-                      precisions=args.precisions)
+                      precisions=args.precisions, neuron_ratios=args.neuron_ratios,
+                      ranks=args.ranks)
     except ValueError as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
@@ -331,39 +355,42 @@ def _tune(args: argparse.Namespace) -> int:
     if args.finetune_subset:
         if args.dataset != "cifar10":
             raise DataUnavailable("--finetune-subset needs --dataset cifar10.")
-        train = Labelled("cifar10-train", lambda size: stratified_subset(
-            cifar10(args.data, train=True, size=size), args.finetune_subset),
-            group_index_tensor())
+        train = Labelled(f"cifar10-train ({args.finetune_subset} images)",
+                         lambda size: stratified_subset(
+                             cifar10(args.data, train=True, size=size), args.finetune_subset),
+                         group_index_tensor())
     baseline = load_baseline(args.weights)
     store = Store()
-    report = store.root / f"{TUNE_REPORT}.report.json"
-    options = {"train": train, "report": report, "runs": args.runs, "warmup": args.warmup,
-               "calibration": lambda size: calibration_batch(size, args.calibration),
-               "model_id": f"{baseline.weights_id} on {validation.name}",
-               "settings": {"subset": args.subset, "finetune_subset": args.finetune_subset,
-                            "calibration": QuantizeStaticInt8(
-                                calibration=args.calibration).to_json()["calibration"]}}
+    rank, world_size = distributed_context()
     try:
-        result = search(baseline.model, validation, max_drop=args.max_drop, space=space,
+        result = search(baseline, validation, max_drop=args.max_drop, space=space, train=train,
+                        store=store, runs=args.runs, warmup=args.warmup,
+                        calibration=args.calibration,
                         budget_s=None if args.budget_minutes is None
-                        else 60 * args.budget_minutes, **options)
+                        else 60 * args.budget_minutes,
+                        settings={"subset": args.subset,
+                                  "finetune_subset": args.finetune_subset})
     except KeyboardInterrupt:
-        print(f"leanvgg: interrupted; finished candidates are kept in {report}; run the same "
-              "command again to resume.", file=sys.stderr)
+        print(f"leanvgg: interrupted; finished candidates are kept in "
+              f"{store.document(SEARCH)}; run the same command again to resume.",
+              file=sys.stderr)
         return 130
-    plot_path = store.root / "tune.png"
-    plot_front(result, plot_path)
-    print(format_front(result))
-    if result.chosen is None:
-        print(f"No candidate is within {args.max_drop:g} points of FP32; nothing registered.")
-    else:
-        candidate = result.candidates[result.chosen]
-        finetuned = (rebuild_float_model(baseline.model, result, train=train)
-                     if candidate["fine_tuned"] else None)
-        register_tuned(baseline, tuned_config(result), store, finetuned)
-        print(f"Registered {result.chosen} as 'tuned': 'leanvgg compare' and the dashboard "
-              "now show it.")
-    print(f"Report: {report}\nPlot: {plot_path}")
+    if rank == 0:
+        plot_path = store.root / SEARCH_PLOT
+        plot_front(result, plot_path)
+        print(format_front(result))
+        if result.chosen is None:
+            print(f"No candidate is within {args.max_drop:g} points of FP32; nothing "
+                  "registered.")
+        else:
+            register_tuned(baseline, tuned_config(result), store)
+            print(f"Registered {result.chosen} as 'tuned' (the cache entry measured above): "
+                  "'leanvgg compare' and the dashboard now show it.")
+        print(f"Report: {store.document(SEARCH)}\nPlot: {plot_path}")
+        for warning in result.warnings:
+            print(f"leanvgg: WARNING: {warning}", file=sys.stderr)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -436,13 +463,16 @@ def format_table(result: ComparisonResult) -> str:
     header = (f"{'variant':<17}{'input':>6}{'size MB':>9}{'params':>13}{'GMACs':>7}"
               f"{'median ms':>11}{'p90 ms':>9}{'speedup':>9}  top-3")
     lines = [header, "-" * len(header)]
-    for v in result.variants:
-        top3 = ", ".join(f"{p.label} {p.prob:.1%}" for p in v.top3)
+    for row in result.variants:
+        v = row.facts
+        top3 = ", ".join(f"{p.label} {p.prob:.1%}" for p in row.top3)
         lines.append(
             f"{v.name:<17}{v.input_size:>6}{v.size_mb:>9.1f}{v.params:>13,}{v.macs / 1e9:>7.2f}"
-            f"{v.latency_ms.median:>11.1f}{v.latency_ms.p90:>9.1f}{v.speedup:>8.2f}×  {top3}")
+            f"{row.latency_ms.median:>11.1f}{row.latency_ms.p90:>9.1f}{row.speedup:>8.2f}×  "
+            f"{top3}")
     m = result.machine
-    not_tuned = [v.name for v in result.variants if v.fine_tuned is False]
+    facts = [row.facts for row in result.variants]
+    not_tuned = [v.name for v in facts if v.fine_tuned is False]
     lines += [
         "",
         f"{result.note}",
@@ -451,15 +481,15 @@ def format_table(result: ComparisonResult) -> str:
     ]
     if not_tuned:
         lines.append(f"not fine-tuned: {', '.join(not_tuned)}")
-    beyond = [v.name for v in result.variants if not v.article]
+    beyond = [v.name for v in facts if not v.article]
     if beyond:
         lines.append(f"beyond the article: {', '.join(beyond)}")
-    for v in result.variants:
+    for v in facts:
         if v.preparation_s:
             costs = ", ".join(f"{k.removesuffix('_s')} {s:.1f} s"
                               for k, s in v.preparation_s.items())
             lines.append(f"{v.name} one-off: {costs}")
-    for v in result.variants:
+    for v in facts:
         if v.accuracy:
             a = v.accuracy
             lines.append(f"{v.name}: top-1 {a['top1']:.1%}, top-3 {a['top3']:.1%}, agrees with "

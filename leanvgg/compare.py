@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from PIL import Image
 
+from leanvgg.builder import VariantFacts
 from leanvgg.images import Batches, Picture
 from leanvgg.measure import (Latency, Prediction, Profile, machine_facts, time_models_iter,
                              top_k, using_threads)
@@ -32,28 +33,24 @@ ONE_PASS = Settings(runs=1, warmup=0)
 
 @dataclass(frozen=True)
 class VariantResult:
-    name: str
-    description: str
-    input_size: int
-    size_mb: float
-    params: int
-    params_total: int
-    macs: int
+    """One row: the variant's static facts (as ``/api/variants`` shows them) and this run."""
+
+    facts: VariantFacts
     latency_ms: Latency  # from ``latency_source``
     latency_source: str  # "profile": measured apart, N passes; "request": this request's passes
     image_ms: float  # this image's last pass
     profile: dict | None  # the variant's stored latency profile on this machine, with its age
     speedup: float  # the baseline's median over this variant's (both from profiles if any)
     top3: list[Prediction]
-    fine_tuned: bool | None
-    finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
-    accuracy: dict | None  # the latest evaluation of these weights, when one exists
-    steps: list[dict]
-    article: bool  # one of the article's five variants
-    preparation_s: dict  # one-off costs (calibration_s, compile_s, load_s), apart from latency
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """One flat object: the facts' fields, then the measured ones."""
+        row = asdict(self)
+        return {**row.pop("facts"), **row}
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ class ComparisonResult:
     not_ready: dict = field(default_factory=dict)  # variant → its state, when left out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "variants": [row.to_dict() for row in self.variants]}
 
 
 def compare(image: Image.Image | Picture | Batches, variant_set: VariantSet,
@@ -120,7 +117,7 @@ class Comparison:
                     baseline_median = latency.median
                 variant = variants[name]
                 yield VariantResult(
-                    **variant.summary(), latency_ms=latency,
+                    facts=variant.summary(), latency_ms=latency,
                     latency_source="profile" if profile else "request",
                     image_ms=measured.median,
                     profile=profile.to_dict() if profile else None,

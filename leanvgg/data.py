@@ -124,12 +124,30 @@ def stratified_subset(dataset: Dataset, size: int, *, seed: int = 0) -> Subset:
     return Subset(dataset, order.tolist())
 
 
+def _calibration_tensor(path: Path, size: int) -> torch.Tensor:
+    try:
+        batch = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a bad file; all mean the same
+        raise DataUnavailable(f"Calibration file {str(path)!r} is not a saved tensor ({err}).")
+    if not (isinstance(batch, torch.Tensor) and batch.dim() == 4 and batch.shape[1] == 3
+            and len(batch) > 0):
+        raise DataUnavailable(f"Calibration file {str(path)!r} must hold an N × 3 × H × W tensor.")
+    batch = batch.float()
+    if batch.shape[-2:] != (size, size):
+        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear",
+                                                align_corners=False, antialias=True)
+    return batch
+
+
 CALIBRATION_PHOTOS = Path(__file__).parent / "calibration_photos"  # licences in LICENSES.md
 
 
 def calibration_digest(folder: str | Path) -> str:
-    """A short content hash of a calibration folder, so its artifacts change when it does."""
+    """A short content hash of a calibration folder (or tensor file), so its artifacts change
+    when it does."""
     digest = hashlib.sha256()
+    if Path(folder).is_file():
+        return hashlib.sha256(Path(folder).read_bytes()).hexdigest()[:16]
     for path in sorted(Path(folder).iterdir()):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -141,9 +159,13 @@ def calibration_batch(size: int, folder: str | Path | None = None, *, seed: int 
 
     Activation ranges must come from real pixels (noise has none of their statistics). Without
     ``folder`` the six public-domain/CC0 photos shipped with leanvgg are used; a user folder is
-    read whole (every file must be an image), in name order.
+    read whole (every file must be an image), in name order. A file instead of a folder holds
+    an N × 3 × H × W tensor already normalised the way the model's inputs are (``torch.save``;
+    e.g. data that is not photos, like the digits benchmark's); it is resized to ``size``.
     """
     folder = Path(folder) if folder is not None else CALIBRATION_PHOTOS
+    if folder.is_file():
+        return _calibration_tensor(folder, size)
     if not folder.is_dir():
         raise DataUnavailable(f"Calibration folder {str(folder)!r} does not exist.")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".md"))

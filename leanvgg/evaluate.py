@@ -14,15 +14,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from tqdm.auto import tqdm
 
 from leanvgg.data import (DataUnavailable, cifar10, group_index_tensor, group_probabilities,
                           stratified_subset)
+from leanvgg.distributed import distributed_context
 from leanvgg.images import preprocess
-from leanvgg.store import Store
-from leanvgg.variants import REPORT, VariantSet
+from leanvgg.stats import wilson
+from leanvgg.store import EVALUATION, Store
+from leanvgg.variants import VariantSet
 
 
 class MappingError(ValueError):
@@ -47,13 +50,36 @@ class Labelled:
 
 
 @dataclass(frozen=True)
+class Counts:
+    """Images, and how many of them each measure got right, summed over every rank."""
+
+    images: int
+    top1: int
+    top3: int
+    agree: int  # images whose top-1 equals the reference's (the baseline's)
+
+
+@dataclass(frozen=True)
 class Accuracy:
+    """Accuracies with their 95 % Wilson intervals, and the sample they come from."""
+
     top1: float
     top3: float
-    agreement: float  # share of images where the top-1 equals the baseline's
+    agreement: float  # share of images where the top-1 equals the baseline's (paired)
     images: int
     artifact: str  # the weights evaluated; figures are shown only while they are current
     dataset: str
+    top1_ci: tuple[float, float] = (0.0, 1.0)
+    top3_ci: tuple[float, float] = (0.0, 1.0)
+    agreement_ci: tuple[float, float] = (0.0, 1.0)
+
+    @classmethod
+    def of(cls, counts: Counts, *, artifact: str, dataset: str) -> Accuracy:
+        n = counts.images
+        return cls(top1=counts.top1 / n, top3=counts.top3 / n, agreement=counts.agree / n,
+                   images=n, artifact=artifact, dataset=dataset,
+                   top1_ci=wilson(counts.top1, n), top3_ci=wilson(counts.top3, n),
+                   agreement_ci=wilson(counts.agree, n))
 
 
 def image_folder(root: str | Path, mapping: dict[str, list[int]] | None = None) -> Labelled:
@@ -120,32 +146,60 @@ def predict(model: torch.nn.Module, dataset: Dataset, membership: torch.Tensor, 
     return torch.cat(top1), torch.cat(topk), torch.cat(targets)
 
 
+def shard(dataset: Dataset) -> Dataset:
+    """This rank's share under torchrun: items rank, rank + N, rank + 2N … of ``dataset``.
+
+    Every item goes to exactly one rank and none is repeated, whatever the remainder (unlike
+    ``DistributedSampler``, which pads the last ranks with repeats so that shards are even,
+    which would count some images twice). In one process, the whole dataset.
+    """
+    rank, world_size = distributed_context()
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, range(rank, len(dataset), world_size))
+
+
+def count(model: torch.nn.Module, dataset: Dataset, membership: torch.Tensor, *,
+          reference: torch.Tensor | None = None, batch_size: int = 16, progress: bool = False,
+          desc: str = "evaluating") -> tuple[Counts, torch.Tensor]:
+    """``model``'s hits on this rank's shard of ``dataset``, summed over all ranks, and this
+    rank's top-1 groups (the ``reference`` of later calls: agreement is counted per image).
+    """
+    rank, world_size = distributed_context()
+    top1, topk, targets = predict(model, shard(dataset), membership, batch_size=batch_size,
+                                  progress=progress and rank == 0, desc=desc)
+    agree = top1 == reference if reference is not None else torch.ones_like(top1, dtype=bool)
+    totals = torch.tensor([len(targets), int((top1 == targets).sum()),
+                           int((topk == targets[:, None]).any(dim=1).sum()), int(agree.sum())],
+                          dtype=torch.int64)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return Counts(*(int(v) for v in totals)), top1
+
+
 def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 16,
              progress: bool = True) -> dict[str, Accuracy]:
-    """Top-1, top-3 and agreement with the baseline for every variant (baseline first)."""
+    """Top-1, top-3 and agreement with the baseline for every variant (baseline first), with
+    their intervals. Under torchrun each rank takes its shard and the counts are summed: every
+    rank returns the same figures."""
     if "baseline" not in variant_set.variants:
         raise ValueError("Evaluation needs the 'baseline' variant to measure agreement with it.")
     names = sorted(variant_set.variants, key=lambda n: n != "baseline")
-    baseline_top1 = None
+    reference = None
     results = {}
     for name in names:
         variant = variant_set.variants[name]
-        top1, topk, targets = predict(variant.model, labelled.dataset(variant.input_size),
-                                      labelled.membership, batch_size=batch_size,
-                                      progress=progress, desc=f"evaluating {name}")
-        if baseline_top1 is None:
-            baseline_top1 = top1
-        results[name] = Accuracy(
-            top1=float((top1 == targets).float().mean()),
-            top3=float((topk == targets[:, None]).any(dim=1).float().mean()),
-            agreement=float((top1 == baseline_top1).float().mean()),
-            images=len(targets), artifact=variant.artifact, dataset=labelled.name)
+        counts, top1 = count(variant.model, labelled.dataset(variant.input_size),
+                             labelled.membership, reference=reference, batch_size=batch_size,
+                             progress=progress, desc=f"evaluating {name}")
+        reference = top1 if reference is None else reference
+        results[name] = Accuracy.of(counts, artifact=variant.artifact, dataset=labelled.name)
     return results
 
 
 def save_report(store: Store, results: dict[str, Accuracy]) -> None:
     """Record the figures beside the cached variants (other variants' figures are kept);
     ``build_variants`` shows them while they describe the cached weights."""
-    merged = {**(store.load_json(REPORT) or {}),
+    merged = {**(store.load_json(EVALUATION) or {}),
               **{name: asdict(accuracy) for name, accuracy in results.items()}}
-    store.save_json(REPORT, merged)
+    store.save_json(EVALUATION, merged)

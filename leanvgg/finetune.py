@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -22,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
+
+from leanvgg.distributed import distributed_context
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ class FinetuneStats:
         return {"images": self.images, "epochs": self.epochs, "final_loss": self.final_loss,
                 "first_loss": self.first_loss, "seconds": self.seconds,
                 "world_size": self.world_size}
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

@@ -108,7 +108,9 @@ def _file_baseline(path: Path) -> Baseline:
 
 
 def layout_of(model: VGG) -> dict:
-    """The architecture of a (possibly pruned) VGG as JSON-able data, enough to rebuild it."""
+    """The architecture of a (possibly pruned or factorised) VGG as JSON-able data, enough to
+    rebuild it. ``ranks`` (only when some classifier Linear is factorised, see
+    ``leanvgg.lowrank``) maps a classifier position to its inner width."""
     cfg: list[int | str] = []
     batch_norm = False
     for module in model.features:
@@ -118,24 +120,32 @@ def layout_of(model: VGG) -> dict:
             cfg.append("M")
         elif isinstance(module, nn.BatchNorm2d):
             batch_norm = True
-    linears = [m for m in model.classifier if hasattr(m, "in_features")]
-    return {
-        "arch": "vgg",
-        "cfg": cfg,
-        "batch_norm": batch_norm,
-        "linear_features": [linears[0].in_features] + [m.out_features for m in linears],
-    }
+    dims: list[int] = []
+    ranks: dict[str, int] = {}
+    for position, module in enumerate(model.classifier):
+        halves = list(module) if isinstance(module, nn.Sequential) else [module]
+        if not hasattr(halves[0], "in_features"):
+            continue
+        if len(halves) == 2:
+            ranks[str(position)] = halves[0].out_features
+        dims = dims or [halves[0].in_features]
+        dims.append(halves[-1].out_features)
+    layout = {"arch": "vgg", "cfg": cfg, "batch_norm": batch_norm, "linear_features": dims}
+    return {**layout, "ranks": ranks} if ranks else layout
 
 
 def from_layout(layout: dict) -> VGG:
     """A zero-filled VGG with exactly the given layout, ready for ``load_state_dict``."""
     features = [int(c) if c != "M" else "M" for c in layout["cfg"]]
     dims = layout["linear_features"]
+    ranks = {int(k): int(v) for k, v in layout.get("ranks", {}).items()}
     with torch.device("meta"):  # skip initialising weights that are about to be overwritten
         model = VGG(make_layers(features, batch_norm=layout["batch_norm"]), num_classes=dims[-1],
                     init_weights=False)
         for position, (d_in, d_out) in zip((0, 3, 6), zip(dims, dims[1:])):
-            model.classifier[position] = nn.Linear(d_in, d_out)
+            rank = ranks.get(position)
+            model.classifier[position] = nn.Linear(d_in, d_out) if rank is None else (
+                nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out)))
     model.to_empty(device="cpu")
     with torch.no_grad():
         for tensor in model.state_dict().values():

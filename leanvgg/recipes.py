@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Protocol
 
 from torch import nn
 
 from leanvgg.data import calibration_batch, calibration_digest
-from leanvgg.prune import VGG19_DEEP_CONVS, prune_filters
+from leanvgg.lowrank import factorize_linear, retained_energy
+from leanvgg.prune import VGG19_DEEP_CONVS, VGG19_HIDDEN_LINEARS, prune_filters, prune_neurons
 from leanvgg.quantize import quantize_dynamic_int8, quantize_static_int8, static_int8_skeleton
 from leanvgg.runtime import to_bf16
 
@@ -58,6 +61,52 @@ class Prune:
 
 
 @dataclass(frozen=True)
+class PruneNeurons:
+    """Neuron pruning of the classifier's hidden Linears by L2 norm (the next layer follows)."""
+
+    automatic: ClassVar[bool] = True
+    ratio: float = 0.5
+    layers: tuple[int, ...] = VGG19_HIDDEN_LINEARS
+    multiple_of: int = 1
+
+    def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        pruned, report = prune_neurons(model, ratio=self.ratio, layers=self.layers,
+                                       multiple_of=self.multiple_of)
+        return pruned, {"neuron_pruning": [layer.to_dict() for layer in report],
+                        "fine_tuned": False}
+
+    def skeleton(self, model: nn.Module) -> nn.Module:
+        return model  # the stored layout has the pruned widths
+
+    def to_json(self) -> dict:
+        spec = {"op": "prune_neurons", "criterion": "l2_norm", "ratio": self.ratio,
+                "layers": list(self.layers)}
+        return spec if self.multiple_of == 1 else {**spec, "multiple_of": self.multiple_of}
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Truncated-SVD factorisation of ``classifier[layer]`` into two Linears of width ``rank``."""
+
+    automatic: ClassVar[bool] = True
+    rank: int = 256
+    layer: int = 0
+
+    def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        energy = retained_energy(model.classifier[self.layer], self.rank)
+        return factorize_linear(model, rank=self.rank, layer=self.layer), {
+            "low_rank": {"layer": self.layer, "rank": self.rank, "retained_energy": energy},
+            "fine_tuned": False}
+
+    def skeleton(self, model: nn.Module) -> nn.Module:
+        return model  # the stored layout records the factorised layer's rank
+
+    def to_json(self) -> dict:
+        return {"op": "low_rank", "method": "truncated_svd", "layer": self.layer,
+                "rank": self.rank}
+
+
+@dataclass(frozen=True)
 class QuantizeDynamicInt8:
     """Dynamic INT8 of every Linear layer; needs no calibration, so skeleton == apply."""
 
@@ -77,7 +126,8 @@ class QuantizeDynamicInt8:
 class QuantizeStaticInt8:
     """Static INT8 of convs and Linears (PT2E), calibrated on real photos at the input size.
 
-    ``calibration`` is a folder of images; None means the photos shipped with leanvgg.
+    ``calibration`` is a folder of images or a file of preprocessed tensors (see
+    ``data.calibration_batch``); None means the photos shipped with leanvgg.
     """
 
     automatic: ClassVar[bool] = True
@@ -99,7 +149,8 @@ class QuantizeStaticInt8:
     def to_json(self) -> dict:
         # v2: the views are taken from the centre square that decoding keeps (leanvgg.images)
         source = ("bundled-photos-v2" if self.calibration is None
-                  else f"folder-sha256:{calibration_digest(self.calibration)}")
+                  else f"{'folder' if Path(self.calibration).is_dir() else 'file'}-sha256:"
+                       f"{calibration_digest(self.calibration)}")
         return {"op": "quantize_static_int8", "backend": "torchao.pt2e x86_inductor",
                 "input_size": self.input_size, "calibration": source}
 
@@ -122,19 +173,30 @@ class CastBf16:
 
 @dataclass(frozen=True)
 class FineTune:
-    """Recovery training, produced by ``leanvgg finetune`` (see ``variants.finetune_variant``).
+    """Recovery training, made by a command of its own (``leanvgg finetune``, or ``leanvgg
+    tune`` for its candidates) and stored as this step's artifact.
 
-    Its key names no data or hyper-parameters: the artifact is the latest fine-tuning result,
-    and its manifest records how it was made.
+    Without ``data`` its key names no data or hyper-parameters: the artifact is the latest
+    ``leanvgg finetune`` result, and its manifest records how it was made. ``tune``'s candidates
+    name their data and settings, so each search's training is its own cache entry.
     """
 
     automatic: ClassVar[bool] = False
+    data: str | None = None
+    lr: float | None = None
+    epochs: int | None = None
+    seed: int = 0
+    input_size: int = 224  # the resolution it trains at
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         return model
 
     def to_json(self) -> dict:
-        return {"op": "finetune", "loss": "grouped-nll"}
+        spec = {"op": "finetune", "loss": "grouped-nll"}
+        if self.data is None:
+            return spec
+        return {**spec, "data": self.data, "lr": self.lr, "epochs": self.epochs,
+                "seed": self.seed, "input_size": self.input_size}
 
 
 def artifact_key(previous: str | None, step: dict | None = None, *,
@@ -155,6 +217,21 @@ class Recipe:
     needs_native_bf16: bool = False  # emulated bf16 is slower than FP32: opt-in elsewhere
 
 
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def precision_steps(precision: str, input_size: int = 224,
+                    calibration: str | None = None) -> tuple[Step, ...]:
+    """The steps that give a float model its precision; the only place this mapping exists."""
+    if precision == "int8":
+        return (QuantizeStaticInt8(input_size=input_size, calibration=calibration),)
+    if precision == "bf16":
+        return (CastBf16(),)
+    if precision == "fp32":
+        return ()
+    raise ValueError(f"Invalid precision {precision!r}. Choose from {', '.join(PRECISIONS)}.")
+
+
 # Kept filters rounded down to multiples of 16 (256→224, 512→448): whole kernel blocks.
 _TURBO_PRUNE = Prune(multiple_of=16)
 
@@ -171,31 +248,72 @@ RECIPES: dict[str, Recipe] = {
         Recipe("res160", "the baseline's weights fed 160×160 inputs", input_size=160,
                article=True),
         Recipe("int8_static", "static INT8 convs and Linears, calibrated on photos, compiled",
-               steps=(QuantizeStaticInt8(),), compiled=True),
+               steps=precision_steps("int8"), compiled=True),
         Recipe("bf16", "bf16 weights and activations, channels-last, compiled",
-               steps=(CastBf16(),), compiled=True, needs_native_bf16=True),
+               steps=precision_steps("bf16"), compiled=True, needs_native_bf16=True),
         Recipe("turbo", "pruned to 16-channel blocks (+ fine-tuning), static INT8, compiled",
-               steps=(_TURBO_PRUNE, FineTune(), QuantizeStaticInt8()), compiled=True),
+               steps=(_TURBO_PRUNE, FineTune(), *precision_steps("int8")), compiled=True),
         Recipe("turbo160", "turbo calibrated for and fed 160×160 inputs",
-               steps=(_TURBO_PRUNE, FineTune(), QuantizeStaticInt8(input_size=160)),
+               steps=(_TURBO_PRUNE, FineTune(), *precision_steps("int8", 160)),
                input_size=160, compiled=True),
     )
 }
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A point of ``leanvgg tune``'s search space; ``recipe`` turns it into steps."""
+
+    prune_ratio: float
+    precision: str  # fp32 | bf16 | int8
+    resolution: int
+    fine_tuned: bool = False
+    neuron_ratio: float = 0.0  # share of the classifier's hidden neurons removed
+    rank: int = 0  # classifier.0 factorised to this inner width (0: not factorised)
+
+    @property
+    def key(self) -> str:
+        return (f"prune{self.prune_ratio:g}-{self.precision}-{self.resolution}px"
+                + (f"-neurons{self.neuron_ratio:g}" if self.neuron_ratio else "")
+                + (f"-rank{self.rank}" if self.rank else "")
+                + ("-finetuned" if self.fine_tuned else ""))
+
+    @property
+    def compressed(self) -> bool:
+        """Whether anything is removed or factorised (and so could be recovered by training)."""
+        return bool(self.prune_ratio or self.neuron_ratio or self.rank)
+
+    def recipe(self, name: str, description: str, *, layers: Sequence[int],
+               multiple_of: int = 1, finetune: FineTune | None = None,
+               calibration: str | None = None) -> Recipe:
+        """Structure first (filters, neurons, rank), then recovery, then precision.
+
+        ``layers``: the convs pruned at ``prune_ratio`` (tune's sensitivity analysis picks
+        them); ``finetune``: the training that makes ``fine_tuned`` candidates.
+        """
+        steps: list[Step] = []
+        if self.prune_ratio > 0 and layers:
+            steps.append(Prune(ratio=self.prune_ratio, layers=tuple(layers),
+                               multiple_of=multiple_of))
+        if self.neuron_ratio > 0:
+            steps.append(PruneNeurons(ratio=self.neuron_ratio, multiple_of=multiple_of))
+        if self.rank:
+            steps.append(LowRank(rank=self.rank))
+        if self.fine_tuned:
+            if finetune is None:
+                raise ValueError(f"{self.key} is fine-tuned: say how (data, lr, epochs).")
+            steps.append(finetune)
+        steps += precision_steps(self.precision, self.resolution, calibration)
+        return Recipe(name, description, tuple(steps), input_size=self.resolution,
+                      compiled=self.precision != "fp32")
+
+
 def tuned_recipe(config: dict) -> Recipe:
-    """The recipe of a candidate chosen by ``leanvgg tune`` (see ``leanvgg.tune``)."""
-    chosen = config["candidate"]
-    steps: list[Step] = []
-    if chosen["prune_ratio"] > 0:
-        steps.append(Prune(ratio=chosen["prune_ratio"], layers=tuple(config["layers"]),
-                           multiple_of=config["multiple_of"]))
-        if chosen["fine_tuned"]:
-            steps.append(FineTune())
-    if chosen["precision"] == "int8":
-        steps.append(QuantizeStaticInt8(input_size=chosen["resolution"]))
-    elif chosen["precision"] == "bf16":
-        steps.append(CastBf16())
-    return Recipe("tuned", f"fastest within {config['max_drop']:g} accuracy points "
-                  f"({config['key']}), chosen by leanvgg tune", tuple(steps),
-                  input_size=chosen["resolution"], compiled=chosen["precision"] != "fp32")
+    """The recipe of the candidate ``leanvgg tune`` chose (``tune.tuned_config``): the very
+    recipe the search built and measured, so it names the same cache entries."""
+    candidate = Candidate(**config["candidate"])
+    return candidate.recipe(
+        "tuned", f"fastest within {config['max_drop']:g} accuracy points ({candidate.key}), "
+        "chosen by leanvgg tune", layers=config["layers"], multiple_of=config["multiple_of"],
+        finetune=FineTune(**config["finetune"]) if config.get("finetune") else None,
+        calibration=config.get("calibration"))

@@ -22,13 +22,12 @@ from leanvgg.images import DEFAULT_LIMITS, Batches, ImageLimits, check
 from leanvgg.measure import Latency, Profile, using_threads
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.runtime import machine_key
-from leanvgg.store import Store
-from leanvgg.tune import TUNE_REPORT, summarize
+from leanvgg.store import PROFILES, SEARCH, Store
+from leanvgg.tune_report import summarize
 from leanvgg.variants import Variant, VariantBuilder, VariantSet
 
 log = logging.getLogger(__name__)
 
-PROFILES = "profiles"  # the store document of latency profiles, per variant and machine
 # Uploads decoded at once: each costs up to ~250 MB at the limits (README, "Reliability"), and
 # comparisons run one at a time anyway. Decoding runs on its own thread(s), not the request's:
 # the allocator then reuses one decode's freed buffers for the next instead of keeping them in
@@ -262,7 +261,7 @@ class ComparisonService:
 
     def tune_report(self) -> dict | None:
         """The latest ``leanvgg tune`` search in this service's cache, summarized; None if none."""
-        state = (self.store or Store()).load_json(TUNE_REPORT)
+        state = (self.store or Store()).load_json(SEARCH)
         if state is None:
             return None
         try:

@@ -31,6 +31,14 @@ STALE_TEMP_SECONDS = 3600
 MANIFEST_FIELDS = {"key": str, "sha256": str, "bytes": int, "manifest_sha256": str}
 
 
+# The documents kept beside the artifacts (``<root>/<name>.report.json``), named here only.
+EVALUATION = "evaluation"  # ``leanvgg evaluate``'s latest figures, per variant and artifact
+TUNED = "tuned"  # ``leanvgg tune``'s latest choice, registered as the ``tuned`` variant
+SEARCH = "tune"  # ``leanvgg tune``'s latest search: every candidate (its resume file)
+PROFILES = "profiles"  # the server's latency profiles, per variant and machine
+SEARCH_PLOT = "tune.png"  # the latest search's Pareto plot
+
+
 class CacheError(Exception):
     """The cache folder cannot be trusted or used; the message says why and what to do."""
 
@@ -218,13 +226,17 @@ class Store:
             return None
         return content, manifest
 
+    def document(self, name: str) -> Path:
+        """Where the document ``name`` (EVALUATION, TUNED, SEARCH, PROFILES) lives."""
+        return self.root / f"{name}.report.json"
+
     def save_json(self, name: str, document: dict) -> None:
         """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""
-        write_atomic(self.root / f"{name}.report.json", json.dumps(document, indent=2).encode())
+        write_atomic(self.document(name), json.dumps(document, indent=2).encode())
 
     def load_json(self, name: str) -> dict | None:
         """The document saved under ``name``, or None when absent or unreadable (logged)."""
-        path = self.root / f"{name}.report.json"
+        path = self.document(name)
         if not path.exists():
             return None
         try:

@@ -7,8 +7,8 @@ from torch import nn
 
 from leanvgg.evaluate import (MappingError, evaluate, image_folder, load_mapping, save_report)
 from leanvgg.recipes import RECIPES
-from leanvgg.store import Store
-from leanvgg.variants import REPORT, Variant, VariantSet, build_variants
+from leanvgg.store import EVALUATION, Store
+from leanvgg.variants import Variant, VariantSet, build_variants
 from tiny import tiny_baseline
 
 COLOURS = {"red": ((255, 0, 0), 3), "green": ((0, 255, 0), 2), "blue": ((0, 0, 255), 1),
@@ -30,14 +30,19 @@ class ChannelVoter(nn.Module):
         return logits
 
 
+def write_colour_folder(root):
+    """7 solid-colour images in 4 class folders under root/set, and root/mapping.json."""
+    for name, (rgb, count) in COLOURS.items():
+        (root / "set" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (40, 40), rgb).save(root / "set" / name / f"{i}.png")
+    (root / "mapping.json").write_text(json.dumps(MAPPING))
+    return root
+
+
 @pytest.fixture
 def colour_folder(tmp_path):
-    for name, (rgb, count) in COLOURS.items():
-        (tmp_path / "set" / name).mkdir(parents=True)
-        for i in range(count):
-            Image.new("RGB", (40, 40), rgb).save(tmp_path / "set" / name / f"{i}.png")
-    (tmp_path / "mapping.json").write_text(json.dumps(MAPPING))
-    return tmp_path
+    return write_colour_folder(tmp_path)
 
 
 def test_accuracy_and_agreement_equal_the_hand_count(colour_folder):
@@ -64,14 +69,14 @@ def test_reports_reach_compare_only_for_the_weights_they_measured(colour_folder,
     labelled = image_folder(colour_folder / "set", MAPPING)
     save_report(store, evaluate(variant_set, labelled, progress=False))
     shown = build_variants(baseline, ["baseline", "quantized"], store=store, progress=False)
-    accuracy = shown.variants["quantized"].summary()["accuracy"]
+    accuracy = shown.variants["quantized"].summary().accuracy
     assert accuracy["images"] == 7 and accuracy["dataset"] == "set" and 0 <= accuracy["top1"] <= 1
-    stale = store.load_json(REPORT)
+    stale = store.load_json(EVALUATION)
     stale["quantized"]["artifact"] = "weights that are no longer cached"
-    store.save_json(REPORT, stale)
+    store.save_json(EVALUATION, stale)
     again = build_variants(baseline, ["baseline", "quantized"], store=store, progress=False)
-    assert again.variants["quantized"].summary()["accuracy"] is None
-    assert again.variants["baseline"].summary()["accuracy"]["images"] == 7
+    assert again.variants["quantized"].summary().accuracy is None
+    assert again.variants["baseline"].summary().accuracy["images"] == 7
 
 
 def test_bad_mappings_are_named(colour_folder):

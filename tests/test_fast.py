@@ -132,8 +132,8 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
         first, second = built.variants[name], again.variants[name]
         assert isinstance(first.model, runtime.Packaged)
         assert first.artifact == second.artifact
-        assert first.summary()["preparation_s"]["compile_s"] > 0
-        costs = second.summary()["preparation_s"]
+        assert first.summary().preparation_s["compile_s"] > 0
+        costs = second.summary().preparation_s
         assert costs["calibration_s"] > 0 and costs["load_s"] > 0
         assert "compile_s" not in costs  # the package came from the cache
         assert second.facts["macs"] == first.facts["macs"]
@@ -141,11 +141,11 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
         x = torch.nn.functional.interpolate(calibration[:2], size=(size, size))
         with torch.inference_mode():
             assert torch.equal(first.model(x), second.model(x)), name
-    turbo = built.variants["turbo"].summary()
-    assert turbo["article"] is False and built.variants["baseline"].summary()["article"] is True
-    assert turbo["macs"] < built.variants["int8_static"].summary()["macs"]
-    assert turbo["size_mb"] < built.variants["int8_static"].summary()["size_mb"]
-    assert built.variants["turbo160"].summary()["input_size"] == 160
+    turbo = built.variants["turbo"].summary().to_dict()
+    assert turbo["article"] is False and built.variants["baseline"].summary().article is True
+    assert turbo["macs"] < built.variants["int8_static"].summary().macs
+    assert turbo["size_mb"] < built.variants["int8_static"].summary().size_mb
+    assert built.variants["turbo160"].summary().input_size == 160
 
 
 def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, photo):
@@ -154,19 +154,19 @@ def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, ph
     script = textwrap.dedent("""
         import json, sys, time
         sys.path.insert(0, sys.argv[2])
-        from leanvgg import runtime, variants
+        from leanvgg import builder, runtime, variants
         from leanvgg.store import Store
         from tiny import tiny_baseline
 
         def refuse(*args, **kwargs):
             raise AssertionError("compiled again")
 
-        variants.package = runtime.package = refuse
+        builder.package = runtime.package = refuse
         start = time.perf_counter()
         built = variants.build_variants(tiny_baseline(), ["baseline", "int8_static"],
                                         store=Store(sys.argv[1]), progress=False)
         print(json.dumps({"seconds": time.perf_counter() - start,
-                          "costs": built.variants["int8_static"].summary()["preparation_s"]}))
+                          "costs": built.variants["int8_static"].summary().preparation_s}))
     """)
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path),
                              str(Path(__file__).parent)],

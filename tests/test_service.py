@@ -12,11 +12,12 @@ import pytest
 from torch import nn
 
 from conftest import encode, multipart, running
+from leanvgg import builder as builder_module
 from leanvgg import service as service_module
 from leanvgg import variants as variants_module
 from leanvgg.compare import Settings
-from leanvgg.service import PROFILES, ComparisonService
-from leanvgg.store import Store
+from leanvgg.service import ComparisonService
+from leanvgg.store import PROFILES, Store
 from leanvgg.variants import VariantSet, build_variants
 from leanvgg.web import create_app, make_server
 from tiny import tiny_baseline
@@ -58,7 +59,7 @@ def test_one_failing_variant_leaves_the_others_serving(tmp_path, monkeypatch, ph
         raise RuntimeError("no C++ compiler found (g++)")
 
     monkeypatch.setattr(service_module, "load_baseline", lambda weights: tiny_baseline())
-    monkeypatch.setattr(variants_module, "package", no_compiler)
+    monkeypatch.setattr(builder_module, "package", no_compiler)
     service = ComparisonService(names=["baseline", "res160", "int8_static"], settings=PROFILE,
                                 store=Store(tmp_path))
     service.start(background=False)

@@ -3,12 +3,17 @@
 import json
 
 import pytest
+import torch
 
-from leanvgg import tune
+from leanvgg import tune, tune_report
 from leanvgg.data import cifar10, group_index_tensor
 from leanvgg.evaluate import Labelled
-from leanvgg.tune import Candidate, Space, pareto_front, search
-from tiny import tiny_vgg, write_cifar
+from leanvgg.recipes import Candidate
+from leanvgg.stats import wilson
+from leanvgg.store import Store
+from leanvgg.tune import Space, search
+from leanvgg.tune_report import pareto_front
+from tiny import tiny_baseline, write_cifar
 
 SPACE = Space(resolutions=(64, 32), prune_ratios=(0.0, 0.5), precisions=("fp32", "int8"))
 FP32_SPACE = Space(resolutions=(64, 32), prune_ratios=(0.0, 0.5), precisions=("fp32",))
@@ -32,14 +37,16 @@ def searched(cifar_root, tmp_path_factory):
         import torchvision.datasets.cifar as tv_cifar
 
         patch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
-        report = tmp_path_factory.mktemp("tune") / "tune.json"
+        home = tmp_path_factory.mktemp("tune")
+        report = home / "tune.json"
         return _search(_validation(cifar_root), report), report
 
 
 def _search(validation, report, space=SPACE, **kwargs):
-    return search(tiny_vgg(dropout=False), validation, space=space, layers=LAYERS,
-                  multiple_of=1, runs=2, warmup=1, report=report, model_id="tiny",
-                  progress=False, **{"max_drop": 100.0, **kwargs})
+    return search(tiny_baseline(), validation, space=space, layers=LAYERS,
+                  multiple_of=1, runs=2, warmup=1, report=report,
+                  store=Store(report.parent / "cache"), progress=False,
+                  **{"max_drop": 100.0, **kwargs})
 
 
 def _dominates(a, b):
@@ -63,6 +70,14 @@ def test_a_candidate_is_skipped_when_a_safer_one_already_broke_the_budget():
     assert tune._skip_reason(Candidate(0.3, "int8", 192), done, base, 1.0) is None  # larger
     assert tune._skip_reason(Candidate(0.3, "fp32", 128), done, base, 1.0) is None  # other kind
     assert tune._skip_reason(Candidate(0.3, "int8", 128), done, base, 20.0) is None  # in budget
+    # classifier compression: more of it is dominated, less of it is not
+    done = {"failed": {**failed, "neuron_ratio": 0.5, "rank": 256}}
+    assert "dominated" in tune._skip_reason(Candidate(0.3, "int8", 128, neuron_ratio=0.75,
+                                                      rank=128), done, base, 1.0)
+    assert tune._skip_reason(Candidate(0.3, "int8", 128, neuron_ratio=0.5), done, base,
+                             1.0) is None  # not factorised: less compressed
+    assert tune._skip_reason(Candidate(0.3, "int8", 128, neuron_ratio=0.25, rank=128), done,
+                             base, 1.0) is None
 
 
 def test_search_front_and_choice(searched):
@@ -76,12 +91,18 @@ def test_search_front_and_choice(searched):
         if key not in result.front:
             assert any(_dominates(point, record) for point in front)
     # a 100-point budget admits everything: the choice is simply the fastest candidate
-    assert result.chosen == min(measured, key=lambda k: measured[k]["latency_ms"]["median"])
+    fastest = min(measured.values(), key=lambda r: r["latency_ms"]["median"])
+    assert tune_report.ties(measured[result.chosen], fastest)
     assert set(result.sensitivity) == {str(layer) for layer in LAYERS}
     int8 = measured["prune0-int8-64px"]
     assert int8["size_mb"] < 0.35 * measured["prune0-fp32-64px"]["size_mb"]
     assert measured["prune0.5-fp32-64px"]["macs"] < measured["prune0-fp32-64px"]["macs"]
-    summary = tune.summarize(json.loads(searched[1].read_text()))
+    for record in measured.values():  # every accuracy with its count and interval
+        low, high = record["accuracy_ci"]
+        assert record["images"] == 30 and low <= record["accuracy"] <= high
+        assert record["agreement_ci"][0] <= record["agreement"] <= record["agreement_ci"][1]
+    assert measured[SPACE.baseline.key]["agreement"] == 1.0
+    summary = tune_report.summarize(json.loads(searched[1].read_text()))
     assert summary["chosen"] == result.chosen and summary["front"] == result.front
 
 
@@ -89,12 +110,35 @@ def test_the_choice_respects_the_budget(searched):
     result, _ = searched
     base = result.baseline["accuracy"]
     for max_drop in (0.0, 5.0, 20.0):
-        key = tune._choose(result.candidates, tune._baseline_key(SPACE), max_drop)
+        key = tune_report.choose(result.candidates, SPACE.baseline.key, max_drop)
         chosen = result.candidates[key]
         assert 100 * (base - chosen["accuracy"]) <= max_drop
         faster = [r for r in result.candidates.values()
                   if r["latency_ms"]["median"] < chosen["latency_ms"]["median"]]
-        assert all(100 * (base - r["accuracy"]) > max_drop for r in faster)
+        # a faster candidate within the budget may only be a latency tie, and no more accurate
+        assert all(100 * (base - r["accuracy"]) > max_drop
+                   or (tune_report.ties(r, chosen) and r["accuracy"] <= chosen["accuracy"])
+                   for r in faster)
+
+
+def _record(ms, p10, p90, accuracy, size_mb, **candidate):
+    return {**{"prune_ratio": 0.0, "precision": "fp32", "resolution": 224, **candidate},
+            "accuracy": accuracy, "size_mb": size_mb,
+            "latency_ms": {"median": ms, "p10": p10, "p90": p90}}
+
+
+def test_latency_ties_are_broken_by_accuracy_then_size():
+    base = _record(100, 95, 105, 0.90, 500)
+    fast = _record(50, 48, 53, 0.85, 120, precision="int8")  # the fastest
+    tie = _record(52, 51, 56, 0.89, 100, precision="int8", resolution=192)  # overlaps: a tie
+    tie_smaller = _record(51, 49, 54, 0.89, 60, precision="int8", resolution=160)
+    slower = _record(60, 58, 62, 0.90, 90, precision="bf16")  # no overlap: slower
+    records = {"base": base, "fast": fast, "tie": tie, "small": tie_smaller, "slow": slower}
+    chosen = tune_report.choose(records, "base", max_drop=10.0)
+    assert chosen == "prune0-int8-160px"  # as accurate as the 192 px tie, and smaller
+    # out of the budget, the tie no longer counts; the fastest within it wins
+    assert tune_report.choose(records, "base", max_drop=3.0) == "prune0-int8-160px"
+    assert tune_report.choose(records, "base", max_drop=0.5) == "prune0-bf16-224px"
 
 
 def test_a_finished_search_measures_nothing_again(searched, cifar_root, monkeypatch,
@@ -149,18 +193,21 @@ def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
     monkeypatch.setattr(cli, "load_baseline", lambda weights, **_: tiny_baseline())
     args = ["tune", "--max-drop", "100", "--data", str(cifar_root), "--subset", "20",
             "--resolutions", "64,32", "--prune-ratios", "0,0.5", "--precisions", "fp32",
-            "--runs", "2", "--warmup", "0"]
+            "--neuron-ratios", "0", "--runs", "2", "--warmup", "0"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "← chosen" in out and "Registered" in out
+    assert "← chosen" in out and "Registered" in out and "95% CI" in out
     home = tmp_path / "home"
     assert (home / "tune.png").stat().st_size > 10_000 and (home / "tune.report.json").exists()
 
     variant_set = build_variants(tiny_baseline(), ["baseline", "tuned"], store=Store(home),
                                  progress=False)
     tuned = variant_set.variants["tuned"]
-    chosen = json.loads((home / "tuned.report.json").read_text())["candidate"]
+    config = json.loads((home / "tuned.report.json").read_text())
+    chosen = config["candidate"]
     assert tuned.input_size == chosen["resolution"] and "leanvgg tune" in tuned.recipe.description
+    record = json.loads((home / "tune.report.json").read_text())["candidates"][config["key"]]
+    assert tuned.artifact == record["artifact"] == config["artifact"]  # the entry measured
 
     service = ComparisonService(settings=Settings(runs=1, warmup=0), variant_set=variant_set,
                                 store=Store(home))
@@ -192,7 +239,7 @@ def test_a_report_made_with_other_settings_is_kept_aside_not_resumed(searched, c
     again = _search(_validation(cifar_root), fresh, max_drop=50.0)  # another budget
     assert len(calls) == len(result.candidates)  # every candidate measured anew
     assert again.max_drop == 50.0
-    kept = [p for p in fresh.parent.iterdir() if p != fresh]
+    kept = [p for p in fresh.parent.glob("*.report.json") if p != fresh]
     assert len(kept) == 1 and json.loads(kept[0].read_text())["candidates"] == result.candidates
     assert "other settings" in caplog.text
 
@@ -210,3 +257,53 @@ def test_a_report_with_wrong_fields_never_makes_the_api_fail(tmp_path, document)
     response = create_app(service, {"TESTING": True}).test_client().get("/api/tune")
     assert response.status_code == 200
     assert response.json["search"] is None and "unreadable" in response.json["message"]
+
+
+def test_the_tuned_variant_is_the_cache_entry_the_search_built_and_trained(
+        cifar_root, tmp_path, monkeypatch, tiny_cifar_files):
+    """No second build, no second fine-tune, no second compilation: the same entries."""
+    import dataclasses
+
+    from leanvgg import builder, recipes
+    from leanvgg.tune_report import tuned_config
+    from leanvgg.variants import build_variants, register_tuned
+
+    validation = _validation(cifar_root)
+    train = Labelled("tiny-train", lambda size: cifar10(cifar_root, train=True, size=size),
+                     group_index_tensor())
+    space = Space(resolutions=(32,), prune_ratios=(0.0, 0.5), precisions=("int8",))
+    report = tmp_path / "tune.report.json"
+    result = _search(validation, report, space, train=train, finetune_lr=1e-3)
+    key = "prune0.5-int8-32px-finetuned"
+    record = result.candidates[key]
+    assert record["fine_tuned"] and {"op": "finetune"}.items() <= record["steps"][1].items()
+    assert record["steps"][1]["data"] == "tiny-train"
+
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(tune, "finetune", rebuilt)
+    monkeypatch.setattr(builder, "package", rebuilt)
+    for step in (recipes.Prune, recipes.QuantizeStaticInt8):
+        monkeypatch.setattr(step, "apply", rebuilt)
+    store = Store(tmp_path / "cache")
+    baseline = tiny_baseline()
+    register_tuned(baseline, tuned_config(dataclasses.replace(result, chosen=key)), store)
+    tuned = build_variants(baseline, ["tuned"], store=store, progress=False).variants["tuned"]
+    assert tuned.artifact == record["artifact"] and tuned.facts["fine_tuned"] is True
+    assert tuned.facts["size_bytes"] / 2**20 == pytest.approx(record["size_mb"])
+    with torch.inference_mode():
+        assert tuned.model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_the_budget_warning_fires_when_the_subset_cannot_resolve_it(cifar_root, tmp_path,
+                                                                     tiny_cifar_files, caplog):
+    result = _search(_validation(cifar_root).subset(20), tmp_path / "tune.report.json",
+                     FP32_SPACE, max_drop=1.0, budget_s=0.0)
+    accuracy = json.loads((tmp_path / "tune.report.json").read_text())["reference_accuracy"]
+    low, high = wilson(round(accuracy * 20), 20)
+    assert len(result.warnings) == 1 and "--max-drop 1 is smaller" in result.warnings[0]
+    assert f"±{100 * (high - low) / 2:.1f}-point" in result.warnings[0]
+    assert "20 validation images" in caplog.text
+    assert tune._budget_warnings(100 * (high - low) / 2 + 0.01, accuracy, 20) == []
+    assert len(tune._budget_warnings(0.5, 0.9, 50_000)) == 0  # ImageNet's 50,000 resolve it

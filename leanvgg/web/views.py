@@ -102,7 +102,7 @@ def variants():
         row = {"name": state.name, "state": state.state, "reason": state.reason}
         if state.name in ready:
             profile = profiles.get(state.name)
-            row.update(ready[state.name].summary(),
+            row.update(ready[state.name].summary().to_dict(),
                        profile=profile.to_dict() if profile else None)
         rows.append(row)
     return jsonify(status=status["status"], error=status.get("error"), **service.weights_info(),

@@ -1,0 +1,288 @@
+"""Building models from recipes: reuse what is in memory or on disk, build only what is not.
+
+Every model leanvgg makes comes through here: the registered variants, ``tune``'s candidates
+and (later) exports. A recipe's steps chain cache keys (weights → step → step …), so two recipes
+that share their first steps share those artifacts, and a model measured by ``tune`` is the
+very cache entry the ``tuned`` variant loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torchvision.models import VGG
+
+from leanvgg.measure import count_macs, count_nonzero_params, count_params, state_dict_bytes
+from leanvgg.models import Baseline, from_layout, layout_of
+from leanvgg.recipes import Recipe, artifact_key
+from leanvgg.runtime import load_package, machine_key, package
+from leanvgg.store import Store
+
+log = logging.getLogger(__name__)
+
+PACKAGE_SUFFIX = ".pt2"
+
+
+@dataclass(frozen=True)
+class VariantFacts:
+    """A variant's static facts, as the CLI, the JSON API and the dashboard show them."""
+
+    name: str
+    description: str
+    input_size: int
+    size_mb: float
+    params: int  # non-zero
+    params_total: int
+    macs: int
+    fine_tuned: bool | None  # None: nothing was pruned, so there is nothing to recover
+    finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
+    accuracy: dict | None  # the latest evaluation of these very weights, when one exists
+    steps: list[dict]
+    article: bool  # one of the article's five variants
+    # one-off costs, apart from steady-state latency: calibration when it was built,
+    # compilation when its package was made, loading (incl. the first call) here
+    preparation_s: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A ready model with its recipe and the facts measured when it was built."""
+
+    recipe: Recipe
+    model: nn.Module
+    facts: dict  # as stored in the manifest: size_bytes, params, macs, pruning report, ...
+    artifact: str  # the cache key of its weights
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def input_size(self) -> int:
+        return self.recipe.input_size
+
+    def summary(self) -> VariantFacts:
+        return VariantFacts(
+            name=self.name,
+            description=self.recipe.description,
+            input_size=self.input_size,
+            size_mb=self.facts["size_bytes"] / 2**20,
+            params=self.facts["params"],
+            params_total=self.facts["params_total"],
+            macs=self.facts["macs"],
+            fine_tuned=self.facts.get("fine_tuned"),
+            finetune=self.facts.get("finetune"),
+            accuracy=self.facts.get("accuracy"),
+            steps=[step.to_json() for step in self.recipe.steps],
+            article=self.recipe.article,
+            preparation_s={k: self.facts[k] for k in ("calibration_s", "compile_s", "load_s")
+                           if k in self.facts},
+        )
+
+
+class Builder:
+    """Models after any number of a recipe's steps, from memory, the store, or built.
+
+    A compiled recipe's model is an AOTInductor package in the store, keyed by its weights'
+    key, its input size, torch's version and the CPU's features: once made, a later process
+    loads it (and its facts) without compiling anything or even loading the eager weights.
+    """
+
+    def __init__(self, baseline: Baseline, store: Store) -> None:
+        self.baseline = baseline
+        self.store = store
+        self.memo: dict[str, tuple[nn.Module, dict]] = {}
+
+    def variant(self, recipe: Recipe, on_state: Callable[[str], object] = lambda state: None
+                ) -> Variant:
+        """The ready variant; ``on_state`` hears "building" and, if it compiles, "compiling"."""
+        on_state("building")
+        if recipe.compiled:
+            model, facts, key = self._packaged(recipe, on_state)
+        else:
+            model, facts, key = self.artifact(recipe, len(recipe.steps))
+            facts = {**facts, "macs": count_macs(model, recipe.input_size)}
+        if "calibration" in facts:
+            facts["calibration_s"] = facts["calibration"]["seconds"]
+        return Variant(recipe, model, facts, key)
+
+    def key(self, recipe: Recipe, n_steps: int | None = None) -> str:
+        """The cache key ``artifact`` would give, without loading or building anything."""
+        n_steps = len(recipe.steps) if n_steps is None else n_steps
+        if n_steps == 0:
+            return artifact_key(None, weights_id=self.baseline.weights_id)
+        previous = self.key(recipe, n_steps - 1)
+        step = recipe.steps[n_steps - 1]
+        key = artifact_key(previous, step.to_json())
+        return key if step.automatic or key in self.memo or self.store.has(key) else previous
+
+    def artifact(self, recipe: Recipe, n_steps: int) -> tuple[nn.Module, dict, str]:
+        """The model after the recipe's first ``n_steps`` steps, its facts and its cache key.
+
+        A non-automatic step whose artifact is missing is skipped: its key stays the previous
+        one, so everything built on top of it is built on the model without it.
+        """
+        if n_steps == 0:
+            key = artifact_key(None, weights_id=self.baseline.weights_id)
+            if key not in self.memo:
+                model = self.baseline.model
+                self.memo[key] = model, {"size_bytes": state_dict_bytes(model),
+                                         **_param_facts(model)}
+            return (*self.memo[key], key)
+        previous, previous_facts, previous_key = self.artifact(recipe, n_steps - 1)
+        step = recipe.steps[n_steps - 1]
+        key = artifact_key(previous_key, step.to_json())
+        if key not in self.memo:
+            loaded = self._load(recipe, n_steps, key)
+            if loaded is None and not step.automatic:
+                return previous, previous_facts, previous_key
+            if loaded is None:
+                with self.store.lock(key):  # another process may be building it right now
+                    loaded = self._load(recipe, n_steps, key)
+                    if loaded is None:
+                        log.info("Building %s: %s", recipe.name, step.to_json())
+                        model, new_facts = step.apply(previous)
+                        loaded = self._save(recipe, n_steps, key, previous_key, model.eval(),
+                                            {**previous_facts, **new_facts},
+                                            _layout(model, previous))
+            self.memo[key] = loaded
+        return (*self.memo[key], key)
+
+    def make(self, recipe: Recipe, position: int,
+             produce: Callable[[nn.Module, dict], tuple[nn.Module, dict]], *,
+             replace: bool = False, write: bool = True) -> tuple[nn.Module, dict, str]:
+        """The artifact of the non-automatic step at ``position`` (fine-tuning), made by
+        ``produce(model before it, its facts) → (model, new facts)`` when missing (always,
+        with ``replace``) and stored (unless ``write`` is False: under torchrun only rank 0
+        writes). Returns the model, its facts and its key."""
+        model, facts, previous_key = self.artifact(recipe, position)
+        key = artifact_key(previous_key, recipe.steps[position].to_json())
+        if not replace:
+            found = self.memo.get(key) or self._load(recipe, position + 1, key)
+            if found is not None:
+                self.memo[key] = found
+                return (*found, key)
+        made, new_facts = produce(model, facts)
+        merged = {**facts, **new_facts}
+        if write:
+            self._save(recipe, position + 1, key, previous_key, made.eval(), merged,
+                       _layout(made, model))
+        else:
+            self.memo[key] = made.eval(), {**merged, **_param_facts(made)}
+        return (*self.memo[key], key)
+
+    def forget(self) -> None:
+        """Drop every model held in memory but the baseline (they reload from the store)."""
+        root = artifact_key(None, weights_id=self.baseline.weights_id)
+        self.memo = {k: v for k, v in self.memo.items() if k == root}
+
+    def _packaged(self, recipe: Recipe, on_state: Callable[[str], object]
+                  ) -> tuple[nn.Module, dict, str]:
+        key = self.key(recipe)
+        found = self._load_package(recipe, key)
+        if found is not None:
+            return found
+        model, facts, key = self.artifact(recipe, len(recipe.steps))
+        package_key = _package_key(key, recipe)
+        with self.store.lock(package_key):  # another process may be compiling it right now
+            found = self._load_package(recipe, key)
+            if found is not None:
+                return found
+            on_state("compiling")
+            log.info("Compiling %s (one-off, then kept in the cache)", recipe.name)
+            facts = {**facts, "macs": count_macs(model, recipe.input_size)}
+            start = time.perf_counter()
+            self.store.save_file(
+                package_key, PACKAGE_SUFFIX,
+                lambda path: package(model, recipe.input_size, path),
+                {"recipe": recipe.name, "artifact": key, "machine": machine_key(),
+                 "input_size": recipe.input_size, "facts": facts})
+            compile_s = time.perf_counter() - start
+        model, facts, key = self._load_package(recipe, key)
+        return model, {**facts, "compile_s": compile_s}, key
+
+    def _load_package(self, recipe: Recipe, key: str) -> tuple[nn.Module, dict, str] | None:
+        entry = self.store.load_file(_package_key(key, recipe), PACKAGE_SUFFIX,
+                                     validate=_check_package_manifest)
+        if entry is None:
+            return None
+        path, manifest = entry
+        start = time.perf_counter()
+        model = load_package(path, recipe.input_size)
+        with torch.inference_mode():  # the first call prepares kernels: not a request's cost
+            model(torch.zeros(1, 3, recipe.input_size, recipe.input_size))
+        log.info("Loaded %s's compiled package from the cache.", recipe.name)
+        return model, {**manifest["facts"], "load_s": time.perf_counter() - start}, key
+
+    def _load(self, recipe: Recipe, n_steps: int, key: str) -> tuple[nn.Module, dict] | None:
+        entry = self.store.load(key, validate=_check_manifest)
+        if entry is None:
+            return None
+        state_dict, manifest = entry
+        try:
+            model = from_layout(manifest["layout"])
+            for step in recipe.steps[:n_steps]:
+                model = step.skeleton(model)
+            # assign: the module keeps the memory-mapped tensors instead of copying them
+            model.load_state_dict(state_dict, assign=True)
+        except Exception as err:  # a layout that does not build, or weights that do not fit it
+            log.warning("Cache entry %s does not fit its layout (%s); rebuilding it.", key, err)
+            return None
+        log.info("Loaded %s (%d steps) from the cache.", recipe.name, n_steps)
+        return model.eval(), {**manifest["facts"], "size_bytes": manifest["bytes"]}
+
+    def _save(self, recipe: Recipe, n_steps: int, key: str, previous_key: str,
+              model: nn.Module, facts: dict, layout: dict) -> tuple[nn.Module, dict]:
+        """Store the result of step ``n_steps`` (applied on ``previous_key``) and remember it."""
+        facts = {**{k: v for k, v in facts.items() if k != "size_bytes"}, **_param_facts(model)}
+        manifest = self.store.save(key, model.state_dict(), {
+            "recipe": recipe.name,
+            "weights": self.baseline.weights_id,
+            "previous": previous_key,
+            "step": recipe.steps[n_steps - 1].to_json(),
+            "layout": layout,
+            "facts": facts,
+        })
+        self.memo[key] = model, {**facts, "size_bytes": manifest["bytes"]}
+        return self.memo[key]
+
+
+def _layout(model: nn.Module, previous: nn.Module) -> dict:
+    # wrapped results (INT8 graphs, bf16) keep their source VGG's layout
+    return layout_of(model if isinstance(model, VGG) else previous)
+
+
+def _package_key(key: str, recipe: Recipe) -> str:
+    return artifact_key(key, {"op": "aoti_package", "input_size": recipe.input_size,
+                              **machine_key()})
+
+
+def _check_manifest(manifest: dict) -> None:
+    """Raise if a manifest lacks what ``Builder._load`` reads (then the entry is rebuilt)."""
+    layout, facts = manifest.get("layout"), manifest.get("facts")
+    if not isinstance(facts, dict):
+        raise ValueError("the manifest lacks its 'facts'")
+    if not (isinstance(layout, dict) and isinstance(layout.get("cfg"), list)
+            and isinstance(layout.get("linear_features"), list)
+            and isinstance(layout.get("batch_norm"), bool)
+            and isinstance(layout.get("ranks", {}), dict)):
+        raise ValueError("the manifest lacks a valid 'layout'")
+
+
+def _check_package_manifest(manifest: dict) -> None:
+    facts = manifest.get("facts")
+    if not (isinstance(facts, dict) and all(isinstance(facts.get(k), int) for k in (
+            "size_bytes", "params", "params_total", "macs"))):
+        raise ValueError("the package's manifest lacks its facts")
+
+
+def _param_facts(model: nn.Module) -> dict:
+    return {"params": count_nonzero_params(model), "params_total": count_params(model)}
