@@ -101,18 +101,18 @@ def main() -> None:
 def classifier_table(candidates: dict[str, dict]) -> str:
     """What classifier compression buys and costs, INT8 and FP32 side by side (measured rows)."""
     rows = [r for r in candidates.values() if "accuracy" in r]
-    rows.sort(key=lambda r: (r["precision"], r["prune_ratio"], r["neuron_ratio"], -r["rank"]
-                             if r["rank"] else -10**9, r["fine_tuned"]))
+    rows.sort(key=lambda r: (r["precision"], r["prune_ratio"], r["neuron_ratio"],
+                             -r["rank"] if r["rank"] else -10**9, r["fine_tuned"]))
     header = (f"{'precision':<10}{'filters':>8}{'neurons':>8}{'rank':>6}{'tuned':>6}"
               f"{'size MB':>9}{'params M':>9}{'median ms':>10}{'accuracy (95% CI)':>24}")
     lines = [header, "-" * len(header)]
     for r in rows:
         low, high = r["accuracy_ci"]
+        accuracy = f"{r['accuracy']:.1%} ({100 * low:.1f}–{100 * high:.1f})"
         lines.append(f"{r['precision']:<10}{r['prune_ratio']:>8g}{r['neuron_ratio']:>8g}"
                      f"{r['rank'] or '-':>6}{'yes' if r['fine_tuned'] else 'no':>6}"
                      f"{r['size_mb']:>9.1f}{r['params'] / 1e6:>9.1f}"
-                     f"{r['latency_ms']['median']:>10.2f}"
-                     f"{f'{r['accuracy']:.1%} ({100 * low:.1f}–{100 * high:.1f})':>24}")
+                     f"{r['latency_ms']['median']:>10.2f}{accuracy:>24}")
     return "\n".join(lines)
 
 

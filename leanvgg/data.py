@@ -128,7 +128,8 @@ def _calibration_tensor(path: Path, size: int) -> torch.Tensor:
     try:
         batch = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a bad file; all mean the same
-        raise DataUnavailable(f"Calibration file {str(path)!r} is not a saved tensor ({err}).")
+        raise DataUnavailable(
+            f"Calibration file {str(path)!r} is not a saved tensor ({err}).") from None
     if not (isinstance(batch, torch.Tensor) and batch.dim() == 4 and batch.shape[1] == 3
             and len(batch) > 0):
         raise DataUnavailable(f"Calibration file {str(path)!r} must hold an N × 3 × H × W tensor.")

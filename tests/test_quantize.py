@@ -48,3 +48,25 @@ def test_outputs_stay_close_to_fp32(baseline, quantized, photo):
 def test_unknown_backend_is_named(baseline):
     with pytest.raises(ValueError, match="Only torch.ao, torchao are supported"):
         quantize_dynamic_int8(baseline.model, backend="fbgemm")
+
+
+def test_a_tensor_file_is_a_calibration_source_keyed_by_its_content(tmp_path):
+    from leanvgg.data import DataUnavailable, calibration_batch
+    from leanvgg.recipes import QuantizeStaticInt8
+
+    batch = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "calibration.pt"
+    torch.save(batch, path)
+    torch.testing.assert_close(calibration_batch(32, path), batch)
+    assert calibration_batch(64, path).shape == (4, 3, 64, 64)  # resized to the input size
+    key = QuantizeStaticInt8(input_size=32, calibration=str(path)).to_json()["calibration"]
+    assert key.startswith("file-sha256:")
+    torch.save(batch + 1, path)
+    assert QuantizeStaticInt8(input_size=32, calibration=str(path)).to_json()[
+        "calibration"] != key
+    (tmp_path / "bad.pt").write_bytes(b"not a tensor")
+    with pytest.raises(DataUnavailable, match="not a saved tensor"):
+        calibration_batch(32, tmp_path / "bad.pt")
+    torch.save(torch.zeros(3), tmp_path / "flat.pt")
+    with pytest.raises(DataUnavailable, match="N × 3 × H × W"):
+        calibration_batch(32, tmp_path / "flat.pt")
