@@ -189,8 +189,12 @@ function addRow(variant, best) {
         `measured ${Math.round(p.age_s)} s ago` : "this request's passes (no profile yet)";
     }
     if (col.show === fmt.pct && variant.accuracy) {
-      td.title = `${variant.accuracy.dataset}: top-3 ${fmt.pct(variant.accuracy.top3)}, ` +
-        `agrees with baseline ${fmt.pct(variant.accuracy.agreement)}`;
+      const a = variant.accuracy;
+      // 95 % Wilson intervals (absent from reports made before they were recorded)
+      const ci = (range) => (range ? ` (95 % CI ${fmt.pct(range[0])}–${fmt.pct(range[1])})` : "");
+      td.title = `${a.dataset}, ${a.images} images: top-1 ${fmt.pct(a.top1)}${ci(a.top1_ci)}, ` +
+        `top-3 ${fmt.pct(a.top3)}${ci(a.top3_ci)}, ` +
+        `agrees with baseline ${fmt.pct(a.agreement)}${ci(a.agreement_ci)}`;
     }
     if (col.get === oneOff && value !== null) {
       td.title = Object.entries(variant.preparation_s)
