@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import torch.distributed
@@ -214,6 +215,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="images, stratified by class (default 500)")
     ev.add_argument("--batch-size", type=_positive, default=16, help="batch size (default 16)")
 
+    cache = commands.add_parser(
+        "cache", help="list or clear the cached models ($LEANVGG_HOME)",
+        description="The cache holds every model leanvgg built (weights, and compiled packages "
+                    "for this CPU and torch): 'list' shows each entry, 'clear' deletes them. "
+                    "Reports (evaluation, tune's search and choice, latency profiles) are kept.")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every entry: variant, key, kind, size, age, built from")
+    clear = actions.add_parser("clear", help="delete entries (all, or only old ones)")
+    clear.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                       help="only entries last written more than DAYS days ago")
+
     srv = commands.add_parser(
         "serve", parents=[weights, timing], help="run the dashboard and JSON API",
         description="Serve the dashboard on a production WSGI server (waitress). The page "
@@ -247,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(levelname)s %(name)s: %(message)s")
     commands = {"compare": _compare, "build": _build, "finetune": _finetune,
-                 "evaluate": _evaluate, "tune": _tune, "serve": _serve}
+                 "evaluate": _evaluate, "tune": _tune, "serve": _serve, "cache": _cache}
     try:
         return commands[args.command](args)
     except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned,
@@ -392,6 +404,38 @@ def _tune(args: argparse.Namespace) -> int:
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    store = Store()
+    entries = store.entries()
+    if args.action == "list":
+        print(f"{'variant':<44}{'key':<22}{'kind':<9}{'MB':>9}{'age':>8}  built from")
+        for e in entries:
+            print(f"{e.recipe[:43]:<44}{e.key:<22}{e.kind:<9}{e.bytes / 2**20:>9.1f}"
+                  f"{_age(e.modified):>8}  {e.built_from}")
+        total = sum(e.bytes for e in entries) / 2**20
+        print(f"{len(entries)} entries, {total:.1f} MB in {store.root}")
+        return 0
+    if args.older_than is not None and args.older_than < 0:
+        print("leanvgg cache clear: error: --older-than must be at least 0 days", file=sys.stderr)
+        return 2
+    cutoff = None if args.older_than is None else time.time() - 86400 * args.older_than
+    doomed = [e for e in entries if cutoff is None or e.modified < cutoff]
+    for entry in doomed:
+        store.remove(entry)
+    print(f"Removed {len(doomed)} of {len(entries)} entries "
+          f"({sum(e.bytes for e in doomed) / 2**20:.1f} MB) from {store.root}; they are rebuilt "
+          "when needed (fine-tuned weights only by 'leanvgg finetune' or 'leanvgg tune').")
+    return 0
+
+
+def _age(modified: float) -> str:
+    seconds = max(0.0, time.time() - modified)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _serve(args: argparse.Namespace) -> int:

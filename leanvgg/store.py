@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,19 @@ TUNED = "tuned"  # ``leanvgg tune``'s latest choice, registered as the ``tuned``
 SEARCH = "tune"  # ``leanvgg tune``'s latest search: every candidate (its resume file)
 PROFILES = "profiles"  # the server's latency profiles, per variant and machine
 SEARCH_PLOT = "tune.png"  # the latest search's Pareto plot
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry as ``leanvgg cache list`` shows it."""
+
+    key: str
+    recipe: str  # the recipe that built it ("?" when the manifest is unreadable)
+    kind: str  # "weights" (a state dict) or "package" (compiled code)
+    bytes: int  # data and manifest together
+    modified: float  # when it was written (seconds since the epoch)
+    built_from: str  # the step applied and the entry it was applied to, or what was compiled
+    paths: tuple[Path, ...]
 
 
 class CacheError(Exception):
@@ -151,6 +165,38 @@ class Store:
         os.replace(manifest_tmp, manifest_path)
         return manifest
 
+    def entries(self) -> list[Entry]:
+        """Every entry (artifacts and compiled packages; not the documents), newest first."""
+        found = []
+        for manifest_path in self.root.glob("*.json"):
+            if manifest_path.name.endswith(".report.json"):
+                continue  # a document (evaluation, tuned choice, search, profiles)
+            key = manifest_path.stem
+            data = [p for p in self.root.glob(f"{key}.pt*") if p.suffix in (".pt", ".pt2")]
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                recipe = str(manifest.get("recipe", "?"))
+                if "step" in manifest:
+                    step = manifest["step"] or {}
+                    built_from = f"{step.get('op', '?')} on {str(manifest.get('previous'))[:8]}"
+                else:
+                    built_from = f"compiled from {str(manifest.get('artifact'))[:8]}"
+            except (OSError, ValueError, AttributeError):
+                recipe, built_from = "?", "unreadable manifest"
+            paths = (manifest_path, *data)
+            found.append(Entry(key, recipe,
+                               "package" if any(p.suffix == ".pt2" for p in data) else "weights",
+                               sum(_size(p) for p in paths), _mtime(manifest_path), built_from,
+                               paths))
+        return sorted(found, key=lambda e: -e.modified)
+
+    def remove(self, entry: Entry) -> None:
+        """Delete an entry, under its lock (never under a builder's feet). The empty lock file
+        stays: deleting it could let two processes hold two locks on one key."""
+        with self.lock(entry.key):
+            for path in entry.paths:
+                path.unlink(missing_ok=True)
+
     def sweep(self, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
         """Delete temporary files that killed writers left behind; returns what was removed."""
         removed = []
@@ -244,6 +290,20 @@ class Store:
         except (OSError, ValueError) as err:
             log.warning("Ignoring unreadable %s (%s).", path, err)
             return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def write_atomic(path: Path, data: bytes) -> None:
