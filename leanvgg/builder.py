@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -179,6 +180,12 @@ class Builder:
             self.memo[key] = made.eval(), {**merged, **_param_facts(made)}
         return (*self.memo[key], key)
 
+    def package_file(self, recipe: Recipe) -> Path | None:
+        """The cached, verified package of a compiled recipe on this machine, if made."""
+        entry = self.store.load_file(_package_key(self.key(recipe), recipe), PACKAGE_SUFFIX,
+                                     validate=_check_package_manifest)
+        return entry[0] if entry is not None else None
+
     def forget(self) -> None:
         """Drop every model held in memory but the baseline (they reload from the store)."""
         root = artifact_key(None, weights_id=self.baseline.weights_id)
@@ -253,6 +260,15 @@ class Builder:
         })
         self.memo[key] = model, {**facts, "size_bytes": manifest["bytes"]}
         return self.memo[key]
+
+
+def profile_key(variant: Variant, threads: int) -> str:
+    """Where a variant's latency profile is kept (store document PROFILES): it holds only for
+    these weights, this way of running them, this input size, thread count, torch and CPU."""
+    machine = machine_key()
+    return (f"{variant.name}|{variant.artifact}|compiled={variant.recipe.compiled}|"
+            f"{variant.input_size}px|threads={threads}|torch={machine['torch']}|"
+            f"cpu={machine['capability']}-{machine['cpu_flags']}")
 
 
 def _layout(model: nn.Module, previous: nn.Module) -> dict:

@@ -12,19 +12,22 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch.distributed
 
 from leanvgg.compare import ComparisonResult, Settings, compare
 from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
+from leanvgg.distributed import distributed_context
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
                               load_mapping, save_report)
-from leanvgg.distributed import distributed_context
+from leanvgg.export import FORMATS as EXPORT_FORMATS
+from leanvgg.export import ExportError, export
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
 from leanvgg.runtime import native_bf16
-from leanvgg.store import SEARCH, SEARCH_PLOT, TUNED, CacheError, Store
+from leanvgg.store import PROFILES, SEARCH, SEARCH_PLOT, TUNED, CacheError, Store
 from leanvgg.tune import Space, search
 from leanvgg.tune_report import format_front, plot_front, tuned_config
 from leanvgg.variants import NotTuned, build_variants, finetune_variant, register_tuned, resolve_names
@@ -84,6 +87,10 @@ def _variant_list(text: str) -> list[str]:
                              {**RECIPES, TUNED: None})
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _variant_name(text: str) -> str:
+    return _variant_list(text)[0]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -215,6 +222,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="images, stratified by class (default 500)")
     ev.add_argument("--batch-size", type=_positive, default=16, help="batch size (default 16)")
 
+    exp = commands.add_parser(
+        "export", parents=[weights_only, calibration],
+        help="write variants as files other programs run, each with a model.json",
+        description="Export VARIANT(s) into --out: the model file and VARIANT.model.json (exact "
+                    "preprocessing, recipe, kept filters, accuracy, latency profile, versions). "
+                    "pt2: an AOTInductor package, run with torch._inductor.aoti_load_package"
+                    "(path)(x) in a Python with the same torch and no leanvgg. Compiled variants "
+                    "export the very package leanvgg runs.")
+    exp.add_argument("variants", metavar="VARIANT", nargs="+", type=_variant_name,
+                     help=f"of {', '.join(RECIPES)}, {TUNED}")
+    exp.add_argument("--format", dest="formats", action="append", choices=EXPORT_FORMATS,
+                     default=None, help="format (repeatable; default pt2)")
+    exp.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
+
     cache = commands.add_parser(
         "cache", help="list or clear the cached models ($LEANVGG_HOME)",
         description="The cache holds every model leanvgg built (weights, and compiled packages "
@@ -259,11 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(levelname)s %(name)s: %(message)s")
     commands = {"compare": _compare, "build": _build, "finetune": _finetune,
-                 "evaluate": _evaluate, "tune": _tune, "serve": _serve, "cache": _cache}
+                 "evaluate": _evaluate, "tune": _tune, "serve": _serve, "cache": _cache,
+                "export": _export}
     try:
         return commands[args.command](args)
     except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned,
-            CacheError) as err:
+            CacheError, ExportError) as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -403,6 +425,26 @@ def _tune(args: argparse.Namespace) -> int:
             print(f"leanvgg: WARNING: {warning}", file=sys.stderr)
     if world_size > 1:
         torch.distributed.destroy_process_group()
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from leanvgg.builder import profile_key
+    from leanvgg.measure import Profile
+    from leanvgg.variants import VariantBuilder
+
+    store = Store()
+    builder = VariantBuilder(load_baseline(args.weights), store, args.calibration)
+    names = builder.resolve(dict.fromkeys(args.variants))
+    profiles = store.load_json(PROFILES) or {}
+    for name in names:
+        variant = builder.prepare(name)
+        stored = profiles.get(profile_key(variant, torch.get_num_threads()))
+        for fmt in args.formats or ["pt2"]:
+            done = export(variant, fmt, Path(args.out), builder=builder.builder,
+                          profile=Profile.from_dict(stored) if stored else None)
+            print(f"{name}: {done.path} ({done.path.stat().st_size / 2**20:.1f} MB), "
+                  f"{done.model_json}")
     return 0
 
 

@@ -238,8 +238,12 @@ def _transform(size: int):
 
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    """A 1×3×size×size batch: shorter side to round(size·256/224), centre crop, normalise."""
-    return _transform(size)(image).unsqueeze(0)
+    """A 1×3×size×size batch: shorter side to round(size·256/224), centre crop, normalise.
+
+    Contiguous: the preset's tensor is a channels-last view of the pixels, and compiled
+    (AOTInductor) models read their input as contiguous memory whatever its strides.
+    """
+    return _transform(size)(image).unsqueeze(0).contiguous()
 
 
 def _too_large(size: int, limits: ImageLimits) -> str:

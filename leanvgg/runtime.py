@@ -69,6 +69,9 @@ class Packaged(nn.Module):
         self.input_size = input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The compiled code indexes its input as contiguous NCHW memory and does not check
+        # strides: a channels-last view (what torchvision's preset returns) would be misread.
+        x = x.contiguous()
         if x.shape[0] == 1:
             return self.runner(x)
         return torch.cat([self.runner(row.unsqueeze(0)) for row in x])

@@ -21,9 +21,9 @@ from leanvgg.compare import ONE_PASS, Comparison, ComparisonResult, Settings, Va
 from leanvgg.images import DEFAULT_LIMITS, Batches, ImageLimits, check
 from leanvgg.measure import Latency, Profile, using_threads
 from leanvgg.models import Baseline, load_baseline
-from leanvgg.runtime import machine_key
 from leanvgg.store import PROFILES, SEARCH, Store
 from leanvgg.tune_report import summarize
+from leanvgg.builder import profile_key
 from leanvgg.variants import Variant, VariantBuilder, VariantSet
 
 log = logging.getLogger(__name__)
@@ -346,12 +346,6 @@ class ComparisonService:
 
     # --- latency profiles --------------------------------------------------------------------
 
-    def _profile_key(self, variant: Variant, threads: int) -> str:
-        machine = machine_key()
-        return (f"{variant.name}|{variant.artifact}|compiled={variant.recipe.compiled}|"
-                f"{variant.input_size}px|threads={threads}|torch={machine['torch']}|"
-                f"cpu={machine['capability']}-{machine['cpu_flags']}")
-
     def _threads_used(self) -> int:
         return self.settings.threads or torch.get_num_threads()
 
@@ -361,7 +355,7 @@ class ComparisonService:
 
     def _stored_profile(self, variant: Variant) -> Profile | None:
         data = self._stored_profiles.get(
-            self._profile_key(variant, self._threads_used()))
+            profile_key(variant, self._threads_used()))
         try:
             return Profile.from_dict(data) if data else None
         except (KeyError, TypeError, ValueError):
@@ -427,7 +421,7 @@ class ComparisonService:
         store = self._profile_store
         if store is not None:
             stored = store.load_json(PROFILES) or {}
-            stored.update({self._profile_key(variants[name], threads): p.to_dict()
+            stored.update({profile_key(variants[name], threads): p.to_dict()
                            for name, p in profiles.items()})
             store.save_json(PROFILES, stored)
             self._stored_profiles = stored
