@@ -17,10 +17,9 @@ def test_wilson_matches_the_formula_worked_by_hand():
     assert wilson(6, n) == pytest.approx((0.48687, 0.97432), abs=1e-5)
 
 
-def test_wilson_published_values_and_edges():
-    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)  # Wikipedia's example
-    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # never below 0
-    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)  # never above 1
+def test_wilson_closed_forms_and_edges():
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # z²/(n + z²): never below 0
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)  # n/(n + z²): never above 1
     assert wilson(0, 0) == (0.0, 1.0)  # no data: no knowledge
 
 
