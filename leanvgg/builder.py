@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from torchvision.models import VGG
 
-from leanvgg.measure import count_macs, count_nonzero_params, count_params, state_dict_bytes
+from leanvgg.distributed import barrier, distributed_context, rank_zero_first
+from leanvgg.finetune import finetune
+from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_params,
+                             state_dict_bytes)
 from leanvgg.models import Baseline, from_layout, layout_of
-from leanvgg.recipes import Recipe, artifact_key
+from leanvgg.recipes import FineTune, Recipe, artifact_key
 from leanvgg.runtime import load_package, machine_key, package
 from leanvgg.store import Store
 
@@ -186,6 +190,32 @@ class Builder:
                                      validate=_check_package_manifest)
         return entry[0] if entry is not None else None
 
+    def fine_tune(self, recipe: Recipe, dataset: Dataset, membership: torch.Tensor, *,
+                  replace: bool = False, **train) -> tuple[nn.Module, dict, str]:
+        """The artifact of the recipe's FineTune step: trained on ``dataset`` when missing
+        (always, with ``replace``), stored, returned with its facts and key.
+
+        Under torchrun rank 0 first builds the model training starts from (the others load it),
+        every rank trains (DistributedDataParallel), rank 0 stores the result, and all return
+        once it is stored.
+        """
+        position = next((i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune)),
+                        None)
+        if position is None:
+            raise ValueError(f"Invalid variant {recipe.name!r}: its recipe has no fine-tuning "
+                             "step.")
+        with rank_zero_first():
+            self.artifact(recipe, position)
+
+        def train_it(model: nn.Module, _facts: dict) -> tuple[nn.Module, dict]:
+            trained, stats = finetune(model, dataset, membership, **train)
+            return trained, {"fine_tuned": True, "finetune": stats.to_dict()}
+
+        made = self.make(recipe, position, train_it, replace=replace,
+                         write=distributed_context()[0] == 0)
+        barrier()
+        return made
+
     def forget(self) -> None:
         """Drop every model held in memory but the baseline (they reload from the store)."""
         root = artifact_key(None, weights_id=self.baseline.weights_id)
@@ -269,6 +299,16 @@ def profile_key(variant: Variant, threads: int) -> str:
     return (f"{variant.name}|{variant.artifact}|compiled={variant.recipe.compiled}|"
             f"{variant.input_size}px|threads={threads}|torch={machine['torch']}|"
             f"cpu={machine['capability']}-{machine['cpu_flags']}")
+
+
+def stored_profile(profiles: Mapping[str, dict], variant: Variant,
+                   threads: int) -> Profile | None:
+    """The variant's profile in the PROFILES document, if one holds here and is readable."""
+    data = profiles.get(profile_key(variant, threads))
+    try:
+        return Profile.from_dict(data) if data else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _layout(model: nn.Module, previous: nn.Module) -> dict:

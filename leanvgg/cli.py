@@ -429,8 +429,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from leanvgg.builder import profile_key
-    from leanvgg.measure import Profile
+    from leanvgg.builder import stored_profile
     from leanvgg.variants import VariantBuilder
 
     store = Store()
@@ -439,10 +438,10 @@ def _export(args: argparse.Namespace) -> int:
     profiles = store.load_json(PROFILES) or {}
     for name in names:
         variant = builder.prepare(name)
-        stored = profiles.get(profile_key(variant, torch.get_num_threads()))
+        profile = stored_profile(profiles, variant, torch.get_num_threads())
         for fmt in args.formats or ["pt2"]:
             done = export(variant, fmt, Path(args.out), builder=builder.builder,
-                          profile=Profile.from_dict(stored) if stored else None)
+                          profile=profile)
             print(f"{name}: {done.path} ({done.path.stat().st_size / 2**20:.1f} MB), "
                   f"{done.model_json}")
     return 0

@@ -19,8 +19,8 @@ import torchvision
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from leanvgg.builder import Builder, Variant
+from leanvgg.images import transform
 from leanvgg.measure import Profile, machine_facts
-from leanvgg.models import IMAGENET_WEIGHTS
 from leanvgg.runtime import machine_key, package
 from leanvgg.store import write_atomic
 
@@ -41,11 +41,12 @@ class Exported:
 
 
 def preprocessing(input_size: int) -> dict:
-    """The exact input pipeline leanvgg feeds its models (``images.preprocess``), as data."""
-    preset = IMAGENET_WEIGHTS.transforms()
-    return {"colour": "RGB", "resize_shorter_side": round(input_size * 256 / 224),
-            "interpolation": "bilinear", "antialias": True,
-            "centre_crop": [input_size, input_size], "scale": "pixels / 255",
+    """The exact input pipeline leanvgg feeds its models (``images.preprocess``), as data:
+    read from the very transform it applies."""
+    preset = transform(input_size)
+    return {"colour": "RGB", "resize_shorter_side": preset.resize_size[0],
+            "interpolation": preset.interpolation.value, "antialias": preset.antialias,
+            "centre_crop": [preset.crop_size[0]] * 2, "scale": "pixels / 255",
             "mean": list(preset.mean), "std": list(preset.std),
             "tensor": f"float32, N×3×{input_size}×{input_size} (NCHW)",
             # the compiled code reads its input as contiguous memory without checking strides:

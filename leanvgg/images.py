@@ -232,7 +232,7 @@ def _to_rgb(image: Image.Image, extrema: tuple | None = None) -> Image.Image:
 
 
 @lru_cache(maxsize=None)
-def _transform(size: int):
+def transform(size: int):
     # The weights' own preset (bilinear, antialiased, ImageNet mean/std) at any input size.
     return IMAGENET_WEIGHTS.transforms(crop_size=size, resize_size=round(size * 256 / 224))
 
@@ -243,7 +243,7 @@ def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     Contiguous: the preset's tensor is a channels-last view of the pixels, and compiled
     (AOTInductor) models read their input as contiguous memory whatever its strides.
     """
-    return _transform(size)(image).unsqueeze(0).contiguous()
+    return transform(size)(image).unsqueeze(0).contiguous()
 
 
 def _too_large(size: int, limits: ImageLimits) -> str:

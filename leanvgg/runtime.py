@@ -107,7 +107,7 @@ def load_package(path: Path, input_size: int) -> Packaged:
 
 def compile_for_cpu(model: nn.Module, input_size: int) -> tuple[Packaged, float]:
     """``model`` compiled (``package`` into a temporary file, then loaded) and the seconds that
-    took; for models that are measured once and not kept (``leanvgg tune``'s candidates)."""
+    took; for models that are measured once and not kept (the fidelity benchmark's)."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="leanvgg-aoti-") as folder:
         path = Path(folder) / "model.pt2"

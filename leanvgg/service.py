@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leanvgg.builder import profile_key, stored_profile
 from leanvgg.compare import ONE_PASS, Comparison, ComparisonResult, Settings, VariantResult
 from leanvgg.images import DEFAULT_LIMITS, Batches, ImageLimits, check
 from leanvgg.measure import Latency, Profile, using_threads
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import PROFILES, SEARCH, Store
 from leanvgg.tune_report import summarize
-from leanvgg.builder import profile_key
 from leanvgg.variants import Variant, VariantBuilder, VariantSet
 
 log = logging.getLogger(__name__)
@@ -354,12 +354,7 @@ class ComparisonService:
         self._stored_profiles = store.load_json(PROFILES) or {}
 
     def _stored_profile(self, variant: Variant) -> Profile | None:
-        data = self._stored_profiles.get(
-            profile_key(variant, self._threads_used()))
-        try:
-            return Profile.from_dict(data) if data else None
-        except (KeyError, TypeError, ValueError):
-            return None
+        return stored_profile(self._stored_profiles, variant, self._threads_used())
 
     def _stale(self, variant: Variant) -> bool:
         with self._lock:

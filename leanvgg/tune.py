@@ -29,9 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanvgg.builder import Builder, Variant
-from leanvgg.distributed import barrier, distributed_context, from_rank_zero, rank_zero_first
+from leanvgg.distributed import distributed_context, from_rank_zero, rank_zero_first
 from leanvgg.evaluate import Labelled, count
-from leanvgg.finetune import finetune
 from leanvgg.measure import Latency, time_models
 from leanvgg.models import Baseline
 from leanvgg.prune import VGG19_DEEP_CONVS, prune_filters
@@ -136,16 +135,15 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
     native = max(space.resolutions)
     spec = (FineTune(data=train.name, lr=finetune_lr, epochs=finetune_epochs, input_size=native)
             if train is not None else None)
+    training = asdict(spec) if spec else None
     settings = {**(settings or {}), "max_drop": max_drop, "runs": runs, "warmup": warmup,
-                "layers": list(layers), "multiple_of": multiple_of,
-                "finetune": asdict(spec) if spec else None,
+                "layers": list(layers), "multiple_of": multiple_of, "finetune": training,
                 "calibration": QuantizeStaticInt8(calibration=calibration).to_json()[
                     "calibration"]}
     model_id = f"{baseline.weights_id} on {validation.name}"
     state = from_rank_zero(lambda: _load(report, model_id, settings, space))
     state.update(multiple_of=multiple_of, max_drop=max_drop, calibration=calibration,
-                 finetune=asdict(spec) if spec else None,
-                 baseline_key=space.baseline.key)
+                 finetune=training, baseline_key=space.baseline.key)
     references: dict[str, torch.Tensor] = {}
 
     def reference() -> torch.Tensor:
@@ -261,21 +259,10 @@ def _measure(candidate: Candidate, recipe: Recipe, builder: Builder, validation:
              warmup: int) -> dict:
     """Build (and train) one candidate through the builder, then count and time it."""
     start = time.perf_counter()
-    if candidate.fine_tuned:
-        position = next(i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune))
-        with rank_zero_first():  # the structure it starts from, built once
-            builder.artifact(recipe, position)
-
-        def train_it(model: nn.Module, _facts: dict) -> tuple[nn.Module, dict]:
-            step = recipe.steps[position]
-            trained, stats = finetune(model, train.dataset(step.input_size),
-                                      train.membership, lr=step.lr, epochs=step.epochs,
-                                      seed=step.seed, progress=False)
-            return trained, {"fine_tuned": True, "finetune": stats.to_dict()}
-
-        # every rank trains (DistributedDataParallel under torchrun); rank 0 stores it
-        builder.make(recipe, position, train_it, write=distributed_context()[0] == 0)
-        barrier()
+    if candidate.fine_tuned:  # trained once per structure; later candidates load it
+        step = next(s for s in recipe.steps if isinstance(s, FineTune))
+        builder.fine_tune(recipe, train.dataset(step.input_size), train.membership, lr=step.lr,
+                          epochs=step.epochs, seed=step.seed, progress=False)
     with rank_zero_first():  # rank 0 builds and compiles; the others load what it stored
         variant = builder.variant(recipe)
     prepare_s = time.perf_counter() - start

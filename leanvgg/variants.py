@@ -14,10 +14,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from leanvgg.builder import Builder, Variant
-from leanvgg.distributed import distributed_context, rank_zero_first
-from leanvgg.finetune import finetune
+from leanvgg.distributed import rank_zero_first
 from leanvgg.models import Baseline
-from leanvgg.recipes import RECIPES, FineTune, QuantizeStaticInt8, Recipe, tuned_recipe
+from leanvgg.recipes import RECIPES, QuantizeStaticInt8, Recipe, tuned_recipe
 from leanvgg.runtime import native_bf16
 from leanvgg.store import EVALUATION, TUNED, Store
 
@@ -138,17 +137,6 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
     stored with it.
     """
     recipe = RECIPES[resolve_names([name])[0]]
-    position = next((i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune)), None)
-    if position is None:
-        raise ValueError(f"Invalid variant {name!r}: its recipe has no fine-tuning step.")
     builder = Builder(baseline, store if store is not None else Store())
-    with rank_zero_first():
-        builder.artifact(recipe, position)  # rank 0 builds what the training starts from
-
-    def train_it(model: nn.Module, _facts: dict) -> tuple[nn.Module, dict]:
-        trained, stats = finetune(model, dataset, membership, **train)
-        return trained, {"fine_tuned": True, "finetune": stats.to_dict()}
-
-    model, facts, _ = builder.make(recipe, position, train_it, replace=True,
-                                   write=distributed_context()[0] == 0)
+    model, facts, _ = builder.fine_tune(recipe, dataset, membership, replace=True, **train)
     return model, facts

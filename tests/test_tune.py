@@ -282,7 +282,7 @@ def test_the_tuned_variant_is_the_cache_entry_the_search_built_and_trained(
     def rebuilt(*args, **kwargs):
         raise AssertionError("built again")
 
-    monkeypatch.setattr(tune, "finetune", rebuilt)
+    monkeypatch.setattr(builder, "finetune", rebuilt)
     monkeypatch.setattr(builder, "package", rebuilt)
     for step in (recipes.Prune, recipes.QuantizeStaticInt8):
         monkeypatch.setattr(step, "apply", rebuilt)
