@@ -22,7 +22,9 @@ from leanvgg.distributed import distributed_context
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
                               load_mapping, save_report)
 from leanvgg.export import FORMATS as EXPORT_FORMATS
-from leanvgg.export import ExportError, export
+from leanvgg.export import ExportError, export, refusal
+from leanvgg.interop import MissingRuntime
+from leanvgg.portable import LoadError
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
@@ -228,8 +230,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Export VARIANT(s) into --out: the model file and VARIANT.model.json (exact "
                     "preprocessing, recipe, kept filters, accuracy, latency profile, versions). "
                     "pt2: an AOTInductor package, run with torch._inductor.aoti_load_package"
-                    "(path)(x) in a Python with the same torch and no leanvgg. Compiled variants "
-                    "export the very package leanvgg runs.")
+                    "(path)(x) in a Python with the same torch and no leanvgg (compiled variants "
+                    "export the very package leanvgg runs). onnx: for ONNX Runtime; openvino: "
+                    "IR (.xml + .bin); INT8 variants are quantized there by the runtime's own "
+                    "quantizer on the variant's calibration images (needs pip install "
+                    "'leanvgg[export]'). safetensors: plain tensors, leanvgg.load(path) "
+                    "rebuilds the model. A format that cannot hold a variant is refused, "
+                    "saying which can.")
     exp.add_argument("variants", metavar="VARIANT", nargs="+", type=_variant_name,
                      help=f"of {', '.join(RECIPES)}, {TUNED}")
     exp.add_argument("--format", dest="formats", action="append", choices=EXPORT_FORMATS,
@@ -285,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned,
-            CacheError, ExportError) as err:
+            CacheError, ExportError, MissingRuntime, LoadError) as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -435,14 +442,20 @@ def _export(args: argparse.Namespace) -> int:
     store = Store()
     builder = VariantBuilder(load_baseline(args.weights), store, args.calibration)
     names = builder.resolve(dict.fromkeys(args.variants))
+    formats = list(dict.fromkeys(args.formats or ["pt2"]))
+    for name in names:  # refuse before building or writing anything
+        for fmt in formats:
+            reason = refusal(builder.registry[name], fmt)
+            if reason:
+                raise ExportError(reason)
     profiles = store.load_json(PROFILES) or {}
     for name in names:
         variant = builder.prepare(name)
         profile = stored_profile(profiles, variant, torch.get_num_threads())
-        for fmt in args.formats or ["pt2"]:
+        for fmt in formats:
             done = export(variant, fmt, Path(args.out), builder=builder.builder,
                           profile=profile)
-            print(f"{name}: {done.path} ({done.path.stat().st_size / 2**20:.1f} MB), "
+            print(f"{name} as {fmt}: {done.path} ({done.size_bytes / 2**20:.1f} MB), "
                   f"{done.model_json}")
     return 0
 

@@ -3,29 +3,36 @@
 ``model.json`` says everything a deployer needs without leanvgg: how to feed the model (the exact
 preprocessing), what it is (recipe, steps, layout facts such as the kept filters), what was
 measured (accuracy with its interval, the latency profile on the exporting machine) and with
-which versions. Formats so far: ``pt2`` (an AOTInductor package: ``torch._inductor.
-aoti_load_package(path)(x)`` in any Python with the same torch, no leanvgg needed).
+which versions. Formats: ``pt2`` (an AOTInductor package: ``torch._inductor.aoti_load_package(path)(x)`` in
+any Python with the same torch, no leanvgg needed), ``onnx`` (ONNX Runtime), ``openvino`` (IR)
+and ``safetensors`` (plain tensors; ``leanvgg.load`` rebuilds the model).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+from torch import nn
 
 from leanvgg.builder import Builder, Variant
+from leanvgg.data import calibration_batch
 from leanvgg.images import transform
+from leanvgg.interop import openvino_model, write_onnx, write_openvino
 from leanvgg.measure import Profile, machine_facts
+from leanvgg.models import layout_of
+from leanvgg.portable import save as save_safetensors
+from leanvgg.recipes import CastBf16, QuantizeDynamicInt8, QuantizeStaticInt8, Recipe, Step
 from leanvgg.runtime import machine_key, package
 from leanvgg.store import write_atomic
 
-FORMATS = ("pt2",)
-MODEL_JSON_VERSION = 1
+FORMATS = ("pt2", "onnx", "openvino", "safetensors")
+MODEL_JSON_VERSION = 2
 
 
 class ExportError(ValueError):
@@ -36,8 +43,12 @@ class ExportError(ValueError):
 class Exported:
     variant: str
     format: str
-    path: Path  # the model file
+    path: Path  # the model file (OpenVINO: the .xml, its .bin beside it)
     model_json: Path
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in _files(self.path))
 
 
 def preprocessing(input_size: int) -> dict:
@@ -51,42 +62,169 @@ def preprocessing(input_size: int) -> dict:
             "tensor": f"float32, N×3×{input_size}×{input_size} (NCHW)",
             # the compiled code reads its input as contiguous memory without checking strides:
             # torchvision's transforms return a channels-last view, so call .contiguous()
-            "contiguous": True,
-            "batch": "1 per call (larger batches: one row at a time)"}
+            "contiguous": True}
+
+
+def refusal(recipe: Recipe, fmt: str) -> str | None:
+    """Why ``recipe``'s variant cannot be exported as ``fmt`` and what can be instead; None if
+    it can (known before anything is built)."""
+    if fmt not in FORMATS:
+        return f"Invalid format {fmt!r}. Formats: {', '.join(FORMATS)}."
+    precision = _precision_step(recipe)
+    name = recipe.name
+    if isinstance(precision, QuantizeDynamicInt8) and fmt != "safetensors":
+        return (f"{name} cannot be exported as {fmt}: torch.ao's packed dynamic INT8 "
+                "Linears go through neither torch.export nor ONNX/OpenVINO conversion. Export "
+                f"it as safetensors (leanvgg.load reads it), or export int8_static or turbo "
+                f"(static INT8) as {fmt}.")
+    if isinstance(precision, CastBf16) and fmt in ("onnx", "openvino"):
+        return (f"{name} cannot be exported as {fmt}: neither ONNX Runtime nor OpenVINO "
+                "takes a bf16 model on CPUs. Export it as pt2 or safetensors; or export "
+                "baseline as openvino: OpenVINO runs FP32 models in bf16 by itself on CPUs "
+                "with native bf16.")
+    return None
 
 
 def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
            profile: Profile | None = None) -> Exported:
-    """Write ``variant`` as ``fmt`` into the folder ``out`` (created), with ``model.json``."""
-    if fmt not in FORMATS:
-        raise ExportError(f"Invalid format {fmt!r}. Formats: {', '.join(FORMATS)}.")
-    if any(isinstance(m, DynamicLinear) for m in variant.model.modules()):
-        raise ExportError(
-            f"{variant.name} cannot be exported as {fmt}: torch.ao's packed dynamic INT8 "
-            "Linears do not go through torch.export. Export int8_static or turbo (static INT8, "
-            "exportable) or the FP32 variant it starts from instead.")
+    """Write ``variant`` as ``fmt`` into the folder ``out`` (created), and describe it in
+    ``VARIANT.model.json`` there (one file per variant; exports in other formats already
+    described there, of the same weights, stay listed)."""
+    reason = refusal(variant.recipe, fmt)
+    if reason:
+        raise ExportError(reason)
     out.mkdir(parents=True, exist_ok=True)
+    path, entry = _WRITERS[fmt](variant, out, builder)
+    model_json = out / f"{variant.name}.model.json"
+    formats = _described_formats(model_json, variant.artifact)
+    formats[fmt] = {"files": [p.name for p in _files(path)], **entry}
+    write_atomic(model_json, json.dumps(describe(variant, formats, profile), indent=2).encode())
+    for written in (*_files(path), model_json):
+        _readable(written)
+    return Exported(variant.name, fmt, path, model_json)
+
+
+def _readable(path: Path) -> None:
+    """The permissions an ordinary new file gets (atomic writes start private): exports are
+    made to be shipped."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _precision_step(recipe: Recipe) -> Step | None:
+    last = recipe.steps[-1] if recipe.steps else None
+    return last if isinstance(last, (QuantizeStaticInt8, QuantizeDynamicInt8, CastBf16)) else None
+
+
+def _float_model(variant: Variant, builder: Builder) -> nn.Module:
+    """The eager model before the precision step (all of the recipe's structure and training)."""
+    steps = len(variant.recipe.steps) - (_precision_step(variant.recipe) is not None)
+    return builder.artifact(variant.recipe, steps)[0]
+
+
+def _calibration(variant: Variant) -> torch.Tensor | None:
+    step = _precision_step(variant.recipe)
+    if not isinstance(step, QuantizeStaticInt8):
+        return None
+    return calibration_batch(step.input_size, step.calibration)
+
+
+def _int8_note(variant: Variant, runtime: str, calibration: torch.Tensor | None) -> dict:
+    if calibration is None:
+        return {"precision": "fp32"}
+    return {"precision": "int8",
+            "quantization": f"{runtime} on leanvgg's float weights, calibrated on the "
+                            f"variant's {len(calibration)} calibration images: a separate "
+                            "quantization from leanvgg's own (see README, Export)"}
+
+
+def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.pt2"
     cached = builder.package_file(variant.recipe) if variant.recipe.compiled else None
     if cached is not None:
         shutil.copyfile(cached, path)  # the very code leanvgg runs
     else:
-        package(variant.model, variant.input_size, path)
-    model_json = out / f"{variant.name}.model.json"
-    write_atomic(model_json, json.dumps(describe(variant, path, profile), indent=2).encode())
-    return Exported(variant.name, fmt, path, model_json)
+        eager = (builder.artifact(variant.recipe, len(variant.recipe.steps))[0]
+                 if variant.recipe.compiled else variant.model)
+        package(eager, variant.input_size, path)
+    return path, {"run": f"torch._inductor.aoti_load_package({path.name!r})(x)",
+                  "batch": "1 per call (larger batches: one row at a time)",
+                  "precision": _precision_name(variant),
+                  "needs": f"torch=={torch.__version__} on a CPU with the same features"}
 
 
-def describe(variant: Variant, path: Path, profile: Profile | None) -> dict:
+def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
+    path = out / f"{variant.name}.onnx"
+    calibration = _calibration(variant)
+    write_onnx(_float_model(variant, builder), variant.input_size, path,
+               calibration=calibration)
+    return path, {"run": f"onnxruntime.InferenceSession({path.name!r}).run(None, "
+                         "{'input': x.numpy()})[0]", "batch": "any",
+                  **_int8_note(variant, "ONNX Runtime's quantize_static (QDQ, INT8 weights "
+                               "per output channel, UINT8 activations, MinMax)", calibration)}
+
+
+def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
+    path = out / f"{variant.name}.xml"
+    calibration = _calibration(variant)
+    write_openvino(openvino_model(_float_model(variant, builder), variant.input_size,
+                                  calibration=calibration), path)
+    # OpenVINO runs FP32 models in bf16 on CPUs with native bf16 unless told not to
+    hint = "" if calibration is not None else ", {'INFERENCE_PRECISION_HINT': 'f32'}"
+    return path, {"run": f"openvino.Core().compile_model({path.name!r}, 'CPU'{hint})"
+                         "(x.numpy())[0]", "batch": "any",
+                  **_int8_note(variant, "NNCF's post-training quantization", calibration)}
+
+
+def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
+    path = out / f"{variant.name}.safetensors"
+    model = builder.artifact(variant.recipe, len(variant.recipe.steps))[0]
+    facts = variant.facts
+    save_safetensors(model, path, spec={
+        "variant": variant.name, "input_size": variant.input_size,
+        "layout": layout_of(_float_model(variant, builder)),
+        "steps": [step.to_json() for step in variant.recipe.steps],
+        "kept": {k: facts[k] for k in ("pruning", "neuron_pruning") if facts.get(k)},
+        "artifact": variant.artifact})
+    return path, {"run": f"leanvgg.load({path.name!r})(x)", "batch": "any",
+                  "precision": _precision_name(variant),
+                  "note": "plain tensors (no pickles); the metadata rebuilds the model"}
+
+
+def _precision_name(variant: Variant) -> str:
+    step = _precision_step(variant.recipe)
+    return {QuantizeStaticInt8: "int8 (static)", QuantizeDynamicInt8: "int8 (dynamic, Linears)",
+            CastBf16: "bf16"}.get(type(step), "fp32")
+
+
+_WRITERS = {"pt2": _pt2, "onnx": _onnx, "openvino": _openvino, "safetensors": _safetensors}
+
+
+def _files(path: Path) -> list[Path]:
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def _described_formats(model_json: Path, artifact: str) -> dict:
+    """The formats an earlier export of these same weights described, whose files remain."""
+    try:
+        old = json.loads(model_json.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("artifact") != artifact or not isinstance(old.get("formats"), dict):
+        return {}
+    return {fmt: entry for fmt, entry in old["formats"].items()
+            if all((model_json.parent / name).exists() for name in entry.get("files", []))}
+
+
+def describe(variant: Variant, formats: dict, profile: Profile | None) -> dict:
     """``model.json``: how to feed it, what it is, what was measured, with which versions."""
     facts = variant.facts
     return {
         "model_json_version": MODEL_JSON_VERSION,
         "variant": variant.name,
         "description": variant.recipe.description,
-        "file": path.name,
-        "format": "pt2",
-        "run": f"torch._inductor.aoti_load_package({path.name!r})(x)",
+        "formats": formats,
         "input_size": variant.input_size,
         "preprocessing": preprocessing(variant.input_size),
         "output": "logits, N×1000 (ImageNet-1k classes in torchvision's order)",

@@ -199,6 +199,27 @@ class FineTune:
                 "seed": self.seed, "input_size": self.input_size}
 
 
+def skeleton_step(spec: dict) -> Step:
+    """A step rebuilt from its ``to_json()``, enough for its ``skeleton`` (the module structure
+    it produces): how an export is loaded without the data or files that made it."""
+    op = spec.get("op")
+    if op == "prune":
+        return Prune(spec["ratio"], tuple(spec["layers"]), spec.get("multiple_of", 1))
+    if op == "prune_neurons":
+        return PruneNeurons(spec["ratio"], tuple(spec["layers"]), spec.get("multiple_of", 1))
+    if op == "low_rank":
+        return LowRank(spec["rank"], spec["layer"])
+    if op == "quantize_dynamic_int8":
+        return QuantizeDynamicInt8()
+    if op == "quantize_static_int8":
+        return QuantizeStaticInt8(input_size=spec["input_size"])
+    if op == "cast":
+        return CastBf16()
+    if op == "finetune":
+        return FineTune()
+    raise ValueError(f"Invalid step {spec!r}: not one leanvgg makes.")
+
+
 def artifact_key(previous: str | None, step: dict | None = None, *,
                  weights_id: str | None = None) -> str:
     """Chained keys: the weights' key, then one key per step applied on top of the previous."""

@@ -1,0 +1,118 @@
+"""A float model in other runtimes' formats: ONNX (for ONNX Runtime) and OpenVINO IR.
+
+INT8 is made by each runtime's own post-training quantizer (ONNX Runtime's ``quantize_static``
+as QDQ with per-channel weights; OpenVINO's NNCF), calibrated on the very images leanvgg's
+static INT8 uses: neither runtime can take torch's INT8 graph as it is, so these are separate
+quantizations of the same float weights, and agree with leanvgg's as closely as measured in
+``tests/test_export.py``. The runtimes are the optional extra ``leanvgg[export]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import nn
+
+EXTRA = "export"
+INPUT, OUTPUT = "input", "logits"
+
+
+class MissingRuntime(ImportError):
+    """An optional runtime is not installed; the message says which extra installs it."""
+
+
+def require(module: str) -> ModuleType:
+    """``import module``, or a MissingRuntime naming the extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingRuntime(
+            f"{module} is not installed: it comes with leanvgg's '{EXTRA}' extra "
+            f"(pip install 'leanvgg[{EXTRA}]', or from a clone: pip install -e '.[{EXTRA}]')."
+        ) from None
+
+
+def write_onnx(model: nn.Module, input_size: int, path: Path, *,
+               calibration: torch.Tensor | None = None) -> None:
+    """``model`` as ONNX (any batch size) at ``path``; with ``calibration`` (N×3×H×W,
+    preprocessed) static INT8 QDQ: weights INT8 per output channel, activations UINT8."""
+    require("onnx")
+    if calibration is None:
+        _export_onnx(model, input_size, path)
+        return
+    quantization = require("onnxruntime.quantization")
+    with tempfile.TemporaryDirectory(prefix="leanvgg-onnx-") as folder:
+        fp32 = Path(folder) / "fp32.onnx"
+        _export_onnx(model, input_size, fp32)
+
+        class Reader(quantization.CalibrationDataReader):
+            def __init__(self) -> None:
+                self.rows = iter(calibration.split(1))
+
+            def get_next(self) -> dict | None:
+                row = next(self.rows, None)
+                return None if row is None else {INPUT: row.contiguous().numpy()}
+
+        quantization.quantize_static(
+            str(fp32), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True, activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8)
+
+
+def _export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
+    example = torch.zeros(1, 3, input_size, input_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript exporter's deprecation notice
+        # The TorchScript exporter: the dynamo one needs onnxscript rewrites that change
+        # between releases, and VGG has nothing it cannot trace.
+        torch.onnx.export(model.eval(), (example,), str(path), input_names=[INPUT],
+                          output_names=[OUTPUT], opset_version=17, dynamo=False,
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+
+
+def openvino_model(model: nn.Module, input_size: int, *,
+                   calibration: torch.Tensor | None = None):
+    """``model`` converted to an OpenVINO model (any batch size); with ``calibration``,
+    INT8 through NNCF's post-training quantization on those images."""
+    ov = require("openvino")
+    converted = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, input_size,
+                                                                         input_size),
+                                 input=[(-1, 3, input_size, input_size)])
+    if calibration is None:
+        return converted
+    nncf = require("nncf")
+    dataset = nncf.Dataset([row.contiguous().numpy() for row in calibration.split(1)])
+    return nncf.quantize(converted, dataset, subset_size=len(calibration))
+
+
+def write_openvino(ov_model, path: Path) -> None:
+    """IR at ``path`` (.xml) and its .bin, weights kept at their precision (OpenVINO would
+    otherwise halve FP32 weights to FP16 on saving)."""
+    require("openvino").save_model(ov_model, str(path), compress_to_fp16=False)
+
+
+def onnxruntime_runner(path: Path, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function from an N×3×H×W batch to logits, running the ONNX file with ``threads``."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, {INPUT: batch.contiguous().numpy()})[0]
+
+
+def openvino_runner(ov_model, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function from an N×3×H×W batch to logits, running ``ov_model`` (or an .xml path)
+    on the CPU with ``threads``, tuned for latency."""
+    ov = require("openvino")
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                         "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return lambda batch: request.infer({0: batch.contiguous().numpy()})[0]
