@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,export]'
 	touch $(STAMP)
 
 IMAGE ?= $(shell $(BIN)/python -c 'import importlib.resources as r; print(r.files("skimage.data") / "chelsea.png")' 2>/dev/null)
@@ -42,7 +42,7 @@ bench-load: $(STAMP)
 
 # leanvgg's variants against OpenVINO, ONNX Runtime and torch.compile bf16, in one run.
 bench-peers: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench,peers]'
+	$(BIN)/pip install --quiet -e '.[test,bench,export]'
 	$(BIN)/python benchmarks/peers.py $(ARGS)
 
 # Accuracy, top-1 agreement and logit error of the fast variants against FP32.

@@ -15,7 +15,6 @@ later runs with the same epochs and seed.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
+from leanvgg import schema
 from leanvgg.finetune import finetune
-from leanvgg.measure import machine_facts
 from leanvgg.models import from_layout, layout_of
 from leanvgg.prune import prune_filters
 from leanvgg.quantize import quantize_dynamic_int8
@@ -122,12 +121,13 @@ def main() -> None:
                                                                   test)
             rows["pruned_quantized (10 %, not fine-tuned)"] = accuracy(
                 quantize_dynamic_int8(pruned), test)
-    report = {"train_images": len(train), "test_images": len(test), "input_size": SIZE,
-              "training": training, "finetune_lr": args.finetune_lr, "accuracy": rows,
-              "pruning": pruning, "machine": machine_facts(torch.get_num_threads())}
-    RESULTS.mkdir(exist_ok=True)
+    report = schema.document(
+        "benchmark/accuracy_digits", [{"name": n, "accuracy": v} for n, v in rows.items()],
+        config={"train_images": len(train), "test_images": len(test), "input_size": SIZE,
+                "training": training, "finetune_lr": args.finetune_lr},
+        threads=torch.get_num_threads(), pruning=pruning)
     name = "accuracy_digits" + ("" if args.finetune_lr == 1e-4 else f"_lr{args.finetune_lr:g}")
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    schema.write(RESULTS / f"{name}.json", report)
     plot(report, RESULTS / f"{name}.png")
 
     print(f"held-out accuracy on {len(test)} real digits (trained on {len(train)}):")

@@ -103,24 +103,21 @@ def main() -> None:
 
     import torch
 
-    from leanvgg.measure import machine_facts
-    from leanvgg.runtime import cpu_flags
+    from leanvgg import schema
 
-    report = {"benchmark": "compile_cache", "variant": args.variant,
-              "weights": "random (timings real)"}
+    phases = []
     with tempfile.TemporaryDirectory(prefix="leanvgg-compile-") as folder:
         for phase in ("aoti-make", "aoti-load", "compile-save", "compile-load"):
             result = subprocess.run([sys.executable, "-c", _CHILD, folder, args.variant, phase],
                                     capture_output=True, text=True, timeout=1800)
             if result.returncode != 0:
                 raise SystemExit(result.stderr[-3000:])
-            report[phase] = json.loads(result.stdout.strip().splitlines()[-1])
-            print(phase, report[phase], flush=True)
-    report["machine"] = {**machine_facts(torch.get_num_threads()),
-                         "cpu_flags": sorted(f for f in cpu_flags()
-                                             if f.startswith(("avx", "amx")))}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compile_cache.json").write_text(json.dumps(report, indent=2))
+            phases.append({"name": phase, **json.loads(result.stdout.strip().splitlines()[-1])})
+            print(phase, phases[-1], flush=True)
+    schema.write(RESULTS / "compile_cache.json", schema.document(
+        "benchmark/compile_cache", phases,
+        config={"variant": args.variant, "weights": "random (timings real)"},
+        threads=torch.get_num_threads()))
     print(f"saved {RESULTS / 'compile_cache.json'}")
 
 

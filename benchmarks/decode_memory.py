@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from leanvgg import schema
+
 RESULTS = Path(__file__).parent / "results"
 
 _CHILD = r"""
@@ -56,12 +60,13 @@ def main() -> None:
     for kind in IMAGES:
         result = subprocess.run([sys.executable, "-c", _CHILD, kind], capture_output=True,
                                 text=True, check=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        row = rows[-1]
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append({"name": row.pop("image"), **row})
         print(f"{kind:<24}{row['file_mb']:>7.2f} MB file  {row['size'][0]}×{row['size'][1]} → "
               f"{row['kept'][0]}² kept  {row['seconds']:.2f} s  peak +{row['peak_growth_mb']:.0f} MB")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode_memory.json").write_text(json.dumps(rows, indent=2))
+    schema.write(RESULTS / "decode_memory.json", schema.document(
+        "benchmark/decode_memory", rows, config={"images": list(IMAGES)},
+        threads=torch.get_num_threads()))
 
 
 if __name__ == "__main__":

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
-import json
 from pathlib import Path
 
 import torch
 from accuracy_digits import digits, trained_vgg19
 from PIL import Image
 
+from leanvgg import schema
 from leanvgg.finetune import finetune
 from leanvgg.images import preprocess
-from leanvgg.measure import machine_facts
 from leanvgg.models import load_baseline
 from leanvgg.prune import prune_filters
 from leanvgg.quantize import quantize_static_int8
@@ -106,14 +105,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", default="random")
     args = parser.parse_args()
-    report = {"digits": digits_fidelity(args.epochs, args.seed),
-              "photos": photo_fidelity(args.weights),
-              "machine": machine_facts(torch.get_num_threads())}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
-    for part in ("digits", "photos"):
+    parts = {"digits": digits_fidelity(args.epochs, args.seed),
+             "photos": photo_fidelity(args.weights)}
+    report = schema.document(
+        "benchmark/fidelity",
+        [{"name": f"{part}/{name}", "data": part, **row}
+         for part, found in parts.items() for name, row in found.pop("rows").items()],
+        config={"epochs": args.epochs, "seed": args.seed, **parts},
+        threads=torch.get_num_threads())
+    schema.write(RESULTS / "fidelity.json", report)
+    for part in parts:
         print(f"\n{part}:")
-        for name, row in report[part]["rows"].items():
+        for row in (r for r in report["results"] if r["data"] == part):
+            name = row["name"].split("/", 1)[1]
             acc = f"{row['accuracy']:8.2%}" if "accuracy" in row else "       —"
             print(f"  {name:<38}{acc}  agreement {row['top1_agreement']:7.2%}  "
                   f"max |Δlogit| {row['max_logit_diff']:.4f} (range {row['logit_range']:.2f})")

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from leanvgg.measure import machine_facts
+from leanvgg import schema
+from leanvgg.measure import Latency
 
 RESULTS = Path(__file__).parent / "results"
 PHOTO = (importlib.resources.files("skimage.data") / "chelsea.png").read_bytes()
@@ -137,6 +138,7 @@ def run(*, clients: int, seconds: float, runs: int = 1, home: str | None = None,
         "busy_503": sum(n for k, n in statuses.items() if k.endswith("503")),
         "dropped": dropped,
         "answer_s": {"p50": pct(answer_s, 50), "p95": pct(answer_s, 95)},
+        **({"latency_ms": Latency.from_seconds(answer_s).to_dict()} if answer_s else {}),
         "queue_wait_ms": {"p50": pct(waits, 50), "p95": pct(waits, 95)},
         "rss_mb": {"start": rss_start, "end": rss_end},
         "server_exit_code": server.returncode,
@@ -153,12 +155,12 @@ def main() -> None:
                         help="where to save the JSON (default %(default)s)")
     args = parser.parse_args()
     result = run(clients=args.clients, seconds=args.seconds, runs=args.runs)
-    result["machine"] = machine_facts(torch.get_num_threads())
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-
+    report = schema.document(
+        "benchmark/load_test", [{"name": "POST /api/compare (answer time)", **result}],
+        config={"clients": args.clients, "seconds": args.seconds, "runs": args.runs},
+        threads=torch.get_num_threads())
+    schema.write(args.out, report)
+    print(json.dumps(report["results"][0], indent=2))
 
 if __name__ == "__main__":
     main()

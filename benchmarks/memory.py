@@ -58,9 +58,8 @@ def main() -> None:
 
     import torch
 
-    from leanvgg.measure import machine_facts
+    from leanvgg import schema
     from leanvgg.models import load_baseline
-    from leanvgg.runtime import cpu_flags
     from leanvgg.service import ComparisonService
     from leanvgg.store import Store
     from leanvgg.variants import VariantBuilder, VariantSet
@@ -93,13 +92,13 @@ def main() -> None:
     steps.append(after)
     print(f"{after['after']:<22}{after['rss_mb']:>9.0f}{after['pss_mb']:>9.0f}"
           f"{after['anonymous_mb']:>9.0f}{floor:>10.0f}{after['rss_mb'] / floor:>10.2f}")
-    report = {"benchmark": "memory", "weights": "random (sizes real, predictions meaningless)",
-              "runtime_floor": runtime, "unique_weights_mb": unique_weights_mb(ready),
-              "steps": steps, "machine": {**machine_facts(torch.get_num_threads()),
-                                          "cpu_flags": sorted(f for f in cpu_flags()
-                                                              if f.startswith(("avx", "amx")))}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(report, indent=2))
+    report = schema.document(
+        "benchmark/memory", [{"name": step.pop("after"), **step} for step in steps],
+        config={"weights": "random (sizes real, predictions meaningless)",
+                "uploads": args.uploads, "variants": names},
+        threads=torch.get_num_threads(), runtime_floor=runtime,
+        unique_weights_mb=unique_weights_mb(ready))
+    schema.write(RESULTS / "memory.json", report)
     print(f"runtime alone (import torch, torchvision): RSS {runtime['rss_mb']:.0f} MB, "
           f"anonymous {runtime['anonymous_mb']:.0f} MB; unique weights "
           f"{unique_weights_mb(ready):.0f} MB; saved {RESULTS / 'memory.json'}")

@@ -14,7 +14,6 @@ sizes are real, predictions are not.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.resources
 import json
 import logging
@@ -23,24 +22,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from leanvgg import schema
 from leanvgg.data import calibration_batch
 from leanvgg.images import preprocess
-from leanvgg.measure import count_macs, machine_facts, state_dict_bytes, time_models
+from leanvgg.interop import (onnxruntime_runner, openvino_model, openvino_runner, write_onnx,
+                             write_openvino)
+from leanvgg.measure import count_macs, state_dict_bytes, time_models
 from leanvgg.models import load_baseline
 from leanvgg.recipes import RECIPES
-from leanvgg.runtime import cpu_flags, native_bf16
+from leanvgg.runtime import native_bf16
+from leanvgg.schema import Throughput
 from leanvgg.store import Store
 from leanvgg.variants import build_variants, default_names
 
 RESULTS = Path(__file__).parent / "results"
 PHOTO = importlib.resources.files("skimage.data") / "chelsea.png"
-LIBRARIES = ("torch", "torchvision", "torchao", "openvino", "nncf", "onnxruntime", "onnx")
-FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-         "amx_int8")
 
 
 class Runner:
@@ -65,56 +64,17 @@ def _timed(build: Callable[[], tuple]) -> tuple[tuple, float]:
 
 def _openvino_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
                    size: int, tmp: Path) -> tuple[Callable, float]:
-    import nncf
-    import openvino as ov
-
-    example = torch.zeros(1, 3, size, size)
-    ov_model = ov.convert_model(model, example_input=example,
-                                input=[(-1, 3, size, size)])
-    dataset = nncf.Dataset([c[None].numpy() for c in calibration])
-    quantized = nncf.quantize(ov_model, dataset, subset_size=len(calibration))
-    ov.save_model(quantized, tmp / "vgg19_int8.xml")
+    ov_model = openvino_model(model, size, calibration=calibration)
+    write_openvino(ov_model, tmp / "vgg19_int8.xml")
     size_mb = sum(p.stat().st_size for p in tmp.glob("vgg19_int8.*")) / 2**20
-    compiled = ov.Core().compile_model(quantized, "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-
-    def run(batch: torch.Tensor) -> np.ndarray:
-        return request.infer({0: batch.numpy()})[0]
-
-    return run, size_mb
+    return openvino_runner(ov_model, threads), size_mb
 
 
 def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
                       size: int, tmp: Path) -> tuple[Callable, float]:
-    import onnxruntime as ort
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-
-    fp32_path, int8_path = tmp / "vgg19.onnx", tmp / "vgg19_int8.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(fp32_path),
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"input": c[None].numpy()} for c in calibration])
-
-        def get_next(self) -> dict | None:
-            return next(self.items, None)
-
-    quantize_static(str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
-
-    def run(batch: torch.Tensor) -> np.ndarray:
-        return session.run(None, {"input": batch.numpy()})[0]
-
-    return run, int8_path.stat().st_size / 2**20
+    path = tmp / "vgg19_int8.onnx"
+    write_onnx(model, size, path, calibration=calibration)
+    return onnxruntime_runner(path, threads), path.stat().st_size / 2**20
 
 
 def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -211,17 +171,17 @@ def main() -> None:
             timings = time_models(jobs, runs=args.runs, warmup=args.warmup, progress=True)
             results[batch_size] = _rows(runners, timings, batch_size, ceilings)
 
-    document = {"machine": {**machine_facts(args.threads),
-                            "flags": [f for f in FLAGS if f in cpu_flags()],
-                            "libraries": {lib: _version(lib) for lib in LIBRARIES}},
-                "weights": baseline.weights, "runs": args.runs, "warmup": args.warmup,
-                "matmul_ceiling_gops": ceilings,
-                "results": {str(b): rows for b, rows in results.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
-    for batch_size, rows in results.items():
-        print(_table(rows, batch_size))
-    _plot(results, args.out.with_suffix(".png"), document["machine"])
+    document = schema.document(
+        "benchmark/peers", [row for rows in results.values() for row in rows],
+        config={"weights": baseline.weights, "runs": args.runs, "warmup": args.warmup,
+                "threads": args.threads, "batch_sizes": list(batch_sizes)},
+        threads=args.threads, matmul_ceiling_gops=ceilings)
+    out = args.out.with_suffix(".json")
+    schema.write(out, document)
+    document = json.loads(out.read_text())  # the table and the plot read what was saved
+    for batch_size in batch_sizes:
+        print(_table(document, batch_size))
+    _plot(document, args.out.with_suffix(".png"))
     print(f"\nSaved {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 
 
@@ -236,9 +196,10 @@ def _rows(runners: list[Runner], timings: dict, batch_size: int,
         latency = timings[runner.name][0]
         gops = 2 * runner.macs * batch_size / (latency.median / 1e3) / 1e9
         rows.append({
-            "runner": runner.name, "precision": runner.precision,
+            "name": runner.name, "precision": runner.precision,
             "input_size": runner.input_size, "batch": batch_size,
-            "median_ms": latency.median, "p90_ms": latency.p90, "min_ms": latency.min,
+            "latency_ms": latency.to_dict(),
+            "throughput": Throughput.of(batch_size, latency).to_dict(),
             "x_vs_fp32_eager": eager / latency.median,
             "x_vs_openvino_int8": openvino.median / latency.median if openvino else None,
             "size_mb": runner.size_mb, "gops": gops,
@@ -248,44 +209,50 @@ def _rows(runners: list[Runner], timings: dict, batch_size: int,
     return rows
 
 
-def _table(rows: list[dict], batch_size: int) -> str:
+def _table(document: dict, batch_size: int) -> str:
+    """One batch size's rows of a saved report, as a table."""
     header = (f"{'runner':<28}{'input':>6}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}"
-              f"{'× fp32':>8}{'× OV int8':>10}{'size MB':>9}{'GOP/s':>8}{'% ceil':>8}"
-              f"{'prep s':>8}")
+              f"{'img/s':>8}{'× fp32':>8}{'× OV int8':>10}{'size MB':>9}{'GOP/s':>8}"
+              f"{'% ceil':>8}{'prep s':>8}")
     lines = [f"\nbatch {batch_size}", header, "-" * len(header)]
-    for r in rows:
+    for r in (r for r in document["results"] if r["batch"] == batch_size):
         vs_ov = f"{r['x_vs_openvino_int8']:.2f}" if r["x_vs_openvino_int8"] else "—"
+        latency = r["latency_ms"]
         lines.append(
-            f"{r['runner']:<28}{r['input_size']:>6}{r['median_ms']:>11.1f}{r['p90_ms']:>9.1f}"
-            f"{r['min_ms']:>9.1f}{r['x_vs_fp32_eager']:>8.2f}{vs_ov:>10}{r['size_mb']:>9.1f}"
-            f"{r['gops']:>8.0f}{r['pct_of_ceiling']:>7.0f}%{r['prepare_s']:>8.1f}")
+            f"{r['name']:<28}{r['input_size']:>6}{latency['median']:>11.1f}"
+            f"{latency['p90']:>9.1f}{latency['min']:>9.1f}"
+            f"{r['throughput']['images_per_s']:>8.1f}{r['x_vs_fp32_eager']:>8.2f}{vs_ov:>10}"
+            f"{r['size_mb']:>9.1f}{r['gops']:>8.0f}{r['pct_of_ceiling']:>7.0f}%"
+            f"{r['prepare_s']:>8.1f}")
+    machine = document["machine"]
+    lines.append(f"{machine['cpu']} ({', '.join(machine['flags'])}), "
+                 f"{machine['threads']} threads, torch {machine['torch']}")
     return "\n".join(lines)
 
 
-def _plot(results: dict, path: Path, machine: dict) -> None:
+def _plot(document: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 6), squeeze=False)
-    for ax, (batch_size, rows) in zip(axes[0], results.items()):
-        rows = sorted(rows, key=lambda r: r["median_ms"])
-        colors = ["tab:green" if r["runner"].startswith("leanvgg") else "tab:gray" for r in rows]
-        ax.barh([r["runner"] for r in rows], [r["median_ms"] for r in rows], color=colors)
+    batch_sizes = document["config"]["batch_sizes"]
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(7 * len(batch_sizes), 6),
+                             squeeze=False)
+    for ax, batch_size in zip(axes[0], batch_sizes):
+        rows = sorted((r for r in document["results"] if r["batch"] == batch_size),
+                      key=lambda r: r["latency_ms"]["median"])
+        colors = ["tab:green" if r["name"].startswith("leanvgg") else "tab:gray" for r in rows]
+        ax.barh([r["name"] for r in rows], [r["latency_ms"]["median"] for r in rows],
+                color=colors)
         ax.invert_yaxis()
         ax.set_xlabel("median latency, ms (lower is better)")
         ax.set_title(f"VGG-19, batch {batch_size}")
-    fig.suptitle(f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}")
+    machine = document["machine"]
+    fig.suptitle(f"{machine['cpu']} ({', '.join(machine['flags'])}), {machine['threads']} "
+                 f"threads, torch {machine['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def _version(library: str) -> str | None:
-    try:
-        return importlib.metadata.version(library)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

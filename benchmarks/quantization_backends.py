@@ -12,7 +12,8 @@ import json
 
 import torch
 
-from leanvgg.measure import machine_facts, state_dict_bytes, time_models
+from leanvgg import schema
+from leanvgg.measure import state_dict_bytes, time_models
 from leanvgg.models import load_baseline
 from leanvgg.quantize import BACKENDS, quantize_dynamic_int8
 
@@ -43,7 +44,14 @@ def main() -> None:
               f"{rows['fp32']['classifier_ms'] / row['classifier_ms']:>8.2f}"
               f"{row['network_ms']:>12.1f}{rows['fp32']['network_ms'] / row['network_ms']:>8.2f}"
               f"{row['size_mb']:>9.1f}")
-    print(json.dumps({"machine": machine_facts(args.threads), "results": rows}))
+    report = schema.document(
+        "benchmark/quantization_backends",
+        [{"name": name, **row, "latency_ms": networks[name][0].to_dict(),
+          "classifier_latency_ms": heads[name][0].to_dict()} for name, row in rows.items()],
+        config={"runs": args.runs, "warmup": args.warmup, "weights": "random"},
+        threads=args.threads)
+    schema.validate(report)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

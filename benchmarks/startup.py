@@ -132,20 +132,17 @@ def main() -> None:
 
     import torch
 
-    from leanvgg.measure import machine_facts
-    from leanvgg.runtime import cpu_flags
+    from leanvgg import schema
 
     runtime = runtime_floor_mb()
     with tempfile.TemporaryDirectory(prefix="leanvgg-startup-") as home:
         cold = run_server(home, args.uploads, runtime)
         warm = run_server(home, args.uploads, runtime)
-    report = {"benchmark": "startup", "weights": "random (sizes and timings real)",
-              "runtime_floor": runtime, "cold": cold, "warm": warm,
-              "machine": {**machine_facts(torch.get_num_threads()),
-                          "cpu_flags": sorted(f for f in cpu_flags()
-                                              if f.startswith(("avx", "amx")))}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "startup.json").write_text(json.dumps(report, indent=2))
+    report = schema.document(
+        "benchmark/startup", [{"name": "cold cache", **cold}, {"name": "warm cache", **warm}],
+        config={"weights": "random (sizes and timings real)", "uploads": args.uploads},
+        threads=torch.get_num_threads(), runtime_floor=runtime)
+    schema.write(RESULTS / "startup.json", report)
     print(f"{'':<34}{'cold cache':>12}{'warm cache':>12}")
     for key, label in [("answering_s", "start → page and /healthz (s)"),
                        ("ready_s", "start → every variant ready (s)"),
@@ -157,7 +154,8 @@ def main() -> None:
         print(f"{label:<34}{cold[key]:>12.2f}{warm[key]:>12.2f}")
     for moment in ("after_ready", "after_uploads"):
         for name in ("cold", "warm"):
-            m, floor = report[name][moment], report[name]["floor_mb"]
+            found = {"cold": cold, "warm": warm}[name]
+            m, floor = found[moment], found["floor_mb"]
             print(f"{name} {moment}: RSS {m['rss_mb']:.0f} MB ({m['rss_mb'] / floor:.2f}× the "
                   f"floor {floor:.0f} MB), PSS {m['pss_mb']:.0f}, anonymous "
                   f"{m['anonymous_mb']:.0f} MB")

@@ -26,9 +26,9 @@ from accuracy_digits import WIDE_LAYOUT, digits, trained_vgg19
 from torch.utils.data import TensorDataset
 
 from leanvgg.evaluate import Labelled
-from leanvgg.measure import machine_facts
 from leanvgg.models import Baseline
-from leanvgg.runtime import cpu_flags, native_bf16
+from leanvgg.runtime import native_bf16
+from leanvgg.schema import write as write_report
 from leanvgg.store import Store, default_root
 from leanvgg.tune import Space, search
 from leanvgg.tune_report import format_front, plot_front
@@ -85,14 +85,9 @@ def main() -> None:
                     budget_s=None if args.budget_minutes is None else 60 * args.budget_minutes,
                     store=Store(root / "bench-tune"), report=report)
     plot_front(result, RESULTS / "tune_digits.png")
-    state = json.loads(report.read_text())
-    state["machine"] = {**machine_facts(torch.get_num_threads()),
-                        "capability": torch.backends.cpu.get_cpu_capability(),
-                        "flags": sorted(f for f in cpu_flags()
-                                        if f.startswith(("avx", "amx", "fma")))}
-    state["training"] = training
-    state["bf16_native"] = native_bf16()
-    report.write_text(json.dumps(state, indent=2) + "\n")
+    document = json.loads(report.read_text())  # the search's report (leanvgg.schema)
+    document["config"] |= {"training": training, "bf16_native": native_bf16()}
+    write_report(report, document)
     print(format_front(result))
     print()
     print(classifier_table(result.candidates))

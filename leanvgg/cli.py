@@ -22,9 +22,11 @@ from leanvgg.distributed import distributed_context
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
                               load_mapping, save_report)
 from leanvgg.export import FORMATS as EXPORT_FORMATS
-from leanvgg.export import ExportError, export, refusal
+from leanvgg.export import ExportError, export
+from leanvgg.export import check as check_export
 from leanvgg.interop import MissingRuntime
 from leanvgg.portable import LoadError
+from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
@@ -150,7 +152,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Measure size, parameters, MACs, latency, speedup and top-3 predictions of "
                     "every variant on IMAGE, one variant after another.")
     cmp.add_argument("image", metavar="IMAGE", help="JPEG, PNG, WebP, BMP, GIF or TIFF file")
-    cmp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    cmp.add_argument("--json", action="store_true",
+                     help="print the report (leanvgg's report schema) instead of a table")
+    cmp.add_argument("--output", metavar="FILE", default=None,
+                     help="also write the report (JSON, report schema) to FILE, atomically")
+    cmp.add_argument("--batch-size", type=_positive, default=1, metavar="N",
+                     help="above 1: also measure throughput (images/s) at batch N, beside the "
+                          "batch-1 latency (default 1: latency only)")
 
     commands.add_parser("build", parents=[weights], help="build and cache the variants",
                         description="Build every variant missing from the cache "
@@ -305,9 +313,13 @@ def _compare(args: argparse.Namespace) -> int:
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
                                  store=Store(), calibration=args.calibration)
     result = compare(picture, variant_set,
-                     Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
+                     Settings(runs=args.runs, warmup=args.warmup, threads=args.threads,
+                              batch_size=args.batch_size),
                      progress=True)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
+    report = result.to_dict()
+    if args.output:
+        write_report(Path(args.output), report)
+    print(json.dumps(report, indent=2) if args.json else format_table(result))
     return 0
 
 
@@ -443,11 +455,7 @@ def _export(args: argparse.Namespace) -> int:
     builder = VariantBuilder(load_baseline(args.weights), store, args.calibration)
     names = builder.resolve(dict.fromkeys(args.variants))
     formats = list(dict.fromkeys(args.formats or ["pt2"]))
-    for name in names:  # refuse before building or writing anything
-        for fmt in formats:
-            reason = refusal(builder.registry[name], fmt)
-            if reason:
-                raise ExportError(reason)
+    check_export([builder.registry[name] for name in names], formats)
     profiles = store.load_json(PROFILES) or {}
     for name in names:
         variant = builder.prepare(name)
@@ -558,16 +566,20 @@ def _exit_on_signal(signum: int, _frame) -> None:
 
 def format_table(result: ComparisonResult) -> str:
     """A fixed-width table of a comparison, with where its figures come from."""
+    batched = result.batch_size > 1
     header = (f"{'variant':<17}{'input':>6}{'size MB':>9}{'params':>13}{'GMACs':>7}"
-              f"{'median ms':>11}{'p90 ms':>9}{'speedup':>9}  top-3")
+              f"{'median ms':>11}{'p90 ms':>9}{'speedup':>9}"
+              + (f"{f'img/s @{result.batch_size}':>12}" if batched else "") + "  top-3")
     lines = [header, "-" * len(header)]
     for row in result.variants:
         v = row.facts
         top3 = ", ".join(f"{p.label} {p.prob:.1%}" for p in row.top3)
+        throughput = (f"{row.throughput.images_per_s:>12.1f}" if batched and row.throughput
+                      else "")
         lines.append(
             f"{v.name:<17}{v.input_size:>6}{v.size_mb:>9.1f}{v.params:>13,}{v.macs / 1e9:>7.2f}"
-            f"{row.latency_ms.median:>11.1f}{row.latency_ms.p90:>9.1f}{row.speedup:>8.2f}×  "
-            f"{top3}")
+            f"{row.latency_ms.median:>11.1f}{row.latency_ms.p90:>9.1f}{row.speedup:>8.2f}×"
+            f"{throughput}  {top3}")
     m = result.machine
     facts = [row.facts for row in result.variants]
     not_tuned = [v.name for v in facts if v.fine_tuned is False]
@@ -575,8 +587,12 @@ def format_table(result: ComparisonResult) -> str:
         "",
         f"{result.note}",
         f"{result.runs} timed runs after {result.warmup} warm-up, {result.threads} threads, "
-        f"{m['cpu']}, torch {m['torch']}",
+        f"{m['cpu']} ({', '.join(m['flags']) or 'no SIMD flags read'}), torch {m['torch']}",
     ]
+    if batched:
+        lines.append(f"throughput: batches of {result.batch_size} copies of the image, "
+                     f"{result.runs} timed batches per variant (compiled variants run a batch "
+                     "row by row)")
     if not_tuned:
         lines.append(f"not fine-tuned: {', '.join(not_tuned)}")
     beyond = [v.name for v in facts if not v.article]

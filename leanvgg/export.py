@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,17 @@ def refusal(recipe: Recipe, fmt: str) -> str | None:
                 "baseline as openvino: OpenVINO runs FP32 models in bf16 by itself on CPUs "
                 "with native bf16.")
     return None
+
+
+def check(recipes: Iterable[Recipe], formats: Iterable[str]) -> None:
+    """Raise ExportError for the first variant × format that cannot be exported (before
+    anything is built or written)."""
+    formats = list(formats)
+    for recipe in recipes:
+        for fmt in formats:
+            reason = refusal(recipe, fmt)
+            if reason:
+                raise ExportError(reason)
 
 
 def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,

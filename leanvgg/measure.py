@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import importlib.metadata
 import io
 import math
 import os
@@ -19,6 +20,8 @@ from torch import nn
 from torch.ao.nn.quantized import Linear as QuantizedLinear
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
+
+from leanvgg.runtime import cpu_flags
 
 
 class _ByteCounter(io.RawIOBase):
@@ -113,7 +116,8 @@ def count_macs(model: nn.Module, input_size: int) -> int:
 
 @dataclass(frozen=True)
 class Latency:
-    """Statistics of timed forward passes, in milliseconds."""
+    """Statistics of timed forward passes, in milliseconds, and the passes themselves (the
+    report schema's latency, ``leanvgg.schema``)."""
 
     median: float
     p90: float
@@ -121,16 +125,25 @@ class Latency:
     p10: float = 0.0
     mean: float = 0.0
     stdev: float = 0.0
-    runs: int = 1
+    count: int = 1
+    p99: float = 0.0
+    max: float = 0.0
+    samples: tuple[float, ...] = ()  # in the order they were measured
+
+    def to_dict(self) -> dict:
+        """As JSON holds it (samples a list), so a record survives a round trip unchanged."""
+        return {**asdict(self), "samples": list(self.samples)}
 
     @classmethod
     def from_seconds(cls, samples: list[float]) -> Latency:
-        ms = sorted(s * 1e3 for s in samples)
+        raw = tuple(s * 1e3 for s in samples)
+        ms = sorted(raw)
         if len(ms) == 1:
-            return cls(ms[0], ms[0], ms[0], ms[0], ms[0], 0.0, 1)
+            return cls(ms[0], ms[0], ms[0], ms[0], ms[0], 0.0, 1, ms[0], ms[0], raw)
         deciles = statistics.quantiles(ms, n=10, method="inclusive")
         return cls(statistics.median(ms), deciles[-1], ms[0], deciles[0], statistics.fmean(ms),
-                   statistics.stdev(ms), len(ms))
+                   statistics.stdev(ms), len(ms),
+                   statistics.quantiles(ms, n=100, method="inclusive")[-1], ms[-1], raw)
 
 
 @dataclass(frozen=True)
@@ -142,15 +155,16 @@ class Profile:
     threads: int
 
     def to_dict(self) -> dict:
-        return {**asdict(self.latency), "threads": self.threads,
+        return {**self.latency.to_dict(), "threads": self.threads,
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                              time.gmtime(self.measured_at)),
                 "age_s": round(time.time() - self.measured_at, 1)}
 
     @classmethod
     def from_dict(cls, data: dict) -> Profile:
-        fields = {k: data[k] for k in ("median", "p90", "min", "p10", "mean", "stdev", "runs")}
-        return cls(Latency(**fields), calendar.timegm(
+        fields = {k: data[k] for k in ("median", "p90", "min", "p10", "mean", "stdev", "count",
+                                       "p99", "max")}
+        return cls(Latency(**fields, samples=tuple(data["samples"])), calendar.timegm(
             time.strptime(data["measured_at"], "%Y-%m-%dT%H:%M:%SZ")), data["threads"])
 
 
@@ -214,8 +228,15 @@ def top_k(logits: torch.Tensor, categories: list[str], k: int = 3) -> list[Predi
     return [Prediction(categories[i], i, float(p)) for p, i in zip(values, indices.tolist())]
 
 
+# the CPU features that decide which kernels run (SIMD width, INT8 dot products, bf16, AMX)
+KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+LIBRARIES = ("torch", "torchvision", "torchao", "onnxruntime", "openvino", "nncf", "onnx")
+
+
 def machine_facts(threads: int) -> dict:
-    """What a timing was measured on, recorded with every figure."""
+    """What a timing was measured on, recorded with every figure: CPU model, its kernel flags,
+    PyTorch's CPU capability, threads and library versions (None: not installed)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
@@ -224,6 +245,16 @@ def machine_facts(threads: int) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
+    return {"cpu": cpu, "flags": [f for f in KERNEL_FLAGS if f in cpu_flags()],
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "logical_cpus": os.cpu_count(), "threads": threads,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "quantized_engine": torch.backends.quantized.engine, "python": platform.python_version()}
+            "quantized_engine": torch.backends.quantized.engine, "python": platform.python_version(),
+            "versions": {name: _version(name) for name in LIBRARIES}}
+
+
+def _version(library: str) -> str | None:
+    try:
+        return importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        return None

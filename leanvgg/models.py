@@ -80,6 +80,16 @@ def _imagenet_baseline(*, progress: bool) -> Baseline:
     return Baseline(model.eval(), "imagenet", "imagenet1k-v1", meaningful=True)
 
 
+def baseline_of(model: VGG, name: str = "in-memory model") -> Baseline:
+    """A baseline from a model in memory (any torchvision VGG layout), identified in the cache
+    by its weights' content."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return Baseline(model.eval(), name, f"module-{digest.hexdigest()[:16]}", meaningful=True)
+
+
 def _file_baseline(path: Path) -> Baseline:
     if not path.is_file():
         raise WeightsError(

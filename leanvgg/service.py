@@ -23,7 +23,7 @@ from leanvgg.images import DEFAULT_LIMITS, Batches, ImageLimits, check
 from leanvgg.measure import Latency, Profile, using_threads
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import PROFILES, SEARCH, Store
-from leanvgg.tune_report import summarize
+from leanvgg.tune_report import from_document, summarize
 from leanvgg.variants import Variant, VariantBuilder, VariantSet
 
 log = logging.getLogger(__name__)
@@ -261,11 +261,11 @@ class ComparisonService:
 
     def tune_report(self) -> dict | None:
         """The latest ``leanvgg tune`` search in this service's cache, summarized; None if none."""
-        state = (self.store or Store()).load_json(SEARCH)
+        state = (self.store or Store()).load_json(SEARCH)  # the search's report document
         if state is None:
             return None
         try:
-            return summarize(state)
+            return summarize(from_document(state))
         except (KeyError, TypeError, ValueError, AttributeError) as err:  # valid JSON, wrong fields
             log.warning("Unreadable tune report (%r).", err)
             raise ReportError("The saved search report is unreadable; run 'leanvgg tune' again "

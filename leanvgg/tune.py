@@ -36,9 +36,10 @@ from leanvgg.models import Baseline
 from leanvgg.prune import VGG19_DEEP_CONVS, prune_filters
 from leanvgg.recipes import PRECISIONS, Candidate, FineTune, QuantizeStaticInt8, Recipe
 from leanvgg.stats import half_width, wilson
-from leanvgg.store import SEARCH, Store, write_atomic
-from leanvgg.tune_report import (REPORT_FORMAT, TuneResult, candidate_of, choose, result_of,
-                                   summarize)
+from leanvgg.schema import write as write_report
+from leanvgg.store import SEARCH, Store
+from leanvgg.tune_report import (REPORT_FORMAT, TuneResult, candidate_of, choose,
+                                   from_document, result_of, summarize, to_document)
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ def _measure(candidate: Candidate, recipe: Recipe, builder: Builder, validation:
     dataset = validation.dataset(size)
     counts, _ = count(variant.model, dataset, validation.membership, reference=reference(),
                       batch_size=32)
-    timed = from_rank_zero(lambda: asdict(latency(variant, dataset[0][0][None], runs, warmup)))
+    timed = from_rank_zero(lambda: latency(variant, dataset[0][0][None], runs, warmup).to_dict())
     n = counts.images
     return {**asdict(candidate),
             "accuracy": counts.top1 / n, "accuracy_ci": list(wilson(counts.top1, n)),
@@ -289,7 +290,7 @@ def _load(report: Path, model_id: str, settings: dict, space: Space) -> dict:
     if not report.exists():
         return fresh
     try:
-        state = json.loads(report.read_text())
+        state = from_document(json.loads(report.read_text()))
         summarize(state)  # every field the search and the dashboard read is there
         # JSON turns tuples into lists; compare like with like
         same = (state["model_id"], state["settings"]) == (model_id,
@@ -312,4 +313,4 @@ def _load(report: Path, model_id: str, settings: dict, space: Space) -> dict:
 def _save(report: Path, state: dict, rank: int) -> None:
     if rank == 0:
         report.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(report, json.dumps(state, indent=2).encode())
+        write_report(report, to_document(state, torch.get_num_threads()))

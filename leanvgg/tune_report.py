@@ -12,9 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from leanvgg.recipes import Candidate
+from leanvgg.schema import SCHEMA_VERSION, document
 from leanvgg.store import write_atomic
 
-REPORT_FORMAT = 3  # 3: intervals, classifier compression, candidates built by the one builder
+# 3: intervals, classifier compression, candidates built by the one builder; 4: the report
+# schema (leanvgg.schema), candidates as its results
+REPORT_FORMAT = 4
 
 
 @dataclass
@@ -90,10 +93,30 @@ def result_of(state: dict, complete: bool = True) -> TuneResult:
                       calibration=state["calibration"], warnings=state.get("warnings", []))
 
 
+def to_document(state: dict, threads: int) -> dict:
+    """The search's state as a report (``leanvgg.schema``, kind ``tune``): one result per
+    candidate (measured or skipped), named by its key; ``threads``: its latency's."""
+    rest = {k: v for k, v in state.items() if k not in ("candidates", "settings")}
+    return document("tune", [{"name": key, **record}
+                             for key, record in state["candidates"].items()],
+                    config=state["settings"], threads=threads, **rest)
+
+
+def from_document(report: dict) -> dict:
+    """The search's state from its report (``to_document``); ValueError for another format."""
+    if (report.get("schema_version"), report.get("format")) != (SCHEMA_VERSION, REPORT_FORMAT):
+        raise ValueError(f"report format {report.get('format')!r} (schema "
+                         f"{report.get('schema_version')!r}), not {REPORT_FORMAT} "
+                         f"(schema {SCHEMA_VERSION})")
+    skip = ("schema_version", "kind", "created", "machine", "config", "results")
+    return {**{k: v for k, v in report.items() if k not in skip},
+            "settings": report["config"],
+            "candidates": {r["name"]: {k: v for k, v in r.items() if k != "name"}
+                           for r in report["results"]}}
+
+
 def summarize(state: dict) -> dict:
-    """A saved report as the dashboard shows it: candidates with front and choice marked."""
-    if state.get("format") != REPORT_FORMAT:
-        raise ValueError(f"report format {state.get('format')!r}, not {REPORT_FORMAT}")
+    """A search's state as the dashboard shows it: candidates with front and choice marked."""
     result = result_of(state)
     measured = [{**r, "key": k, "on_front": k in result.front, "chosen": k == result.chosen}
                 for k, r in result.candidates.items() if "accuracy" in r]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ class NotTuned(LookupError):
 class VariantSet:
     baseline: Baseline
     variants: dict[str, Variant]
+    # what built them (its cache): exporting a variant reuses its artifacts and packages
+    builder: Builder | None = field(default=None, repr=False, compare=False)
 
 
 def default_names(registry: Mapping[str, Recipe] = RECIPES) -> list[str]:
@@ -95,7 +97,7 @@ def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
         variants = {name: builder.prepare(name)
                     for name in tqdm(names, desc="variants", unit="variant",
                                      disable=not progress)}
-    return VariantSet(baseline, variants)
+    return VariantSet(baseline, variants, builder.builder)
 
 
 class VariantBuilder:

@@ -55,7 +55,7 @@ def run_tune(out: Path, cifar: str) -> None:
     def latency(variant, sample, runs, warmup):
         timed.append(variant.name)
         ms = variant.facts["macs"] / 1e6
-        return Latency(median=ms, p90=1.01 * ms, min=ms, p10=0.99 * ms, runs=runs)
+        return Latency(median=ms, p90=1.01 * ms, min=ms, p10=0.99 * ms, count=runs)
 
     validation = Labelled("tiny-cifar", lambda size: cifar10(cifar, train=False, size=size),
                           group_index_tensor()).subset(29)

@@ -34,12 +34,13 @@ def test_compare_json_schema(warm_cache, photo_path, capsys):
     assert result["predictions_meaningful"] is False and "meaningless" in result["note"]
     assert result["runs"] == 2 and result["warmup"] == 0
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"].startswith("2.14")
-    variants = {v["name"]: v for v in result["variants"]}
+    variants = {v["name"]: v for v in result["results"]}
     assert list(variants) == default_names()
     for v in variants.values():
         assert VARIANT_KEYS <= v.keys()
-        assert set(v["latency_ms"]) == {"median", "p90", "min", "p10", "mean", "stdev", "runs"}
-        assert v["latency_source"] == "request" and v["latency_ms"]["runs"] == 2
+        assert set(v["latency_ms"]) == {"median", "p90", "min", "p10", "mean", "stdev", "count",
+                                       "p99", "max", "samples"}
+        assert v["latency_source"] == "request" and v["latency_ms"]["count"] == 2
         assert 0 < v["latency_ms"]["min"] <= v["latency_ms"]["median"] <= v["latency_ms"]["p90"]
         assert v["size_mb"] > 0 and v["params"] > 0 and v["macs"] > 0 and v["speedup"] > 0
         assert len(v["top3"]) == 3
@@ -141,7 +142,7 @@ def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, cap
 
     assert main(["compare", str(photo_path), "--weights", "random", "--runs", "1", "--warmup",
                  "0", "--variants", "pruned_quantized,pruned", "--json"]) == 0
-    rows = {v["name"]: v for v in json.loads(capsys.readouterr().out)["variants"]}
+    rows = {v["name"]: v for v in json.loads(capsys.readouterr().out)["results"]}
     assert rows["pruned"]["fine_tuned"] is True and rows["pruned_quantized"]["fine_tuned"] is True
     assert rows["pruned"]["finetune"]["images"] == 10
     assert rows["pruned"]["accuracy"]["images"] == 4

@@ -21,7 +21,7 @@ from tiny import TINY_LAYOUT
 
 PHOTOS = sorted(p for p in CALIBRATION_PHOTOS.glob("*.jpg"))  # scikit-image's bundled photos
 FORMATS = ["pt2", "onnx", "openvino", "safetensors"]
-EXPORTED = ["baseline", "int8_static", "quantized"]
+EXPORTED = ["baseline", "int8_static", "quantized", "turbo"]
 # Bounds on max |logit difference| over the photos, relative to the largest |logit|, measured
 # on this suite's tiny decisive model (figures in the README's Export section):
 # - FP32 exports against eager PyTorch: pt2 1.2e-7 / 0.13 (about 1e-6), ONNX Runtime and
@@ -104,7 +104,7 @@ def exported(tmp_path_factory):
         patch.setattr(cli, "load_baseline", lambda weights, **_: decisive_baseline())
         formats = [arg for fmt in FORMATS for arg in ("--format", fmt)]
         assert cli.main(["export", "baseline", "int8_static", *formats, "--out", str(out)]) == 0
-        assert cli.main(["export", "quantized", "--format", "safetensors",
+        assert cli.main(["export", "quantized", "turbo", "--format", "safetensors",
                          "--out", str(out)]) == 0
     variants = build_variants(decisive_baseline(), EXPORTED, store=Store(home),
                               progress=False).variants
@@ -177,6 +177,9 @@ def test_safetensors_hold_plain_tensors_and_what_rebuilds_them(exported):
     cached = Builder(decisive_baseline(), Store(home)).artifact(recipe, 1)[0]
     assert [[q["scale"], q["zero_point"]] for q in spec["activation_qparams"]] == \
         cached.activation_qparams.tolist()
+    pruned = portable.read_spec(out / "turbo.safetensors")
+    assert pruned["kept"]["pruning"] == variants["turbo"].facts["pruning"]
+    assert all(len(layer["kept"]) % 16 == 0 for layer in pruned["kept"]["pruning"])
     with safe_open(str(out / "quantized.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
         int8 = handle.get_tensor("classifier.0.weight_int8")

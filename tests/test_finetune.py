@@ -83,7 +83,7 @@ def test_finetuned_weights_reach_pruned_and_pruned_quantized(tiny_cifar, tmp_pat
     assert facts["fine_tuned"] is True and facts["finetune"]["images"] == 200
     after = build_variants(baseline, store=store, progress=False)
     result = compare(photo, after, Settings(runs=1, warmup=0)).to_dict()
-    rows = {v["name"]: v for v in result["variants"]}
+    rows = {v["name"]: v for v in result["results"]}
     assert rows["pruned"]["fine_tuned"] is True and rows["pruned_quantized"]["fine_tuned"] is True
     assert rows["pruned"]["finetune"]["final_loss"] == pytest.approx(facts["finetune"]["final_loss"])
     assert rows["quantized"]["fine_tuned"] is None

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import multipart
+from leanvgg import schema
 from leanvgg.web import ENVELOPE
 
 HERE = Path(__file__).parent
@@ -54,6 +55,16 @@ def _post_image(port: int, data: bytes, headers: dict | None = None, timeout: fl
     body, content_type = multipart(data)
     return _request(port, "POST", "/api/compare", body,
                     {"Content-Type": content_type, **(headers or {})}, timeout)
+
+
+def test_the_answer_follows_the_report_schema(server, photo_path):
+    port, _ = server
+    status, body = _post_image(port, photo_path.read_bytes())
+    assert status == 200
+    schema.validate(body)
+    assert body["kind"] == "compare" and [r["name"] for r in body["results"]] == \
+        ["baseline", "res160"]
+    assert body["machine"]["threads"] == 1 and body["results"][0]["latency_ms"]["count"] == 1
 
 
 def test_a_body_above_the_bound_is_refused_before_it_is_read(server):
@@ -136,7 +147,7 @@ def test_fifty_slow_clients_do_not_starve_the_others(server, photo_path):
         started = time.monotonic()
         assert _request(port, "GET", "/healthz", timeout=10)[0] == 200
         status, body = _post_image(port, photo_path.read_bytes(), timeout=30)
-        assert status == 200 and len(body["variants"]) == 2
+        assert status == 200 and len(body["results"]) == 2
         assert time.monotonic() - started < 10
     finally:
         stop.set()

@@ -56,8 +56,13 @@ def test_latency_statistics():
     assert stats.min == pytest.approx(10.0)
     assert stats.p90 == pytest.approx(91.0)
     assert stats.p10 == pytest.approx(19.0) and stats.mean == pytest.approx(55.0)
-    assert stats.stdev == pytest.approx(30.2765, rel=1e-4) and stats.runs == 10  # sample stdev
-    assert Latency.from_seconds([0.005]) == Latency(5.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1)
+    assert stats.stdev == pytest.approx(30.2765, rel=1e-4) and stats.count == 10  # sample stdev
+    # inclusive percentiles: p99 sits 0.91 of the way from the 9th (90) to the 10th (100)
+    assert stats.p99 == pytest.approx(99.1) and stats.max == pytest.approx(100.0)
+    shuffled = Latency.from_seconds([0.003, 0.001, 0.002])
+    assert shuffled.samples == pytest.approx((3.0, 1.0, 2.0))  # in the order measured
+    assert Latency.from_seconds([0.005]) == Latency(5.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1, 5.0, 5.0,
+                                                          (5.0,))
 
 
 def test_time_models_warms_up_then_alternates_timed_runs():

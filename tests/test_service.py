@@ -73,7 +73,7 @@ def test_one_failing_variant_leaves_the_others_serving(tmp_path, monkeypatch, ph
     assert failed[0]["name"] == "int8_static" and "no C++ compiler" in failed[0]["reason"]
     body = client.post("/api/compare", data={"image": (io.BytesIO(encode(photo, "PNG")),
                                                        "a.png")}).json
-    assert [v["name"] for v in body["variants"]] == ["baseline", "res160"]
+    assert [v["name"] for v in body["results"]] == ["baseline", "res160"]
     assert body["not_ready"] == {"int8_static": "failed: RuntimeError: no C++ compiler found "
                                                 "(g++)"}
 
@@ -127,15 +127,15 @@ def test_profiles_are_measured_apart_and_never_during_a_comparison(tiny_set, tmp
     for start, end in profiled:  # no profile pass overlaps a request's pass
         assert all(end <= r_start or start >= r_end for r_start, r_end in requested)
     profiles = service.profiles()
-    assert profiles["res160"].latency.runs == 40 and profiles["res160"].latency.median >= 10
+    assert profiles["res160"].latency.count == 40 and profiles["res160"].latency.median >= 10
     stored = store.load_json(PROFILES)
-    assert len(stored) == 2 and all(p["runs"] == 40 for p in stored.values())
+    assert len(stored) == 2 and all(p["count"] == 40 for p in stored.values())
     # an upload now runs each variant once and reports the profile beside its own pass
     before = len(calls)
     result = service.compare(data).result
     assert len(calls) - before == 2
     res160 = result.variants[1]
-    assert res160.latency_source == "profile" and res160.latency_ms.runs == 40
+    assert res160.latency_source == "profile" and res160.latency_ms.count == 40
     assert res160.speedup == pytest.approx(profiles["baseline"].latency.median
                                            / profiles["res160"].latency.median)
     # a second service on the same store and machine reuses the stored profiles
@@ -171,7 +171,7 @@ def test_the_stream_delivers_each_row_as_soon_as_it_is_computed(tiny_set, photo)
         ["baseline", "res160"]
     # the baseline's row reached the client before the slow variant had even run
     assert events[2][0] - events[1][0] > 0.8
-    assert len(events[3][1]["result"]["variants"]) == 2
+    assert len(events[3][1]["result"]["results"]) == 2
 
 
 def test_a_disconnected_clients_request_is_never_measured(tiny_set, photo):

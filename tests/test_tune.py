@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from leanvgg import tune, tune_report
+from leanvgg import schema, tune, tune_report
 from leanvgg.data import cifar10, group_index_tensor
 from leanvgg.evaluate import Labelled
 from leanvgg.recipes import Candidate
@@ -102,8 +102,19 @@ def test_search_front_and_choice(searched):
         assert record["images"] == 30 and low <= record["accuracy"] <= high
         assert record["agreement_ci"][0] <= record["agreement"] <= record["agreement_ci"][1]
     assert measured[SPACE.baseline.key]["agreement"] == 1.0
-    summary = tune_report.summarize(json.loads(searched[1].read_text()))
+    summary = tune_report.summarize(tune_report.from_document(
+        json.loads(searched[1].read_text())))
     assert summary["chosen"] == result.chosen and summary["front"] == result.front
+
+
+def test_the_report_follows_the_report_schema(searched):
+    result, report = searched
+    document = json.loads(report.read_text())
+    schema.validate(document)
+    assert document["kind"] == "tune" and document["config"]["max_drop"] == result.max_drop
+    measured = [r for r in document["results"] if "accuracy" in r]
+    assert {r["name"] for r in document["results"]} == set(result.candidates)
+    assert all(r["latency_ms"]["count"] == len(r["latency_ms"]["samples"]) for r in measured)
 
 
 def test_the_choice_respects_the_budget(searched):
@@ -166,7 +177,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(cifar_root, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         _search(validation, report, FP32_SPACE)
     first = list(calls)
-    assert len(first) == 2 and set(json.loads(report.read_text())["candidates"]) == set(first)
+    assert len(first) == 2 and set(_candidates(report)) == set(first)
     calls.clear()
     interrupt = False
     result = _search(validation, report, FP32_SPACE)
@@ -206,7 +217,7 @@ def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
     config = json.loads((home / "tuned.report.json").read_text())
     chosen = config["candidate"]
     assert tuned.input_size == chosen["resolution"] and "leanvgg tune" in tuned.recipe.description
-    record = json.loads((home / "tune.report.json").read_text())["candidates"][config["key"]]
+    record = _candidates(home / "tune.report.json")[config["key"]]
     assert tuned.artifact == record["artifact"] == config["artifact"]  # the entry measured
 
     service = ComparisonService(settings=Settings(runs=1, warmup=0), variant_set=variant_set,
@@ -240,8 +251,12 @@ def test_a_report_made_with_other_settings_is_kept_aside_not_resumed(searched, c
     assert len(calls) == len(result.candidates)  # every candidate measured anew
     assert again.max_drop == 50.0
     kept = [p for p in fresh.parent.glob("*.report.json") if p != fresh]
-    assert len(kept) == 1 and json.loads(kept[0].read_text())["candidates"] == result.candidates
+    assert len(kept) == 1 and _candidates(kept[0]) == result.candidates
     assert "other settings" in caplog.text
+
+
+def _candidates(report) -> dict:
+    return tune_report.from_document(json.loads(report.read_text()))["candidates"]
 
 
 @pytest.mark.parametrize("document", [{"format": 2}, {"candidates": []}, {"space": 3}, []])

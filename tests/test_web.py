@@ -83,9 +83,9 @@ def test_compare_returns_the_cli_json_plus_queue_wait(client, photo_bytes):
     assert response.status_code == 200
     body = response.json
     assert body["queue_wait_ms"] >= 0 and body["runs"] == 1 and body["threads"] == 1
-    assert [v["name"] for v in body["variants"]][0] == "baseline"
+    assert [v["name"] for v in body["results"]][0] == "baseline"
     assert body["not_ready"] == {}
-    for v in body["variants"]:  # no profile measured in this service: this request's pass
+    for v in body["results"]:  # no profile measured in this service: this request's pass
         assert len(v["top3"]) == 3 and v["latency_ms"]["median"] > 0
         assert v["latency_source"] == "request" and v["image_ms"] == v["latency_ms"]["median"]
 
@@ -94,7 +94,7 @@ def test_runs_measures_latency_in_the_request(client, photo_bytes):
     response = client.post("/api/compare?runs=3",
                            data={"image": (io.BytesIO(photo_bytes), "cat.png")})
     assert response.status_code == 200 and response.json["runs"] == 3
-    assert all(v["latency_ms"]["runs"] == 3 for v in response.json["variants"])
+    assert all(v["latency_ms"]["count"] == 3 for v in response.json["results"])
     bad = client.post("/api/compare?runs=zero",
                       data={"image": (io.BytesIO(photo_bytes), "cat.png")})
     assert bad.status_code == 400 and "Invalid runs" in bad.json["error"]
@@ -115,7 +115,7 @@ def test_every_hostile_upload_gets_its_documented_answer(tiny_service, photo):
                                data={"image": (io.BytesIO(upload.data), f"{upload.name}.jpg")})
         assert response.status_code == upload.status, upload.name
         if upload.status == 200:
-            assert [v["name"] for v in response.json["variants"]] == ["baseline", "res160"]
+            assert [v["name"] for v in response.json["results"]] == ["baseline", "res160"]
         else:
             assert upload.message in response.json["error"], upload.name
     assert client.get("/healthz").status_code == 200  # and it keeps serving
@@ -215,7 +215,7 @@ def test_concurrent_comparisons_queue_and_say_how_long_they_waited(client, photo
     first, second = sorted(_concurrently(client, photo_bytes, 2),
                            key=lambda r: r.json["queue_wait_ms"])
     assert first.status_code == second.status_code == 200
-    measured_ms = sum(v["latency_ms"]["median"] for v in first.json["variants"])
+    measured_ms = sum(v["latency_ms"]["median"] for v in first.json["results"])
     # the later one waited at least as long as the earlier one spent measuring
     assert second.json["queue_wait_ms"] >= 0.9 * measured_ms
 

@@ -185,7 +185,7 @@ function addRow(variant, best) {
     const td = cell(row, col.show(value), isBest ? "best" : "");
     if (col.get === COLUMNS[0].get) {
       const p = variant.profile;
-      td.title = p ? `profile: ${p.runs} passes, p10–p90 ${fmt.ms(p.p10)}–${fmt.ms(p.p90)} ms, ` +
+      td.title = p ? `profile: ${p.count} passes, p10–p90 ${fmt.ms(p.p10)}–${fmt.ms(p.p90)} ms, ` +
         `measured ${Math.round(p.age_s)} s ago` : "this request's passes (no profile yet)";
     }
     if (col.show === fmt.pct && variant.accuracy) {
@@ -207,15 +207,15 @@ function render(result, seconds) {
   $("table").tBodies[0].replaceChildren();
   const best = COLUMNS.map((col) => {
     if (col.lower === null) return null;
-    const values = result.variants.map(col.get).filter((v) => v !== null);
+    const values = result.results.map(col.get).filter((v) => v !== null);
     if (!values.length) return null;
     return col.lower ? Math.min(...values) : Math.max(...values);
   });
-  for (const variant of result.variants) addRow(variant, best);
+  for (const variant of result.results) addRow(variant, best);
   const m = result.machine;
-  const profiled = result.variants.filter((v) => v.latency_source === "profile");
-  const runs = profiled.length ? Math.min(...profiled.map((v) => v.profile.runs)) : 0;
-  const source = profiled.length === result.variants.length
+  const profiled = result.results.filter((v) => v.latency_source === "profile");
+  const runs = profiled.length ? Math.min(...profiled.map((v) => v.profile.count)) : 0;
+  const source = profiled.length === result.results.length
     ? `Latency: each variant's profile on this machine (${runs}+ timed passes, measured apart ` +
       "from requests); this image ran each variant once for its top-3 (\"this image ms\")."
     : profiled.length
@@ -232,7 +232,7 @@ function render(result, seconds) {
                  : "");
   showWeights(result);
   $("results").hidden = false;
-  drawCharts(result.variants);
+  drawCharts(result.results);
 }
 
 function barChart(id, title, labels, values, unit) {

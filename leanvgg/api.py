@@ -1,0 +1,90 @@
+"""The Python API: what ``import leanvgg`` offers a PyTorch user. The CLI, the JSON API and the
+dashboard run the same library functions underneath."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.models import VGG
+
+from leanvgg.builder import stored_profile
+from leanvgg.compare import ComparisonResult, Settings
+from leanvgg.compare import compare as _compare
+from leanvgg.export import Exported, check
+from leanvgg.export import export as _export
+from leanvgg.images import decode, read_file
+from leanvgg.models import Baseline, baseline_of, load_baseline
+from leanvgg.store import PROFILES, Store
+from leanvgg.variants import VariantSet, build_variants
+
+
+def build(weights: str | Path | VGG | Baseline = "auto",
+          variants: Sequence[str] | None = None, *, calibration: str | Path | None = None,
+          home: str | Path | None = None, progress: bool = False) -> VariantSet:
+    """The baseline and each named variant (default: all), built or loaded from the cache.
+
+    ``weights``: ``"auto"`` (ImageNet when downloadable, else random), ``"imagenet"``,
+    ``"random"``, a VGG-19 state-dict file, or a torchvision VGG model in memory (any layout;
+    cached by its weights' content). ``variants``: names such as ``"turbo"``, ``"int8_static"``
+    or ``"tuned"``; the baseline is always included (speedups are relative to it).
+    ``calibration``: a folder of images for static INT8 (default: the bundled photos).
+    ``home``: the cache folder (default ``$LEANVGG_HOME`` or ``~/.cache/leanvgg``).
+    """
+    if isinstance(weights, VGG):
+        baseline = baseline_of(weights)
+    elif isinstance(weights, Baseline):
+        baseline = weights
+    else:
+        baseline = load_baseline(str(weights), progress=progress)
+    names = None if variants is None else ["baseline", *variants]
+    return build_variants(baseline, names, store=Store(Path(home)) if home else Store(),
+                          progress=progress,
+                          calibration=str(calibration) if calibration else None)
+
+
+def compare(image: str | Path | bytes | Image.Image, variant_set: VariantSet, *,
+            runs: int = 10, warmup: int = 2, threads: int | None = None,
+            batch_size: int = 1) -> ComparisonResult:
+    """Every variant of ``variant_set`` on one image: size, parameters, MACs, latency (``runs``
+    timed passes after ``warmup``), speedup, top-3, and with ``batch_size`` > 1 throughput.
+
+    ``image``: a file path, encoded bytes or a PIL image; files and bytes pass the same checks
+    as uploads (size, format, pixel count). ``result.to_dict()`` is the report schema's
+    document (``leanvgg.schema``), as ``leanvgg compare --json`` prints it.
+    """
+    if isinstance(image, (str, Path)):
+        image = read_file(image)
+    picture = decode(image) if isinstance(image, bytes) else image
+    return _compare(picture, variant_set, Settings(runs=runs, warmup=warmup, threads=threads,
+                                                   batch_size=batch_size))
+
+
+def export(variant_set: VariantSet, names: str | Sequence[str], out: str | Path, *,
+           formats: Sequence[str] = ("pt2",)) -> list[Exported]:
+    """Write each named variant of ``variant_set`` in each format into ``out``, each variant
+    with its ``VARIANT.model.json`` (preprocessing, recipe, facts, latency profile, versions).
+
+    Formats: ``pt2`` (AOTInductor), ``onnx``, ``openvino`` (both need
+    ``pip install 'leanvgg[export]'``), ``safetensors`` (read back with ``leanvgg.load``).
+    Raises ``ExportError`` before writing anything if a format cannot hold a variant.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [n for n in names if n not in variant_set.variants]
+    if missing:
+        raise ValueError(f"Invalid variants {missing}: not in this set "
+                         f"({', '.join(variant_set.variants)}). Build them first.")
+    if variant_set.builder is None:
+        raise ValueError("This variant set was not made by leanvgg.build; build it there.")
+    check([variant_set.variants[n].recipe for n in names], formats)
+    builder = variant_set.builder
+    profiles = builder.store.load_json(PROFILES) or {}
+    done = []
+    for name in names:
+        variant = variant_set.variants[name]
+        profile = stored_profile(profiles, variant, torch.get_num_threads())
+        done += [_export(variant, fmt, Path(out), builder=builder, profile=profile)
+                 for fmt in formats]
+    return done
