@@ -195,6 +195,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "measured). Ctrl-C keeps every finished candidate; rerunning resumes. Under "
                     "'torchrun --nproc-per-node N' accuracy is counted over N shards; latency "
                     "is measured by rank 0 alone.")
+    tn.add_argument("--output", metavar="FILE", default=None,
+                    help="also write the search's report (report schema) to FILE, atomically")
     tn.add_argument("--max-drop", type=float, required=True,
                     help="accuracy points the choice may lose against FP32 (e.g. 1.0)")
     tn.add_argument("--subset", type=_positive, default=200,
@@ -439,6 +441,8 @@ def _tune(args: argparse.Namespace) -> int:
             register_tuned(baseline, tuned_config(result), store)
             print(f"Registered {result.chosen} as 'tuned' (the cache entry measured above): "
                   "'leanvgg compare' and the dashboard now show it.")
+        if args.output:
+            write_report(Path(args.output), json.loads(store.document(SEARCH).read_text()))
         print(f"Report: {store.document(SEARCH)}\nPlot: {plot_path}")
         for warning in result.warnings:
             print(f"leanvgg: WARNING: {warning}", file=sys.stderr)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from leanvgg.builder import Builder, Variant
@@ -250,5 +249,5 @@ def describe(variant: Variant, formats: dict, profile: Profile | None) -> dict:
         "accuracy": facts.get("accuracy"),
         "latency_profile": profile.to_dict() if profile else None,
         "machine": {**machine_facts(torch.get_num_threads()), **machine_key()},
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        "versions": machine_facts(torch.get_num_threads())["versions"],
     }

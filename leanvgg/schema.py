@@ -112,8 +112,8 @@ JSON_SCHEMA = {
                 "properties": {
                     "name": {"type": "string"},
                     "latency_ms": _LATENCY,
-                    "throughput": {
-                        "type": "object",
+                    "throughput": {  # null: not measured (batch 1 only)
+                        "type": ["object", "null"],
                         "required": ["batch_size", "images_per_s", "latency_ms"],
                         "properties": {"batch_size": {"type": "integer", "minimum": 1},
                                        "images_per_s": _NUMBER, "latency_ms": _LATENCY},

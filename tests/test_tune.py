@@ -204,12 +204,15 @@ def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
     monkeypatch.setattr(cli, "load_baseline", lambda weights, **_: tiny_baseline())
     args = ["tune", "--max-drop", "100", "--data", str(cifar_root), "--subset", "20",
             "--resolutions", "64,32", "--prune-ratios", "0,0.5", "--precisions", "fp32",
-            "--neuron-ratios", "0", "--runs", "2", "--warmup", "0"]
+            "--neuron-ratios", "0", "--runs", "2", "--warmup", "0",
+            "--output", str(tmp_path / "out" / "search.json")]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "← chosen" in out and "Registered" in out and "95% CI" in out
     home = tmp_path / "home"
     assert (home / "tune.png").stat().st_size > 10_000 and (home / "tune.report.json").exists()
+    assert (tmp_path / "out" / "search.json").read_text() == \
+        (home / "tune.report.json").read_text().rstrip("\n") + "\n"
 
     variant_set = build_variants(tiny_baseline(), ["baseline", "tuned"], store=Store(home),
                                  progress=False)
