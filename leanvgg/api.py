@@ -23,7 +23,8 @@ from leanvgg.variants import VariantSet, build_variants
 
 def build(weights: str | Path | VGG | Baseline = "auto",
           variants: Sequence[str] | None = None, *, calibration: str | Path | None = None,
-          home: str | Path | None = None, progress: bool = False) -> VariantSet:
+          home: str | Path | None = None, runtime: str = "auto",
+          progress: bool = False) -> VariantSet:
     """The baseline and each named variant (default: all), built or loaded from the cache.
 
     ``weights``: ``"auto"`` (ImageNet when downloadable, else random), ``"imagenet"``,
@@ -32,6 +33,8 @@ def build(weights: str | Path | VGG | Baseline = "auto",
     or ``"tuned"``; the baseline is always included (speedups are relative to it).
     ``calibration``: a folder of images for static INT8 (default: the bundled photos).
     ``home``: the cache folder (default ``$LEANVGG_HOME`` or ``~/.cache/leanvgg``).
+    ``runtime``: where compiled variants run: ``"auto"`` (the fastest of Inductor, ONNX Runtime
+    and OpenVINO here, measured once per machine and kept), or one of them pinned.
     """
     if isinstance(weights, VGG):
         baseline = baseline_of(weights)
@@ -41,7 +44,7 @@ def build(weights: str | Path | VGG | Baseline = "auto",
         baseline = load_baseline(str(weights), progress=progress)
     names = None if variants is None else ["baseline", *variants]
     return build_variants(baseline, names, store=Store(Path(home)) if home else Store(),
-                          progress=progress,
+                          progress=progress, runtime=runtime,
                           calibration=str(calibration) if calibration else None)
 
 

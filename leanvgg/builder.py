@@ -49,6 +49,10 @@ class VariantFacts:
     accuracy: dict | None  # the latest evaluation of these very weights, when one exists
     steps: list[dict]
     article: bool  # one of the article's five variants
+    # where it runs: pytorch (eager), inductor, onnxruntime or openvino (leanvgg.runtimes), and
+    # how that was decided (the measured medians of ``auto``, or a fallback's reason)
+    runtime: str
+    runtime_choice: dict | None
     # one-off costs, apart from steady-state latency: calibration when it was built,
     # compilation when its package was made, loading (incl. the first call) here
     preparation_s: dict
@@ -88,6 +92,8 @@ class Variant:
             accuracy=self.facts.get("accuracy"),
             steps=[step.to_json() for step in self.recipe.steps],
             article=self.recipe.article,
+            runtime=self.facts.get("runtime", "inductor" if self.recipe.compiled else "pytorch"),
+            runtime_choice=self.facts.get("runtime_choice"),
             preparation_s={k: self.facts[k] for k in ("calibration_s", "compile_s", "load_s")
                            if k in self.facts},
         )
@@ -296,7 +302,8 @@ def profile_key(variant: Variant, threads: int) -> str:
     """Where a variant's latency profile is kept (store document PROFILES): it holds only for
     these weights, this way of running them, this input size, thread count, torch and CPU."""
     machine = machine_key()
-    return (f"{variant.name}|{variant.artifact}|compiled={variant.recipe.compiled}|"
+    runtime = variant.facts.get("runtime", "inductor" if variant.recipe.compiled else "pytorch")
+    return (f"{variant.name}|{variant.artifact}|runtime={runtime}|"
             f"{variant.input_size}px|threads={threads}|torch={machine['torch']}|"
             f"cpu={machine['capability']}-{machine['cpu_flags']}")
 

@@ -26,6 +26,8 @@ from leanvgg.export import ExportError, export
 from leanvgg.export import check as check_export
 from leanvgg.interop import MissingRuntime
 from leanvgg.portable import LoadError
+from leanvgg.runtimes import AUTO
+from leanvgg.runtimes import CHOICES as RUNTIME_CHOICES
 from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
@@ -126,6 +128,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {', '.join(RECIPES)}, {TUNED} (default: all, bf16 "
              "only where the CPU computes in bf16, tuned once 'leanvgg tune' chose one)")
 
+    runtime = _Parser(add_help=False)
+    runtime.add_argument(
+        "--runtime", choices=RUNTIME_CHOICES, default=AUTO,
+        help="where compiled variants run (default auto: the fastest of inductor, onnxruntime "
+             "and openvino on this machine, measured once and kept; without leanvgg[export] "
+             "installed, inductor)")
+
     # A labelled set, as 'evaluate' and 'tune' read it (see _labelled).
     labelled = _Parser(add_help=False)
     labelled.add_argument(
@@ -148,7 +157,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="PyTorch intra-op threads (default: PyTorch's default)")
 
     cmp = commands.add_parser(
-        "compare", parents=[weights, timing], help="measure every variant on one image",
+        "compare", parents=[weights, timing, runtime], help="measure every variant on one image",
         description="Measure size, parameters, MACs, latency, speedup and top-3 predictions of "
                     "every variant on IMAGE, one variant after another.")
     cmp.add_argument("image", metavar="IMAGE", help="JPEG, PNG, WebP, BMP, GIF or TIFF file")
@@ -160,7 +169,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="above 1: also measure throughput (images/s) at batch N, beside the "
                           "batch-1 latency (default 1: latency only)")
 
-    commands.add_parser("build", parents=[weights], help="build and cache the variants",
+    commands.add_parser("build", parents=[weights, runtime],
+                        help="build and cache the variants",
                         description="Build every variant missing from the cache "
                                     "($LEANVGG_HOME, default ~/.cache/leanvgg).")
 
@@ -265,7 +275,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="only entries last written more than DAYS days ago")
 
     srv = commands.add_parser(
-        "serve", parents=[weights, timing], help="run the dashboard and JSON API",
+        "serve", parents=[weights, timing, runtime], help="run the dashboard and JSON API",
         description="Serve the dashboard on a production WSGI server (waitress). The page "
                     "answers at once; each variant becomes usable as soon as it is loaded or "
                     "built. Latency is profiled per variant in the background (--runs passes "
@@ -313,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compare(args: argparse.Namespace) -> int:
     picture = decode(read_file(args.image))  # fail on a bad image before any model work
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
-                                 store=Store(), calibration=args.calibration)
+                                 store=Store(), calibration=args.calibration,
+                                 runtime=args.runtime)
     result = compare(picture, variant_set,
                      Settings(runs=args.runs, warmup=args.warmup, threads=args.threads,
                               batch_size=args.batch_size),
@@ -331,10 +342,10 @@ def _with_baseline(names: list[str] | None) -> list[str] | None:
 
 def _build(args: argparse.Namespace) -> int:
     variant_set = build_variants(load_baseline(args.weights), args.variants, store=Store(),
-                                 calibration=args.calibration)
+                                 calibration=args.calibration, runtime=args.runtime)
     for variant in variant_set.variants.values():
         print(f"{variant.name:<17} {variant.facts['size_bytes'] / 2**20:8.1f} MB  "
-              f"{variant.facts['params']:>12,} params")
+              f"{variant.facts['params']:>12,} params  {variant.summary().runtime}")
     return 0
 
 
@@ -518,7 +529,7 @@ def _serve(args: argparse.Namespace) -> int:
     service = ComparisonService(
         weights=args.weights, names=_with_baseline(args.variants),
         settings=Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
-        limits=limits, store=Store(), calibration=args.calibration,
+        limits=limits, store=Store(), calibration=args.calibration, runtime=args.runtime,
         queue_timeout_s=args.queue_timeout)
     try:
         # Bound before the warm-up starts: a taken port fails in a second, not after minutes.
@@ -571,7 +582,7 @@ def _exit_on_signal(signum: int, _frame) -> None:
 def format_table(result: ComparisonResult) -> str:
     """A fixed-width table of a comparison, with where its figures come from."""
     batched = result.batch_size > 1
-    header = (f"{'variant':<17}{'input':>6}{'size MB':>9}{'params':>13}{'GMACs':>7}"
+    header = (f"{'variant':<17}{'runtime':<12}{'input':>6}{'size MB':>9}{'params':>13}{'GMACs':>7}"
               f"{'median ms':>11}{'p90 ms':>9}{'speedup':>9}"
               + (f"{f'img/s @{result.batch_size}':>12}" if batched else "") + "  top-3")
     lines = [header, "-" * len(header)]
@@ -581,7 +592,8 @@ def format_table(result: ComparisonResult) -> str:
         throughput = (f"{row.throughput.images_per_s:>12.1f}" if batched and row.throughput
                       else "")
         lines.append(
-            f"{v.name:<17}{v.input_size:>6}{v.size_mb:>9.1f}{v.params:>13,}{v.macs / 1e9:>7.2f}"
+            f"{v.name:<17}{v.runtime:<12}{v.input_size:>6}{v.size_mb:>9.1f}{v.params:>13,}"
+            f"{v.macs / 1e9:>7.2f}"
             f"{row.latency_ms.median:>11.1f}{row.latency_ms.p90:>9.1f}{row.speedup:>8.2f}×"
             f"{throughput}  {top3}")
     m = result.machine

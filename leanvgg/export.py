@@ -128,13 +128,13 @@ def _precision_step(recipe: Recipe) -> Step | None:
     return last if isinstance(last, (QuantizeStaticInt8, QuantizeDynamicInt8, CastBf16)) else None
 
 
-def _float_model(variant: Variant, builder: Builder) -> nn.Module:
+def float_model(variant: Variant, builder: Builder) -> nn.Module:
     """The eager model before the precision step (all of the recipe's structure and training)."""
     steps = len(variant.recipe.steps) - (_precision_step(variant.recipe) is not None)
     return builder.artifact(variant.recipe, steps)[0]
 
 
-def _calibration(variant: Variant) -> torch.Tensor | None:
+def calibration_of(variant: Variant) -> torch.Tensor | None:
     step = _precision_step(variant.recipe)
     if not isinstance(step, QuantizeStaticInt8):
         return None
@@ -167,8 +167,8 @@ def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
 
 def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.onnx"
-    calibration = _calibration(variant)
-    write_onnx(_float_model(variant, builder), variant.input_size, path,
+    calibration = calibration_of(variant)
+    write_onnx(float_model(variant, builder), variant.input_size, path,
                calibration=calibration)
     return path, {"run": f"onnxruntime.InferenceSession({path.name!r}).run(None, "
                          "{'input': x.numpy()})[0]", "batch": "any",
@@ -178,8 +178,8 @@ def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
 
 def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.xml"
-    calibration = _calibration(variant)
-    write_openvino(openvino_model(_float_model(variant, builder), variant.input_size,
+    calibration = calibration_of(variant)
+    write_openvino(openvino_model(float_model(variant, builder), variant.input_size,
                                   calibration=calibration), path)
     # OpenVINO runs FP32 models in bf16 on CPUs with native bf16 unless told not to
     hint = "" if calibration is not None else ", {'INFERENCE_PRECISION_HINT': 'f32'}"
@@ -194,7 +194,7 @@ def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, d
     facts = variant.facts
     save_safetensors(model, path, spec={
         "variant": variant.name, "input_size": variant.input_size,
-        "layout": layout_of(_float_model(variant, builder)),
+        "layout": layout_of(float_model(variant, builder)),
         "steps": [step.to_json() for step in variant.recipe.steps],
         "kept": {k: facts[k] for k in ("pruning", "neuron_pruning") if facts.get(k)},
         "artifact": variant.artifact})

@@ -103,10 +103,13 @@ class ComparisonService:
                  limits: ImageLimits = DEFAULT_LIMITS, store: Store | None = None,
                  max_queue: int = 8, queue_timeout_s: float = 120.0,
                  profile_refresh_s: float | None = 3600.0,
-                 variant_set: VariantSet | None = None, calibration: str | None = None) -> None:
+                 variant_set: VariantSet | None = None, calibration: str | None = None,
+                 runtime: str = "inductor") -> None:
         """``settings``: the profiles' passes (runs, warm-up) and threads; ``variant_set``:
         variants built already (then ``start`` only starts profiling); ``calibration``: a
-        folder of images for static INT8 (default: the bundled photos); ``profile_refresh_s``:
+        folder of images for static INT8 (default: the bundled photos); ``runtime``: where
+        compiled variants run (``leanvgg.runtimes``; auto measures once per machine, holding the
+        measurement slot); ``profile_refresh_s``:
         profiles older than this are measured again when idle (None: never)."""
         self.weights = weights
         self.names = names
@@ -114,6 +117,7 @@ class ComparisonService:
         self.limits = limits
         self.store = store
         self.calibration = calibration
+        self.runtime = runtime
         if max_queue < 1:
             raise ValueError(f"Invalid max_queue {max_queue}: at least 1 comparison must fit.")
         self.max_queue = max_queue  # comparisons admitted at once: one measuring, the rest waiting
@@ -171,13 +175,15 @@ class ComparisonService:
         """Whether a variant is still being loaded, built or compiled."""
         with self._lock:
             return self._baseline is None and self._failure is None or any(
-                s.state in ("queued", "building", "compiling") for s in self._states.values())
+                s.state in ("queued", "building", "compiling", "choosing runtime")
+                for s in self._states.values())
 
     def _warm_up(self) -> None:
         try:
             store = self.store if self.store is not None else Store()
             baseline = load_baseline(self.weights)
-            builder = VariantBuilder(baseline, store, self.calibration)
+            builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
+                                     measuring=self._slot)
             names = builder.resolve(self.names)
         except Exception as err:  # reported by status() and every request, not lost in a thread
             log.exception("Warm-up failed")

@@ -32,11 +32,16 @@ STALE_TEMP_SECONDS = 3600
 MANIFEST_FIELDS = {"key": str, "sha256": str, "bytes": int, "manifest_sha256": str}
 
 
+# An entry's data file, by suffix: what kind of thing it is.
+DATA_KINDS = {".pt": "weights", ".pt2": "package", ".onnx": "converted", ".xml": "converted",
+              ".bin": "converted"}
+
 # The documents kept beside the artifacts (``<root>/<name>.report.json``), named here only.
 EVALUATION = "evaluation"  # ``leanvgg evaluate``'s latest figures, per variant and artifact
 TUNED = "tuned"  # ``leanvgg tune``'s latest choice, registered as the ``tuned`` variant
 SEARCH = "tune"  # ``leanvgg tune``'s latest search: every candidate (its resume file)
 PROFILES = "profiles"  # the server's latency profiles, per variant and machine
+RUNTIME_CHOICES = "runtimes"  # the runtime measured fastest per variant, CPU and versions
 SEARCH_PLOT = "tune.png"  # the latest search's Pareto plot
 
 
@@ -46,7 +51,7 @@ class Entry:
 
     key: str
     recipe: str  # the recipe that built it ("?" when the manifest is unreadable)
-    kind: str  # "weights" (a state dict) or "package" (compiled code)
+    kind: str  # "weights" (a state dict), "package" (compiled code) or "converted" (ONNX, IR)
     bytes: int  # data and manifest together
     modified: float  # when it was written (seconds since the epoch)
     built_from: str  # the step applied and the entry it was applied to, or what was compiled
@@ -172,7 +177,7 @@ class Store:
             if manifest_path.name.endswith(".report.json"):
                 continue  # a document (evaluation, tuned choice, search, profiles)
             key = manifest_path.stem
-            data = [p for p in self.root.glob(f"{key}.pt*") if p.suffix in (".pt", ".pt2")]
+            data = [p for p in self.root.glob(f"{key}.*") if p.suffix in DATA_KINDS]
             try:
                 manifest = json.loads(manifest_path.read_text())
                 recipe = str(manifest.get("recipe", "?"))
@@ -180,12 +185,13 @@ class Store:
                     step = manifest["step"] or {}
                     built_from = f"{step.get('op', '?')} on {str(manifest.get('previous'))[:8]}"
                 else:
-                    built_from = f"compiled from {str(manifest.get('artifact'))[:8]}"
+                    made = "converted" if "converted" in manifest else "compiled"
+                    built_from = f"{made} from {str(manifest.get('artifact'))[:8]}"
             except (OSError, ValueError, AttributeError):
                 recipe, built_from = "?", "unreadable manifest"
             paths = (manifest_path, *data)
-            found.append(Entry(key, recipe,
-                               "package" if any(p.suffix == ".pt2" for p in data) else "weights",
+            kinds = {DATA_KINDS[p.suffix] for p in data}
+            found.append(Entry(key, recipe, kinds.pop() if len(kinds) == 1 else "?",
                                sum(_size(p) for p in paths), _mtime(manifest_path), built_from,
                                paths))
         return sorted(found, key=lambda e: -e.modified)

@@ -3,8 +3,11 @@ one), and preparing them by name through the one builder (``leanvgg.builder``)."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +21,11 @@ from leanvgg.distributed import rank_zero_first
 from leanvgg.models import Baseline
 from leanvgg.recipes import RECIPES, QuantizeStaticInt8, Recipe, tuned_recipe
 from leanvgg.runtime import native_bf16
+from leanvgg.runtimes import AUTO, CHOICES, INDUCTOR, missing_runtimes_note, select
 from leanvgg.store import EVALUATION, TUNED, Store
+
+
+log = logging.getLogger(__name__)
 
 
 class NotTuned(LookupError):
@@ -86,12 +93,13 @@ def register_tuned(baseline: Baseline, config: dict, store: Store) -> Recipe:
 
 def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
                    store: Store | None = None, progress: bool = True,
-                   calibration: str | None = None) -> VariantSet:
+                   calibration: str | None = None, runtime: str = INDUCTOR) -> VariantSet:
     """Every requested variant, from the cache when a valid entry exists, else built and stored.
 
     Recipes that produce the same weights (baseline and res160) share one model in memory.
     """
-    builder = VariantBuilder(baseline, store if store is not None else Store(), calibration)
+    builder = VariantBuilder(baseline, store if store is not None else Store(), calibration,
+                             runtime=runtime)
     names = builder.resolve(names)
     with rank_zero_first():  # under torchrun the other ranks then load what rank 0 built
         variants = {name: builder.prepare(name)
@@ -103,12 +111,24 @@ def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
 class VariantBuilder:
     """Prepares named variants one at a time (the dashboard shows each as it becomes ready)."""
 
-    def __init__(self, baseline: Baseline, store: Store, calibration: str | None = None) -> None:
+    def __init__(self, baseline: Baseline, store: Store, calibration: str | None = None, *,
+                 runtime: str = INDUCTOR,
+                 measuring: AbstractContextManager = contextlib.nullcontext()) -> None:
+        """``runtime``: where compiled variants run (``leanvgg.runtimes``: inductor, auto,
+        onnxruntime, openvino); ``measuring``: held while choosing a runtime, so that nothing
+        else is timed at once (the server's measurement slot)."""
+        if runtime not in CHOICES:
+            raise ValueError(f"Invalid runtime {runtime!r}. Choose from {', '.join(CHOICES)}.")
         self.baseline = baseline
         self.store = store
         self.registry = registry_for(baseline, store, calibration)
         self.accuracy = store.load_json(EVALUATION) or {}
         self.builder = Builder(baseline, store)
+        self.runtime = runtime
+        self.measuring = measuring
+        note = missing_runtimes_note() if runtime == AUTO else None
+        if note:
+            log.warning(note)
 
     def resolve(self, names: Iterable[str] | None) -> list[str]:
         """Validated names in registry order; ``tuned`` only once ``leanvgg tune`` chose one."""
@@ -122,7 +142,8 @@ class VariantBuilder:
     def prepare(self, name: str, on_state: Callable[[str], object] = lambda state: None
                 ) -> Variant:
         """The ready variant, with the latest evaluation of these very weights if any."""
-        variant = self.builder.variant(self.registry[name], on_state)
+        variant = select(self.builder.variant(self.registry[name], on_state), self.builder,
+                         self.runtime, on_state=on_state, measuring=self.measuring)
         measured = self.accuracy.get(name)
         if measured and measured.get("artifact") == variant.artifact:
             return dataclasses.replace(variant, facts={**variant.facts, "accuracy": measured})

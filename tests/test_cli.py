@@ -11,12 +11,13 @@ from PIL import Image
 
 from conftest import encode
 from leanvgg.cli import main
+from leanvgg.recipes import RECIPES
 from leanvgg.variants import default_names
 from hostile import png_header
 
 VARIANT_KEYS = {"name", "description", "input_size", "size_mb", "params", "params_total", "macs",
                 "latency_ms", "speedup", "top3", "fine_tuned", "steps", "article", "preparation_s",
-                "latency_source", "image_ms", "profile"}
+                "latency_source", "image_ms", "profile", "runtime", "runtime_choice"}
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def warm_cache(variant_set, cache_dir, monkeypatch):
 
 def test_compare_json_schema(warm_cache, photo_path, capsys):
     code = main(["compare", str(photo_path), "--weights", "random", "--runs", "2",
-                 "--warmup", "0", "--threads", "1", "--json"])
+                 "--warmup", "0", "--threads", "1", "--runtime", "inductor", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["weights"] == "random" and result["threads"] == 1
@@ -46,6 +47,8 @@ def test_compare_json_schema(warm_cache, photo_path, capsys):
         assert len(v["top3"]) == 3
         assert all({"label", "index", "prob"} == p.keys() for p in v["top3"])
         assert all(0 <= p["index"] < 1000 and 0 <= p["prob"] <= 1 for p in v["top3"])
+        compiled = RECIPES[v["name"]].compiled
+        assert v["runtime"] == ("inductor" if compiled else "pytorch")  # as --runtime says
     assert variants["baseline"]["speedup"] == 1.0
     assert variants["res160"]["input_size"] == 160
     assert variants["pruned"]["fine_tuned"] is False and variants["quantized"]["fine_tuned"] is None

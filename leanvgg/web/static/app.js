@@ -174,9 +174,13 @@ function addRow(variant, best) {
   const tag = document.createElement("span");
   tag.className = "tag";
   const origin = variant.article ? "article" : "beyond the article";
-  tag.textContent = `${origin} · ` +
+  tag.textContent = `${origin} · runs on ${variant.runtime} · ` +
     (variant.fine_tuned === false ? "not fine-tuned" : variant.description);
-  tag.title = variant.description;
+  const choice = variant.runtime_choice;
+  tag.title = variant.description + (choice && choice.medians_ms
+    ? `\nruntime measured on this machine (median ms): ` + Object.entries(choice.medians_ms)
+      .map(([r, ms]) => `${r} ${ms.toFixed(1)}`).join(", ")
+    : choice && choice.fallback ? `\n${choice.asked} not used: ${choice.fallback}` : "");
   name.appendChild(tag);
   cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));
   COLUMNS.forEach((col, i) => {

@@ -1,0 +1,116 @@
+"""The runtime as a measured choice: chosen once per machine and kept, measured again when the
+CPU or a library changes, each runtime agreeing with Inductor on real photos, and Inductor
+alone (with one log line) where the other runtimes are not installed."""
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from leanvgg import runtimes
+from leanvgg.images import decode, read_file
+from leanvgg.store import RUNTIME_CHOICES, Store
+from leanvgg.variants import build_variants
+from test_export import PHOTOS, decisive_baseline
+
+NAMES = ["baseline", "int8_static"]
+# How far each runtime's INT8 may be from the FP32 logits, in multiples of Inductor's INT8
+# distance: the same bounds as the exports these runtimes run (tests/test_export.py, README).
+FROM_FP32 = {"onnxruntime": 1.5, "openvino": 8.0}
+
+
+def _build(home, runtime="auto"):
+    return build_variants(decisive_baseline(), NAMES, store=Store(home), progress=False,
+                          runtime=runtime).variants
+
+
+def _logits(variant) -> torch.Tensor:
+    size = variant.input_size
+    batch = torch.cat([decode(read_file(p)).batches({size}).tensors[size] for p in PHOTOS])
+    with torch.inference_mode():
+        return torch.cat([variant.model(row[None]) for row in batch])
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """Every round-robin the runtime choice runs (by the runtimes it timed)."""
+    calls = []
+    real = runtimes.time_models
+
+    def counted(jobs, **kwargs):
+        calls.append(sorted(jobs))
+        return real(jobs, **kwargs)
+
+    monkeypatch.setattr(runtimes, "time_models", counted)
+    return calls
+
+
+def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, timings):
+    first = _build(tmp_path)["int8_static"]
+    assert timings == [["inductor", "onnxruntime", "openvino"]]
+    choice = first.summary().runtime_choice
+    assert first.summary().runtime == choice["runtime"] == min(choice["medians_ms"],
+                                                               key=choice["medians_ms"].get)
+    assert _build(tmp_path)["baseline"].summary().runtime == "pytorch"  # eager: no choice
+    second = _build(tmp_path)["int8_static"]  # a later start: nothing measured again
+    assert len(timings) == 1 and second.summary().runtime == first.summary().runtime
+    stored = Store(tmp_path).load_json(RUNTIME_CHOICES)
+    assert len(stored) == 1 and next(iter(stored.values()))["runtime"] == choice["runtime"]
+
+
+@pytest.mark.parametrize("change", ["cpu flags", "library version"])
+def test_a_new_cpu_or_library_version_measures_again(tmp_path, timings, monkeypatch, change):
+    _build(tmp_path)
+    if change == "cpu flags":
+        key = runtimes.machine_key()
+        monkeypatch.setattr(runtimes, "machine_key", lambda: {**key, "cpu_flags": "another"})
+    else:
+        facts = runtimes.machine_facts
+
+        def newer(threads):
+            found = facts(threads)
+            return {**found, "versions": {**found["versions"], "onnxruntime": "99.0"}}
+
+        monkeypatch.setattr(runtimes, "machine_facts", newer)
+    _build(tmp_path)
+    assert len(timings) == 2
+    assert len(Store(tmp_path).load_json(RUNTIME_CHOICES)) == 2  # the old choice is kept
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_each_runtime_agrees_with_inductor_on_real_photos(tmp_path, runtime):
+    pinned = _build(tmp_path, runtime)
+    inductor = _build(tmp_path, "inductor")
+    assert pinned["int8_static"].summary().runtime == runtime
+    assert inductor["int8_static"].summary().runtime == "inductor"
+    theirs, ours = _logits(pinned["int8_static"]), _logits(inductor["int8_static"])
+    fp32 = _logits(inductor["baseline"])
+    assert torch.equal(theirs.argmax(1), ours.argmax(1))  # the same top-1 on every photo
+    assert len(set(ours.argmax(1).tolist())) > 1
+    theirs_error = float((theirs - fp32).abs().max())
+    ours_error = float((ours - fp32).abs().max())
+    assert theirs_error <= FROM_FP32[runtime] * ours_error, (theirs_error, ours_error)
+    # size and accuracy facts are the variant's, whatever runs it
+    assert pinned["int8_static"].facts["size_bytes"] == \
+        inductor["int8_static"].facts["size_bytes"]
+
+
+def test_without_the_runtimes_everything_runs_on_inductor_with_one_log_line(
+        tmp_path, monkeypatch, caplog, timings):
+    for module in ("onnxruntime", "openvino", "onnx", "nncf"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with caplog.at_level(logging.WARNING):
+        variant = _build(tmp_path)["int8_static"]
+    assert variant.summary().runtime == "inductor" and timings == []
+    lines = [r.getMessage() for r in caplog.records
+             if r.levelno >= logging.WARNING and r.name.startswith("leanvgg")]
+    assert len(lines) == 1 and "pip install 'leanvgg[export]'" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pinned = _build(tmp_path / "pinned", "openvino")["int8_static"]
+    assert pinned.summary().runtime == "inductor"
+    assert pinned.summary().runtime_choice["asked"] == "openvino"
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("leanvgg")] == [
+        "int8_static runs on inductor: openvino is not installed "
+        "(pip install 'leanvgg[export]')"]
