@@ -45,10 +45,12 @@ bench-peers: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench,export]'
 	$(BIN)/python benchmarks/peers.py $(ARGS)
 
-# Accuracy, top-1 agreement and logit error of the fast variants against FP32.
+# Accuracy, top-1 agreement and logit error of the fast variants against FP32, and of each
+# runtime (inductor, onnxruntime, openvino) against inductor.
 bench-fidelity: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/fidelity.py $(ARGS)
+	$(BIN)/python benchmarks/runtime_fidelity.py
 
 # leanvgg tune's search on the digits-trained VGG-19 (Pareto front, sensitivity, choice).
 bench-tune: $(STAMP)

@@ -1,14 +1,18 @@
 """leanvgg's variants against other CPU runtimes, in one process, on one input, side by side.
 
-Run: make bench-peers   (installs the `peers` extra: OpenVINO, NNCF, ONNX Runtime)
+Run: make bench-peers   (installs the `export` extra: OpenVINO, NNCF, ONNX Runtime)
 
-Runners: PyTorch eager FP32; every leanvgg variant; OpenVINO INT8 (NNCF post-training
-quantization calibrated on leanvgg's calibration photos); ONNX Runtime static INT8 (QDQ,
-per-channel weights, the same calibration); torch.compile bf16 (leanvgg's `bf16` variant).
-All run with the same thread count on the same preprocessed photo, batch 1 and batch 8: each
-runner warmed up, then the timed passes go round-robin over the runners, one pass at a time.
-Saves benchmarks/results/peers.json and peers.png. Random weights by default: timings and
-sizes are real, predictions are not.
+Runners: PyTorch eager FP32; every leanvgg variant on the runtime leanvgg chose for it on this
+machine (--runtime auto: the fastest of inductor, onnxruntime and openvino, measured once per
+machine and thread count); OpenVINO INT8 (NNCF post-training quantization calibrated on
+leanvgg's calibration photos) and ONNX Runtime static INT8 (QDQ, per-channel weights, the same
+calibration) of the unpruned model, as peers. All run with the same thread count on the same
+preprocessed photo, per batch size (1 and 8) and thread count (1 and all cores): each runner
+warmed up, then the timed passes go round-robin over the runners, one pass at a time. Prints,
+per thread count and batch size, leanvgg's fastest 224 px variant against the fastest peer and
+int8_static against it (issue 15's targets: ≤ 0.9× and ≤ 1.0×), and the fastest 160 px variant
+against FP32 eager. Saves benchmarks/results/peers.json (report schema) and peers.png. Random
+weights by default: timings and sizes are real, predictions are not.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def _openvino_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: i
     ov_model = openvino_model(model, size, calibration=calibration)
     write_openvino(ov_model, tmp / "vgg19_int8.xml")
     size_mb = sum(p.stat().st_size for p in tmp.glob("vgg19_int8.*")) / 2**20
-    return openvino_runner(ov_model, threads), size_mb
+    return openvino_runner(ov_model, threads, f32=False), size_mb  # OpenVINO's defaults
 
 
 def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
@@ -112,26 +116,61 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, 
     return ceilings
 
 
+PEERS = ("openvino int8 (nncf)", "onnxruntime int8 qdq")
+TARGET_PEER, TARGET_INT8 = 0.9, 1.0  # issue 15: fastest 224 px ≤ 0.9× the fastest peer, …
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default="random")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}",
+                        help="thread counts, each measured in full (default 1 and all cores)")
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--runtime", default="auto", help="leanvgg's runtime (default auto)")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    log = logging.getLogger("peers")
-
+    thread_counts = tuple(dict.fromkeys(int(t) for t in args.threads.split(",")))
     baseline = load_baseline(args.weights, progress=False)
+    rows, ceilings = [], {}
+    for threads in thread_counts:
+        found, ceilings[str(threads)] = measure(baseline, threads, batch_sizes, args)
+        rows += found
+    document = schema.document(
+        "benchmark/peers", rows,
+        config={"weights": baseline.weights, "runs": args.runs, "warmup": args.warmup,
+                "threads": list(thread_counts), "batch_sizes": list(batch_sizes),
+                "runtime": args.runtime},
+        threads=max(thread_counts), matmul_ceiling_gops=ceilings)
+    document["targets"] = targets(document)
+    out = args.out.with_suffix(".json")
+    schema.write(out, document)
+    document = json.loads(out.read_text())  # the tables and the plot read what was saved
+    for threads in thread_counts:
+        for batch_size in batch_sizes:
+            print(_table(document, threads, batch_size))
+    print()
+    for line in document["targets"]:
+        print(line["summary"])
+    _plot(document, args.out.with_suffix(".png"))
+    print(f"\nSaved {out} and {args.out.with_suffix('.png')}")
+
+
+def measure(baseline, threads: int, batch_sizes: tuple[int, ...],
+            args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
+    """Every runner at ``threads`` threads, per batch size: rows of the report."""
+    log = logging.getLogger("peers")
+    torch.set_num_threads(threads)
     fp32 = baseline.model
     names = default_names() + ([] if native_bf16() else ["bf16"])
-    log.info("Building / loading leanvgg variants: %s", ", ".join(names))
-    variant_set = build_variants(baseline, names, store=Store(), progress=True)
+    log.info("%d threads: building / loading leanvgg variants (%s): %s", threads,
+             args.runtime, ", ".join(names))
+    variant_set = build_variants(baseline, names, store=Store(), progress=True,
+                                 runtime=args.runtime)
     calibration = calibration_batch(224)
     macs224 = count_macs(fp32, 224)
 
@@ -143,46 +182,73 @@ def main() -> None:
         recipe = RECIPES[name]
         precision = ("bf16" if name == "bf16" else "int8" if recipe.compiled else "fp32")
         emulated = name == "bf16" and not native_bf16()
+        facts = variant.summary()
         runners.append(Runner(
-            f"leanvgg {name}", variant.model, size_mb=variant.facts["size_bytes"] / 2**20,
-            precision=precision, macs=variant.facts["macs"], input_size=variant.input_size,
-            prepare_s=sum(variant.summary().preparation_s.values()),
+            f"leanvgg {name} [{facts.runtime}]", variant.model,
+            size_mb=facts.size_mb, precision=precision, macs=facts.macs,
+            input_size=variant.input_size, prepare_s=sum(facts.preparation_s.values()),
             # emulated bf16 runs ~7× slower than FP32; batch 8 would take minutes for nothing
             batch_sizes=(1,) if emulated else batch_sizes))
     with tempfile.TemporaryDirectory() as tmp:
-        for label, make in (("openvino int8 (nncf)", _openvino_int8),
-                            ("onnxruntime int8 qdq", _onnxruntime_int8)):
+        for label, make in zip(PEERS, (_openvino_int8, _onnxruntime_int8)):
             log.info("Preparing %s", label)
             (run, size_mb), seconds = _timed(
-                lambda make=make: make(fp32, calibration, args.threads, 224, Path(tmp)))
+                lambda make=make: make(fp32, calibration, threads, 224, Path(tmp)))
             runners.append(Runner(label, run, size_mb=size_mb, precision="int8", macs=macs224,
                                   input_size=224, prepare_s=seconds))
 
-        ceilings = matmul_ceilings(args.threads)
+        ceilings = matmul_ceilings(threads)
         log.info("Matmul ceilings (GOP/s): %s", ceilings)
         image = Image.open(PHOTO).convert("RGB")
-        results = {}
+        rows = []
         for batch_size in batch_sizes:
             jobs = {r.name: (r, preprocess(image, r.input_size).expand(batch_size, -1, -1, -1)
                              .contiguous())
                     for r in runners if batch_size in r.batch_sizes}
-            log.info("Timing batch %d: %d runners × (%d warm-up + %d runs)", batch_size,
-                     len(jobs), args.warmup, args.runs)
+            log.info("Timing batch %d at %d threads: %d runners × (%d warm-up + %d runs)",
+                     batch_size, threads, len(jobs), args.warmup, args.runs)
             timings = time_models(jobs, runs=args.runs, warmup=args.warmup, progress=True)
-            results[batch_size] = _rows(runners, timings, batch_size, ceilings)
+            rows += [{**row, "threads": threads}
+                     for row in _rows(runners, timings, batch_size, ceilings)]
+    return rows, ceilings
 
-    document = schema.document(
-        "benchmark/peers", [row for rows in results.values() for row in rows],
-        config={"weights": baseline.weights, "runs": args.runs, "warmup": args.warmup,
-                "threads": args.threads, "batch_sizes": list(batch_sizes)},
-        threads=args.threads, matmul_ceiling_gops=ceilings)
-    out = args.out.with_suffix(".json")
-    schema.write(out, document)
-    document = json.loads(out.read_text())  # the table and the plot read what was saved
-    for batch_size in batch_sizes:
-        print(_table(document, batch_size))
-    _plot(document, args.out.with_suffix(".png"))
-    print(f"\nSaved {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+
+def targets(document: dict) -> list[dict]:
+    """Per thread count and batch size: leanvgg's fastest 224 px variant against the fastest
+    peer, int8_static (same MACs) against it, the fastest 160 px variant against FP32 eager."""
+    lines = []
+    for threads in document["config"]["threads"]:
+        for batch in document["config"]["batch_sizes"]:
+            rows = [r for r in document["results"]
+                    if r["threads"] == threads and r["batch"] == batch]
+            ms = {r["name"]: r["latency_ms"]["median"] for r in rows}
+            ours = [r for r in rows if r["name"].startswith("leanvgg")]
+            peer = min((r for r in rows if r["name"] in PEERS),
+                       key=lambda r: r["latency_ms"]["median"])
+            best224 = min((r for r in ours if r["input_size"] == 224),
+                          key=lambda r: r["latency_ms"]["median"])
+            int8 = next(r for r in ours if r["name"].startswith("leanvgg int8_static "))
+            small = [r for r in ours if r["input_size"] == 160]
+            best160 = min(small, key=lambda r: r["latency_ms"]["median"]) if small else None
+            ratio = ms[best224["name"]] / ms[peer["name"]]
+            int8_ratio = ms[int8["name"]] / ms[peer["name"]]
+            line = {"threads": threads, "batch": batch, "fastest_224": best224["name"],
+                    "fastest_peer": peer["name"], "x_of_peer": ratio,
+                    "target_met": ratio <= TARGET_PEER, "int8_static_x_of_peer": int8_ratio,
+                    "int8_target_met": int8_ratio <= TARGET_INT8,
+                    "fastest_160": best160["name"] if best160 else None,
+                    "speedup_160_vs_fp32_eager": (ms["pytorch eager fp32"]
+                                                  / ms[best160["name"]]) if best160 else None}
+            line["summary"] = (
+                f"{threads} thread(s), batch {batch}: {best224['name']} "
+                f"{ms[best224['name']]:.1f} ms = {ratio:.2f}× {peer['name']} "
+                f"{ms[peer['name']]:.1f} ms (target ≤ {TARGET_PEER}: "
+                f"{'met' if line['target_met'] else 'MISSED'}); int8_static {int8_ratio:.2f}× "
+                f"(target ≤ {TARGET_INT8}: {'met' if line['int8_target_met'] else 'MISSED'})"
+                + (f"; {best160['name']} {line['speedup_160_vs_fp32_eager']:.2f}× FP32 eager"
+                   if best160 else ""))
+            lines.append(line)
+    return lines
 
 
 def _rows(runners: list[Runner], timings: dict, batch_size: int,
@@ -209,24 +275,24 @@ def _rows(runners: list[Runner], timings: dict, batch_size: int,
     return rows
 
 
-def _table(document: dict, batch_size: int) -> str:
-    """One batch size's rows of a saved report, as a table."""
-    header = (f"{'runner':<28}{'input':>6}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}"
+def _table(document: dict, threads: int, batch_size: int) -> str:
+    """One thread count's and batch size's rows of a saved report, as a table."""
+    header = (f"{'runner':<36}{'input':>6}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}"
               f"{'img/s':>8}{'× fp32':>8}{'× OV int8':>10}{'size MB':>9}{'GOP/s':>8}"
               f"{'% ceil':>8}{'prep s':>8}")
-    lines = [f"\nbatch {batch_size}", header, "-" * len(header)]
-    for r in (r for r in document["results"] if r["batch"] == batch_size):
+    lines = [f"\nbatch {batch_size}, {threads} thread(s)", header, "-" * len(header)]
+    for r in (r for r in document["results"]
+              if r["batch"] == batch_size and r["threads"] == threads):
         vs_ov = f"{r['x_vs_openvino_int8']:.2f}" if r["x_vs_openvino_int8"] else "—"
         latency = r["latency_ms"]
         lines.append(
-            f"{r['name']:<28}{r['input_size']:>6}{latency['median']:>11.1f}"
+            f"{r['name']:<36}{r['input_size']:>6}{latency['median']:>11.1f}"
             f"{latency['p90']:>9.1f}{latency['min']:>9.1f}"
             f"{r['throughput']['images_per_s']:>8.1f}{r['x_vs_fp32_eager']:>8.2f}{vs_ov:>10}"
             f"{r['size_mb']:>9.1f}{r['gops']:>8.0f}{r['pct_of_ceiling']:>7.0f}%"
             f"{r['prepare_s']:>8.1f}")
     machine = document["machine"]
-    lines.append(f"{machine['cpu']} ({', '.join(machine['flags'])}), "
-                 f"{machine['threads']} threads, torch {machine['torch']}")
+    lines.append(f"{machine['cpu']} ({', '.join(machine['flags'])}), torch {machine['torch']}")
     return "\n".join(lines)
 
 
@@ -236,23 +302,26 @@ def _plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batch_sizes = document["config"]["batch_sizes"]
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(7 * len(batch_sizes), 6),
-                             squeeze=False)
-    for ax, batch_size in zip(axes[0], batch_sizes):
-        rows = sorted((r for r in document["results"] if r["batch"] == batch_size),
-                      key=lambda r: r["latency_ms"]["median"])
-        colors = ["tab:green" if r["name"].startswith("leanvgg") else "tab:gray" for r in rows]
-        ax.barh([r["name"] for r in rows], [r["latency_ms"]["median"] for r in rows],
-                color=colors)
-        ax.invert_yaxis()
-        ax.set_xlabel("median latency, ms (lower is better)")
-        ax.set_title(f"VGG-19, batch {batch_size}")
+    threads, batches = document["config"]["threads"], document["config"]["batch_sizes"]
+    fig, axes = plt.subplots(len(threads), len(batches),
+                             figsize=(7.5 * len(batches), 5.5 * len(threads)), squeeze=False)
+    for row_axes, count in zip(axes, threads):
+        for ax, batch_size in zip(row_axes, batches):
+            rows = sorted((r for r in document["results"]
+                           if r["batch"] == batch_size and r["threads"] == count),
+                          key=lambda r: r["latency_ms"]["median"])
+            colors = ["tab:green" if r["name"].startswith("leanvgg") else "tab:gray"
+                      for r in rows]
+            ax.barh([r["name"] for r in rows], [r["latency_ms"]["median"] for r in rows],
+                    color=colors)
+            ax.invert_yaxis()
+            ax.set_xlabel("median latency per batch, ms (lower is better)")
+            ax.set_title(f"VGG-19, batch {batch_size}, {count} thread(s)")
     machine = document["machine"]
-    fig.suptitle(f"{machine['cpu']} ({', '.join(machine['flags'])}), {machine['threads']} "
-                 f"threads, torch {machine['torch']}")
+    fig.suptitle(f"{machine['cpu']} ({', '.join(machine['flags'])}), torch {machine['torch']}"
+                 f"; random weights")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Does the choice of runtime change what a variant predicts? Top-1 agreement with Inductor.
+
+Run: make bench-fidelity   (uses the digits VGG-19 that `make bench-tune` trains, or trains it)
+
+The digits-trained VGG-19 with torchvision's real classifier (benchmarks/tune_digits.py's
+model; real, held-out handwritten digits at 32 px) made static INT8 by the product's own build
+path (recipe → builder, calibrated on 96 training digits), then run on each runtime
+leanvgg.runtimes offers: Inductor (leanvgg's PT2E INT8, compiled), ONNX Runtime and OpenVINO
+(the same float weights and calibration digits, quantized by their own quantizers). For each:
+held-out accuracy and top-1 agreement with the Inductor path, both with 95 % Wilson intervals,
+and the largest logit difference. Target (issue 15): agreement >= 99 %.
+Writes benchmarks/results/runtime_fidelity.json (report schema).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from accuracy_digits import WIDE_LAYOUT, digits, trained_vgg19
+
+from leanvgg import schema
+from leanvgg.builder import Builder
+from leanvgg.models import Baseline
+from leanvgg.recipes import Candidate
+from leanvgg.runtimes import RUNTIMES, select
+from leanvgg.stats import wilson
+from leanvgg.store import Store, default_root
+
+RESULTS = Path(__file__).parent / "results"
+TARGET = 0.99
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10, help="of the trained model")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    train, test = digits(args.seed)
+    root = default_root()
+    name = f"vgg19_digits_wide_e{args.epochs}_s{args.seed}"
+    model, training = trained_vgg19(train, epochs=args.epochs, layout=WIDE_LAYOUT,
+                                    path=root / "digits" / f"{name}.pt")
+    images, labels = test.tensors
+    size = images.shape[-1]
+    calibration = root / "digits" / f"calibration_s{args.seed}.pt"
+    if not calibration.exists():
+        torch.save(train.tensors[0][torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(args.seed))[:96]].clone(),
+            calibration)
+    builder = Builder(Baseline(model, name, f"digits-{name}", meaningful=True),
+                      Store(root / "bench-runtime-fidelity"))
+    recipe = Candidate(0.0, "int8", size).recipe(
+        "int8_static", "static INT8 of the digits VGG-19", layers=(),
+        calibration=str(calibration))
+    variant = builder.variant(recipe)
+    outputs = {}
+    for runtime in RUNTIMES:
+        on = select(variant, builder, runtime)
+        assert on.facts["runtime"] == runtime, on.facts.get("runtime_choice")
+        with torch.inference_mode():
+            outputs[runtime] = torch.cat([on.model(row[None]) for row in images])
+    with torch.inference_mode():
+        fp32 = model(images)
+    reference = outputs["inductor"].argmax(1)
+    rows = []
+    for runtime, logits in outputs.items():
+        top1 = logits.argmax(1)
+        n, agree, correct = len(labels), int((top1 == reference).sum()), int(
+            (top1 == labels).sum())
+        rows.append({"name": runtime, "images": n,
+                     "agreement_with_inductor": agree / n,
+                     "agreement_ci": list(wilson(agree, n)),
+                     "accuracy": correct / n, "accuracy_ci": list(wilson(correct, n)),
+                     "max_logit_diff_vs_inductor": float((logits - outputs["inductor"])
+                                                         .abs().max()),
+                     "max_logit_diff_vs_fp32": float((logits - fp32).abs().max()),
+                     "target_met": agree / n >= TARGET})
+    fp32_correct = int((fp32.argmax(1) == labels).sum())
+    report = schema.document(
+        "benchmark/runtime_fidelity", rows,
+        config={"model": name, "training": training, "input_size": size,
+                "calibration_images": 96, "target_agreement": TARGET,
+                "fp32_accuracy": fp32_correct / len(labels)},
+        threads=torch.get_num_threads())
+    schema.write(RESULTS / "runtime_fidelity.json", report)
+    print(f"{'runtime':<13}{'agrees with inductor':>22}{'accuracy':>20}{'max |Δlogit|':>14}")
+    for r in rows:
+        low, high = r["agreement_ci"]
+        print(f"{r['name']:<13}{r['agreement_with_inductor']:>12.2%} ({low:.1%}–{high:.1%})"
+              f"{r['accuracy']:>12.2%}{'':>8}{r['max_logit_diff_vs_inductor']:>14.4f}"
+              f"  {'met' if r['target_met'] else 'MISSED'}")
+    print(f"FP32: {fp32_correct / len(labels):.2%} on {len(labels)} held-out digits; "
+          f"saved {RESULTS / 'runtime_fidelity.json'}")
+
+
+if __name__ == "__main__":
+    main()
