@@ -11,7 +11,6 @@ and ``safetensors`` (plain tensors; ``leanvgg.load`` rebuilds the model).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -127,9 +126,15 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
 
 def _readable(path: Path) -> None:
     """The permissions an ordinary new file gets (atomic writes start private): exports are
-    made to be shipped."""
-    umask = os.umask(0)
-    os.umask(umask)
+    made to be shipped. The umask is read, not set and restored, which would race with other
+    threads creating files."""
+    umask = 0o022
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     path.chmod(0o666 & ~umask)
 
 

@@ -14,14 +14,12 @@ optional runtimes (``pip install 'leanvgg[export]'``) everything runs on Inducto
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +86,7 @@ def choice_key(variant: Variant, threads: int) -> str:
 
 def select(variant: Variant, builder: Builder, runtime: str = AUTO, *,
            runs: int = 10, warmup: int = 2,
-           on_state: Callable[[str], object] = lambda state: None,
-           measuring: AbstractContextManager = contextlib.nullcontext()) -> Variant:
+           on_state: Callable[[str], object] = lambda state: None) -> Variant:
     """``variant`` running on ``runtime`` (``auto``: the fastest candidate here, measured once
     per machine and stored); its facts say which runtime and why. A runtime that cannot run
     it, or is not installed, falls back to Inductor with one log line."""
@@ -117,9 +114,9 @@ def select(variant: Variant, builder: Builder, runtime: str = AUTO, *,
                **{r: _runner(variant, r, builder) for r in usable if r != INDUCTOR}}
     example = torch.randn(1, 3, variant.input_size, variant.input_size,
                           generator=torch.Generator().manual_seed(0))
-    with measuring:  # nothing else is timed meanwhile
-        timed = time_models({r: (m, example) for r, m in runners.items()}, runs=runs,
-                            warmup=warmup)
+    # the caller keeps other timings away meanwhile (the server holds its measurement slot)
+    timed = time_models({r: (m, example) for r, m in runners.items()}, runs=runs,
+                        warmup=warmup)
     medians = {r: latency.median for r, (latency, _) in timed.items()}
     chosen = min(medians, key=medians.get)
     record = {"runtime": chosen, "medians_ms": medians, "runs": runs, "threads": threads,

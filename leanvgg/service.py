@@ -279,10 +279,10 @@ class ComparisonService:
 
     # --- comparisons -------------------------------------------------------------------------
 
-    def compare(self, data: bytes, *, runs: int | None = None,
+    def compare(self, data: bytes, *, runs: int | None = None, batch_size: int = 1,
                 disconnected: Callable[[], bool] = lambda: False) -> Queued:
         """The whole comparison of an upload (see ``admit`` and ``measure``)."""
-        for event, payload in self.measure(self.admit(data), runs=runs,
+        for event, payload in self.measure(self.admit(data), runs=runs, batch_size=batch_size,
                                            disconnected=disconnected):
             if event == "done":
                 return payload
@@ -314,12 +314,14 @@ class ComparisonService:
                      for s in self.variant_statuses() if s.name not in variant_set.variants}
         return Ticket(batches, variant_set, not_ready, self._leave)
 
-    def measure(self, ticket: Ticket, *, runs: int | None = None,
+    def measure(self, ticket: Ticket, *, runs: int | None = None, batch_size: int = 1,
                 disconnected: Callable[[], bool] = lambda: False
                 ) -> Iterator[tuple[str, VariantResult | Queued]]:
         """Wait for the slot, then yield ``("row", VariantResult)`` per variant as it is
         computed and ``("done", Queued)``. ``runs``: measure latency here with that many passes
-        (after the usual warm-up) instead of using the profiles.
+        (after the usual warm-up) instead of using the profiles. ``batch_size`` above 1: the
+        done result's rows also carry throughput, batches of that many copies of the image
+        timed after the rows (one warm-up batch, then ``runs`` or one timed batch each).
 
         Raises Busy after ``queue_timeout_s`` in the queue and Abandoned when ``disconnected``
         says the client has gone (checked before anything is measured).
@@ -334,12 +336,15 @@ class ComparisonService:
                     raise Abandoned("The client went away before its comparison started.")
                 settings = (dataclasses.replace(self.settings, runs=runs) if runs
                             else dataclasses.replace(ONE_PASS, threads=self.settings.threads))
-                comparison = Comparison(ticket.batches, ticket.variant_set, settings,
+                comparison = Comparison(ticket.batches, ticket.variant_set,
+                                        dataclasses.replace(settings, batch_size=batch_size),
                                         profiles=None if runs else self.profiles())
                 rows = []
                 for row in comparison.rows():
                     rows.append(row)
                     yield "row", row
+                if batch_size > 1:
+                    rows = comparison.with_throughput(rows)
                 yield "done", Queued(comparison.result(rows, ticket.not_ready), waited_ms)
             finally:
                 self._slot.release()

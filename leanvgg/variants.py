@@ -115,8 +115,11 @@ class VariantBuilder:
                  runtime: str = INDUCTOR,
                  measuring: AbstractContextManager = contextlib.nullcontext()) -> None:
         """``runtime``: where compiled variants run (``leanvgg.runtimes``: inductor, auto,
-        onnxruntime, openvino); ``measuring``: held while choosing a runtime, so that nothing
-        else is timed at once (the server's measurement slot)."""
+        onnxruntime, openvino); ``measuring``: held while a variant is prepared (the server's
+        measurement slot), so that no comparison runs meanwhile: building, compiling and
+        converting go through ``torch.export``, whose tracing is not thread-safe (a request
+        running beside it had its tensors traced and failed), and choosing a runtime times
+        things, which must not overlap with other timings."""
         if runtime not in CHOICES:
             raise ValueError(f"Invalid runtime {runtime!r}. Choose from {', '.join(CHOICES)}.")
         self.baseline = baseline
@@ -142,8 +145,9 @@ class VariantBuilder:
     def prepare(self, name: str, on_state: Callable[[str], object] = lambda state: None
                 ) -> Variant:
         """The ready variant, with the latest evaluation of these very weights if any."""
-        variant = select(self.builder.variant(self.registry[name], on_state), self.builder,
-                         self.runtime, on_state=on_state, measuring=self.measuring)
+        with self.measuring:
+            variant = select(self.builder.variant(self.registry[name], on_state),
+                             self.builder, self.runtime, on_state=on_state)
         measured = self.accuracy.get(name)
         if measured and measured.get("artifact") == variant.artifact:
             return dataclasses.replace(variant, facts={**variant.facts, "accuracy": measured})

@@ -76,7 +76,7 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
     assert [r.get_attribute("data-variant") for r in rows] == default_names()
     for row in rows:
         cells = [c.inner_text() for c in row.query_selector_all("td")]
-        assert len(cells) == 12
+        assert len(cells) == 13 and cells[12] == "—"  # img/s: only when asked for
         assert len(cells[1].split(" · ")) == 3  # top-3, second column
         assert float(cells[2]) > 0 and float(cells[6]) > 0  # median ms, size MB
         assert cells[4].endswith("×") and float(cells[5]) > 0  # speedup, this image's pass
@@ -119,3 +119,21 @@ def test_a_bad_file_shows_a_readable_error(server, page, tmp_path):
     page.wait_for_selector("#error:not([hidden])", timeout=30_000)
     assert "Not a supported image" in page.inner_text("#error")
     assert page.is_hidden("#results")
+
+
+def test_the_throughput_view_adds_images_per_second(server, page, photo_path):
+    page.goto(server + "/")
+    page.wait_for_selector("#status[data-state=ready]", timeout=30_000)
+    page.check("#throughput")
+    page.set_input_files("#file", str(photo_path))
+    page.wait_for_selector("#table tbody tr", timeout=120_000)
+    page.wait_for_selector("#busy", state="hidden", timeout=300_000)
+    assert page.is_hidden("#error")
+    header = [h.inner_text() for h in page.query_selector_all("#table thead th")]
+    column = header.index("img/s @8")
+    rows = page.query_selector_all("#table tbody tr")
+    assert len(rows) == len(default_names())
+    rates = [float(row.query_selector_all("td")[column].inner_text()) for row in rows]
+    assert all(rate > 0 for rate in rates)  # every variant's images per second at batch 8
+    best = rows[rates.index(max(rates))].query_selector_all("td")[column]
+    assert "best" in (best.get_attribute("class") or "")

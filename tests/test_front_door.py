@@ -67,6 +67,30 @@ def test_the_answer_follows_the_report_schema(server, photo_path):
     assert body["machine"]["threads"] == 1 and body["results"][0]["latency_ms"]["count"] == 1
 
 
+def _post_image_to(port: int, path: str, data: bytes):
+    body, content_type = multipart(data)
+    return _request(port, "POST", path, body, {"Content-Type": content_type})
+
+
+def test_the_throughput_scenario_is_measured_on_request_and_bounded(server, photo_path):
+    port, _ = server
+    status, body = _post_image_to(port, "/api/compare?batch=3", photo_path.read_bytes())
+    assert status == 200
+    schema.validate(body)
+    assert body["batch_size"] == 3 and body["config"]["batch_size"] == 3
+    for row in body["results"]:
+        throughput = row["throughput"]
+        assert throughput["batch_size"] == 3 and throughput["latency_ms"]["count"] == 1
+        assert throughput["images_per_s"] == pytest.approx(
+            3 / (throughput["latency_ms"]["median"] / 1e3))
+    for bad in ("17", "0", "eight"):
+        status, body = _post_image_to(port, f"/api/compare?batch={bad}",
+                                      photo_path.read_bytes())
+        assert status == 400 and body["error"].startswith(f"Invalid batch '{bad}'")
+    status, body = _post_image_to(port, "/api/compare/stream?batch=99", photo_path.read_bytes())
+    assert status == 400 and "Invalid batch" in body["error"]
+
+
 def test_a_body_above_the_bound_is_refused_before_it_is_read(server):
     port, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

@@ -17,6 +17,7 @@ from leanvgg.service import Abandoned, Busy, ComparisonService, NotReady, Report
 log = logging.getLogger(__name__)
 bp = Blueprint("leanvgg", __name__)
 MAX_RUNS = 100  # ?runs=N: timed passes per variant in one request
+MAX_BATCH = 16  # ?batch=N: images per batch of the throughput scenario (memory grows with N)
 
 # The page loads only its own files; nothing external, nothing inline.
 _SECURITY_HEADERS = {
@@ -144,6 +145,16 @@ def _runs() -> int | None:
     return int(runs)
 
 
+def _batch() -> int:
+    """``?batch=N``: also measure throughput at batch N (the offline scenario)."""
+    batch = request.args.get("batch")
+    if batch is None:
+        return 1
+    if not batch.isdigit() or not 1 <= int(batch) <= MAX_BATCH:
+        raise BadRequest(f"Invalid batch {batch!r}: an integer in 1..{MAX_BATCH}.")
+    return int(batch)
+
+
 def _disconnected():
     """waitress's check of whether the client has gone (needs channel_request_lookahead)."""
     return request.environ.get("waitress.client_disconnected", lambda: False)
@@ -172,9 +183,10 @@ def compare():
     data = _upload()
     if not isinstance(data, bytes):
         return data
-    runs = _runs()
+    runs, batch = _runs(), _batch()
     try:
-        result = _service().compare(data, runs=runs, disconnected=_disconnected())
+        result = _service().compare(data, runs=runs, batch_size=batch,
+                                    disconnected=_disconnected())
     except Abandoned:
         log.info("Dropped a comparison whose client had gone.")
         return _error("The client went away.", 499)
@@ -191,7 +203,7 @@ def compare_stream():
     data = _upload()
     if not isinstance(data, bytes):
         return data
-    runs = _runs()
+    runs, batch = _runs(), _batch()
     service = _service()
     try:
         ticket = service.admit(data)
@@ -206,7 +218,8 @@ def compare_stream():
         yield line({"event": "start", "variants": list(ticket.variant_set.variants),
                     "not_ready": ticket.not_ready})
         try:
-            for event, payload in service.measure(ticket, runs=runs, disconnected=disconnected):
+            for event, payload in service.measure(ticket, runs=runs, batch_size=batch,
+                                                  disconnected=disconnected):
                 if event == "row":
                     yield line({"event": "row", "row": payload.to_dict()})
                 else:
