@@ -121,8 +121,9 @@ def select(variant: Variant, builder: Builder, runtime: str = AUTO, *,
     chosen = min(medians, key=medians.get)
     record = {"runtime": chosen, "medians_ms": medians, "runs": runs, "threads": threads,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    choices = builder.store.load_json(RUNTIME_CHOICES) or {}
-    builder.store.save_json(RUNTIME_CHOICES, {**choices, key: record})
+    with builder.store.lock(RUNTIME_CHOICES):  # other processes may record theirs meanwhile
+        choices = builder.store.load_json(RUNTIME_CHOICES) or {}
+        builder.store.save_json(RUNTIME_CHOICES, {**choices, key: record})
     log.info("%s runs on %s (median ms: %s)", variant.name, chosen,
              ", ".join(f"{r} {ms:.1f}" for r, ms in medians.items()))
     return _on(variant, chosen, record, runners[chosen])
