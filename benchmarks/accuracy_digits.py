@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,6 +89,34 @@ def trained_vgg19(train: TensorDataset, *, epochs: int, path: Path,
     torch.save({"layout": layout_of(model), "state_dict": model.state_dict(),
                 "training": training}, path)
     return model, training
+
+
+@dataclass(frozen=True)
+class WideDigits:
+    """The digits VGG-19 with torchvision's real classifier (WIDE_LAYOUT) that tune_digits and
+    runtime_fidelity measure, its data, and a file of 96 training digits to calibrate on."""
+
+    train: TensorDataset
+    test: TensorDataset
+    model: torch.nn.Module
+    training: dict
+    name: str
+    calibration: Path
+
+
+def wide_digits(epochs: int, seed: int) -> WideDigits:
+    """Trained once (then loaded) under $LEANVGG_HOME/digits; the calibration file likewise."""
+    train, test = digits(seed)
+    root = default_root() / "digits"
+    name = f"vgg19_digits_wide_e{epochs}_s{seed}"
+    model, training = trained_vgg19(train, epochs=epochs, layout=WIDE_LAYOUT,
+                                    path=root / f"{name}.pt")
+    calibration = root / f"calibration_s{seed}.pt"
+    if not calibration.exists():
+        torch.save(train.tensors[0][torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(seed))[:96]].clone(),
+            calibration)
+    return WideDigits(train, test, model, training, name, calibration)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from accuracy_digits import WIDE_LAYOUT, digits, trained_vgg19
+from accuracy_digits import wide_digits
 
 from leanvgg import schema
 from leanvgg.builder import Builder
@@ -38,20 +38,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="of the trained model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    train, test = digits(args.seed)
-    root = default_root()
-    name = f"vgg19_digits_wide_e{args.epochs}_s{args.seed}"
-    model, training = trained_vgg19(train, epochs=args.epochs, layout=WIDE_LAYOUT,
-                                    path=root / "digits" / f"{name}.pt")
-    images, labels = test.tensors
+    setup = wide_digits(args.epochs, args.seed)
+    model, name, calibration = setup.model, setup.name, setup.calibration
+    images, labels = setup.test.tensors
     size = images.shape[-1]
-    calibration = root / "digits" / f"calibration_s{args.seed}.pt"
-    if not calibration.exists():
-        torch.save(train.tensors[0][torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(args.seed))[:96]].clone(),
-            calibration)
     builder = Builder(Baseline(model, name, f"digits-{name}", meaningful=True),
-                      Store(root / "bench-runtime-fidelity"))
+                      Store(default_root() / "bench-runtime-fidelity"))
     recipe = Candidate(0.0, "int8", size).recipe(
         "int8_static", "static INT8 of the digits VGG-19", layers=(),
         calibration=str(calibration))
@@ -81,7 +73,7 @@ def main() -> None:
     fp32_correct = int((fp32.argmax(1) == labels).sum())
     report = schema.document(
         "benchmark/runtime_fidelity", rows,
-        config={"model": name, "training": training, "input_size": size,
+        config={"model": name, "training": setup.training, "input_size": size,
                 "calibration_images": 96, "target_agreement": TARGET,
                 "fp32_accuracy": fp32_correct / len(labels)},
         threads=torch.get_num_threads())

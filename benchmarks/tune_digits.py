@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from accuracy_digits import WIDE_LAYOUT, digits, trained_vgg19
+from accuracy_digits import wide_digits
 from torch.utils.data import TensorDataset
 
 from leanvgg.evaluate import Labelled
@@ -54,17 +54,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    train, test = digits(args.seed)
-    root = default_root()
-    name = f"vgg19_digits_wide_e{args.epochs}_s{args.seed}"
-    model, training = trained_vgg19(train, epochs=args.epochs, layout=WIDE_LAYOUT,
-                                    path=root / "digits" / f"{name}.pt")
+    setup = wide_digits(args.epochs, args.seed)
+    train, test, model, training, name = (setup.train, setup.test, setup.model,
+                                          setup.training, setup.name)
     size = test.tensors[0].shape[-1]
-    calibration = root / "digits" / f"calibration_s{args.seed}.pt"
-    if not calibration.exists():
-        torch.save(train.tensors[0][torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(args.seed))[:96]].clone(),
-            calibration)
+    calibration = setup.calibration
 
     def at(dataset: TensorDataset):
         return lambda s: dataset if s == size else TensorDataset(
@@ -83,7 +77,7 @@ def main() -> None:
                     train=Labelled("digits-train", at(train), torch.eye(10)), finetune_lr=1e-5,
                     calibration=str(calibration), runs=args.runs,
                     budget_s=None if args.budget_minutes is None else 60 * args.budget_minutes,
-                    store=Store(root / "bench-tune"), report=report)
+                    store=Store(default_root() / "bench-tune"), report=report)
     plot_front(result, RESULTS / "tune_digits.png")
     document = json.loads(report.read_text())  # the search's report (leanvgg.schema)
     document["config"] |= {"training": training, "bf16_native": native_bf16()}

@@ -61,7 +61,8 @@ def preprocessing(input_size: int) -> dict:
             # to 1.4 in normalised units (measured on scikit-image's photos).
             "centre_square": {"side": "min(width, height)", "left": "(width - side) // 2",
                               "top": "(height - side) // 2",
-                              "reduce": f"PIL Image.reduce(max(1, side // {WORK_SIDE}))"},
+                              "reduce": f"PIL Image.reduce(max(1, side // {WORK_SIDE}))",
+                              "work_side": WORK_SIDE},
             "resize_shorter_side": preset.resize_size[0],
             "interpolation": preset.interpolation.value, "antialias": preset.antialias,
             "centre_crop": [preset.crop_size[0]] * 2, "scale": "pixels / 255",

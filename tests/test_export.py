@@ -76,7 +76,7 @@ def centre_square(image):
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     square = image.crop((left, top, left + side, top + side))
-    factor = max(1, side // int(pre["centre_square"]["reduce"].split("// ")[1].rstrip("))")))
+    factor = max(1, side // pre["centre_square"]["work_side"])
     return square.reduce(factor) if factor > 1 else square
 
 for photo in sys.argv[3:]:
