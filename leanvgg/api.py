@@ -6,18 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torchvision.models import VGG
 
-from leanvgg.builder import stored_profile
 from leanvgg.compare import ComparisonResult, Settings
 from leanvgg.compare import compare as _compare
-from leanvgg.export import Exported, check
-from leanvgg.export import export as _export
+from leanvgg.export import Exported, check, export_each
 from leanvgg.images import decode, read_file
 from leanvgg.models import Baseline, baseline_of, load_baseline
-from leanvgg.store import PROFILES, Store
+from leanvgg.store import Store
 from leanvgg.variants import VariantSet, build_variants
 
 
@@ -82,12 +79,5 @@ def export(variant_set: VariantSet, names: str | Sequence[str], out: str | Path,
     if variant_set.builder is None:
         raise ValueError("This variant set was not made by leanvgg.build; build it there.")
     check([variant_set.variants[n].recipe for n in names], formats)
-    builder = variant_set.builder
-    profiles = builder.store.load_json(PROFILES) or {}
-    done = []
-    for name in names:
-        variant = variant_set.variants[name]
-        profile = stored_profile(profiles, variant, torch.get_num_threads())
-        done += [_export(variant, fmt, Path(out), builder=builder, profile=profile)
-                 for fmt in formats]
-    return done
+    return list(export_each((variant_set.variants[n] for n in names), formats, Path(out),
+                            builder=variant_set.builder))

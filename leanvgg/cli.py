@@ -22,7 +22,7 @@ from leanvgg.distributed import distributed_context
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
                               load_mapping, save_report)
 from leanvgg.export import FORMATS as EXPORT_FORMATS
-from leanvgg.export import ExportError, export
+from leanvgg.export import ExportError, export_each
 from leanvgg.export import check as check_export
 from leanvgg.interop import MissingRuntime
 from leanvgg.portable import LoadError
@@ -33,7 +33,7 @@ from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
 from leanvgg.runtime import native_bf16
-from leanvgg.store import PROFILES, SEARCH, SEARCH_PLOT, TUNED, CacheError, Store
+from leanvgg.store import SEARCH, SEARCH_PLOT, TUNED, CacheError, Store
 from leanvgg.tune import Space, search
 from leanvgg.tune_report import format_front, plot_front, tuned_config
 from leanvgg.variants import NotTuned, build_variants, finetune_variant, register_tuned, resolve_names
@@ -463,23 +463,16 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from leanvgg.builder import stored_profile
     from leanvgg.variants import VariantBuilder
 
-    store = Store()
-    builder = VariantBuilder(load_baseline(args.weights), store, args.calibration)
+    builder = VariantBuilder(load_baseline(args.weights), Store(), args.calibration)
     names = builder.resolve(dict.fromkeys(args.variants))
     formats = list(dict.fromkeys(args.formats or ["pt2"]))
     check_export([builder.registry[name] for name in names], formats)
-    profiles = store.load_json(PROFILES) or {}
-    for name in names:
-        variant = builder.prepare(name)
-        profile = stored_profile(profiles, variant, torch.get_num_threads())
-        for fmt in formats:
-            done = export(variant, fmt, Path(args.out), builder=builder.builder,
-                          profile=profile)
-            print(f"{name} as {fmt}: {done.path} ({done.size_bytes / 2**20:.1f} MB), "
-                  f"{done.model_json}")
+    for done in export_each((builder.prepare(name) for name in names), formats,
+                            Path(args.out), builder=builder.builder):
+        print(f"{done.variant} as {done.format}: {done.path} "
+              f"({done.size_bytes / 2**20:.1f} MB), {done.model_json}")
     return 0
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from leanvgg.builder import Builder, Variant
+from leanvgg.builder import Builder, Variant, stored_profile
 from leanvgg.data import calibration_batch
 from leanvgg.images import WORK_SIDE, transform
 from leanvgg.interop import openvino_model, write_onnx, write_openvino
@@ -28,7 +28,7 @@ from leanvgg.models import layout_of
 from leanvgg.portable import save as save_safetensors
 from leanvgg.recipes import CastBf16, QuantizeDynamicInt8, QuantizeStaticInt8, Recipe, Step
 from leanvgg.runtime import machine_key, package
-from leanvgg.store import write_atomic
+from leanvgg.store import PROFILES, write_atomic
 
 FORMATS = ("pt2", "onnx", "openvino", "safetensors")
 MODEL_JSON_VERSION = 2
@@ -123,6 +123,18 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
     for written in (*_files(path), model_json):
         _readable(written)
     return Exported(variant.name, fmt, path, model_json)
+
+
+def export_each(variants: Iterable[Variant], formats: Sequence[str], out: Path, *,
+                builder: Builder) -> Iterator[Exported]:
+    """Every variant in every format (``export``), each model.json with the variant's stored
+    latency profile on this machine; variants are used as the iterable yields them, so a
+    caller may prepare them one at a time. Check the formats first (``check``)."""
+    profiles = builder.store.load_json(PROFILES) or {}
+    for variant in variants:
+        profile = stored_profile(profiles, variant, torch.get_num_threads())
+        for fmt in formats:
+            yield export(variant, fmt, out, builder=builder, profile=profile)
 
 
 def _readable(path: Path) -> None:
