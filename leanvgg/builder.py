@@ -25,7 +25,7 @@ from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_pa
                              state_dict_bytes)
 from leanvgg.models import Baseline, from_layout, layout_of
 from leanvgg.recipes import FineTune, Recipe, artifact_key
-from leanvgg.runtime import load_package, machine_key, package
+from leanvgg.runtime import MAX_BATCH, load_package, machine_key, package
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,11 @@ class VariantFacts:
     accuracy: dict | None  # the latest evaluation of these very weights, when one exists
     steps: list[dict]
     article: bool  # one of the article's five variants
-    # where it runs: pytorch (eager), inductor, onnxruntime or openvino (leanvgg.runtimes), and
-    # how that was decided (the measured medians of ``auto``, or a fallback's reason)
+    # where it runs: pytorch (eager), inductor, onnxruntime or openvino (leanvgg.runtimes), one
+    # image at a time and in batches, and how that was decided (the medians ``auto`` measured,
+    # or a fallback's reason)
     runtime: str
+    batch_runtime: str
     runtime_choice: dict | None
     # one-off costs, apart from steady-state latency: calibration when it was built,
     # compilation when its package was made, loading (incl. the first call) here
@@ -78,6 +80,11 @@ class Variant:
     def input_size(self) -> int:
         return self.recipe.input_size
 
+    @property
+    def runtime(self) -> str:
+        """Where single images run (``leanvgg.runtimes`` says how it was chosen)."""
+        return self.facts.get("runtime", "inductor" if self.recipe.compiled else "pytorch")
+
     def summary(self) -> VariantFacts:
         return VariantFacts(
             name=self.name,
@@ -92,7 +99,8 @@ class Variant:
             accuracy=self.facts.get("accuracy"),
             steps=[step.to_json() for step in self.recipe.steps],
             article=self.recipe.article,
-            runtime=self.facts.get("runtime", "inductor" if self.recipe.compiled else "pytorch"),
+            runtime=self.runtime,
+            batch_runtime=self.facts.get("batch_runtime", self.runtime),
             runtime_choice=self.facts.get("runtime_choice"),
             preparation_s={k: self.facts[k] for k in ("calibration_s", "compile_s", "load_s")
                            if k in self.facts},
@@ -302,8 +310,7 @@ def profile_key(variant: Variant, threads: int) -> str:
     """Where a variant's latency profile is kept (store document PROFILES): it holds only for
     these weights, this way of running them, this input size, thread count, torch and CPU."""
     machine = machine_key()
-    runtime = variant.facts.get("runtime", "inductor" if variant.recipe.compiled else "pytorch")
-    return (f"{variant.name}|{variant.artifact}|runtime={runtime}|"
+    return (f"{variant.name}|{variant.artifact}|runtime={variant.runtime}|"
             f"{variant.input_size}px|threads={threads}|torch={machine['torch']}|"
             f"cpu={machine['capability']}-{machine['cpu_flags']}")
 
@@ -325,7 +332,7 @@ def _layout(model: nn.Module, previous: nn.Module) -> dict:
 
 def _package_key(key: str, recipe: Recipe) -> str:
     return artifact_key(key, {"op": "aoti_package", "input_size": recipe.input_size,
-                              **machine_key()})
+                              "batch": f"1..{MAX_BATCH}", **machine_key()})
 
 
 def _check_manifest(manifest: dict) -> None:

@@ -600,8 +600,9 @@ def format_table(result: ComparisonResult) -> str:
     ]
     if batched:
         lines.append(f"throughput: batches of {result.batch_size} copies of the image, "
-                     f"{result.runs} timed batches per variant (compiled variants run a batch "
-                     "row by row)")
+                     f"{result.runs} timed batches per variant, each run as one batch")
+        lines += [f"{v.name} runs batches on {v.batch_runtime}" for v in facts
+                  if v.batch_runtime != v.runtime]
     if not_tuned:
         lines.append(f"not fine-tuned: {', '.join(not_tuned)}")
     beyond = [v.name for v in facts if not v.article]

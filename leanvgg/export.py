@@ -27,7 +27,7 @@ from leanvgg.measure import Profile, machine_facts
 from leanvgg.models import layout_of
 from leanvgg.portable import save as save_safetensors
 from leanvgg.recipes import CastBf16, QuantizeDynamicInt8, QuantizeStaticInt8, Recipe, Step
-from leanvgg.runtime import machine_key, package
+from leanvgg.runtime import MAX_BATCH, machine_key, package
 from leanvgg.store import PROFILES, write_atomic
 
 FORMATS = ("pt2", "onnx", "openvino", "safetensors")
@@ -188,7 +188,7 @@ def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
                  if variant.recipe.compiled else variant.model)
         package(eager, variant.input_size, path)
     return path, {"run": f"torch._inductor.aoti_load_package({path.name!r})(x)",
-                  "batch": "1 per call (larger batches: one row at a time)",
+                  "batch": f"1 to {MAX_BATCH} images per call (any N×3×s×s)",
                   "precision": _precision_name(variant),
                   "needs": f"torch=={torch.__version__} on a CPU with the same features"}
 

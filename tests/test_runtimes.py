@@ -34,12 +34,12 @@ def _logits(variant) -> torch.Tensor:
 
 @pytest.fixture
 def timings(monkeypatch):
-    """Every round-robin the runtime choice runs (by the runtimes it timed)."""
+    """Every round-robin the runtime choice runs (the runtimes it timed, at which batch size)."""
     calls = []
     real = runtimes.time_models
 
     def counted(jobs, **kwargs):
-        calls.append(sorted(jobs))
+        calls.append((sorted(jobs), {batch.shape[0] for _, batch in jobs.values()}))
         return real(jobs, **kwargs)
 
     monkeypatch.setattr(runtimes, "time_models", counted)
@@ -48,15 +48,55 @@ def timings(monkeypatch):
 
 def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, timings):
     first = _build(tmp_path)["int8_static"]
-    assert timings == [["inductor", "onnxruntime", "openvino"]]
+    every = ["inductor", "onnxruntime", "openvino"]
+    assert timings == [(every, {1}), (every, {runtimes.BATCH})]  # single images, then batches
     choice = first.summary().runtime_choice
     assert first.summary().runtime == choice["runtime"] == min(choice["medians_ms"],
                                                                key=choice["medians_ms"].get)
+    per_batch = choice["batch_medians_ms"]
+    assert first.summary().batch_runtime == choice["batch_runtime"] == runtimes.batch_runtime(
+        per_batch, choice["runtime"])
+    assert per_batch[choice["batch_runtime"]] <= 1.02 * min(per_batch.values())
     assert _build(tmp_path)["baseline"].summary().runtime == "pytorch"  # eager: no choice
     second = _build(tmp_path)["int8_static"]  # a later start: nothing measured again
-    assert len(timings) == 1 and second.summary().runtime == first.summary().runtime
+    assert len(timings) == 2 and second.summary().runtime == first.summary().runtime
+    assert second.summary().batch_runtime == first.summary().batch_runtime
     stored = Store(tmp_path).load_json(RUNTIME_CHOICES)
     assert len(stored) == 1 and next(iter(stored.values()))["runtime"] == choice["runtime"]
+
+
+def test_single_images_and_batches_each_run_on_their_chosen_runtime(tmp_path, timings):
+    _build(tmp_path)
+    # a machine where ONNX Runtime was measured fastest for one image, OpenVINO for batches
+    store = Store(tmp_path)
+    (key, record), = store.load_json(RUNTIME_CHOICES).items()
+    store.save_json(RUNTIME_CHOICES, {key: {**record, "runtime": "onnxruntime",
+                                            "batch_runtime": "openvino"}})
+    variant = _build(tmp_path)["int8_static"]
+    assert len(timings) == 2  # the stored choice was used as it is
+    facts = variant.summary()
+    assert (facts.runtime, facts.batch_runtime) == ("onnxruntime", "openvino")
+    model = variant.model
+    assert isinstance(model, runtimes.ByBatch) and model.single.runtime == "onnxruntime"
+    one = _logits(variant)  # photo by photo: ONNX Runtime alone; OpenVINO not even loaded
+    assert model.made == []
+    size = variant.input_size
+    photos = torch.cat([decode(read_file(p)).batches({size}).tensors[size] for p in PHOTOS])
+    with torch.inference_mode():
+        batched = model(photos)
+    assert [m.runtime for m in model.made] == ["openvino"]
+    pinned = _build(tmp_path, "openvino")["int8_static"]
+    torch.testing.assert_close(batched, _logits(pinned), rtol=1e-4, atol=1e-5)
+    assert batched.argmax(1).tolist() == one.argmax(1).tolist()
+
+
+def test_batches_stay_on_the_single_image_runtime_unless_another_is_clearly_faster():
+    assert runtimes.batch_runtime({"inductor": 710.0, "openvino": 710.8}, "openvino") == \
+        "openvino"  # 0.1 %: noise, and one model in memory instead of two
+    assert runtimes.batch_runtime({"inductor": 353.0, "openvino": 385.0}, "openvino") == \
+        "inductor"  # 9 %: worth a second model
+    assert runtimes.batch_runtime({"inductor": 320.0, "openvino": 330.0}, "inductor") == \
+        "inductor"
 
 
 @pytest.mark.parametrize("change", ["cpu flags", "library version"])
@@ -74,7 +114,7 @@ def test_a_new_cpu_or_library_version_measures_again(tmp_path, timings, monkeypa
 
         monkeypatch.setattr(runtimes, "machine_facts", newer)
     _build(tmp_path)
-    assert len(timings) == 2
+    assert len(timings) == 4  # batch 1 and batch 8, twice
     assert len(Store(tmp_path).load_json(RUNTIME_CHOICES)) == 2  # the old choice is kept
 
 

@@ -178,12 +178,17 @@ function addRow(variant, best) {
   const tag = document.createElement("span");
   tag.className = "tag";
   const origin = variant.article ? "article" : "beyond the article";
-  tag.textContent = `${origin} · runs on ${variant.runtime} · ` +
+  const batches = variant.batch_runtime !== variant.runtime
+    ? ` (batches on ${variant.batch_runtime})` : "";
+  tag.textContent = `${origin} · runs on ${variant.runtime}${batches} · ` +
     (variant.fine_tuned === false ? "not fine-tuned" : variant.description);
   const choice = variant.runtime_choice;
+  const medians = (label, values) => `\n${label}: ` + Object.entries(values)
+    .map(([r, ms]) => `${r} ${ms.toFixed(1)}`).join(", ");
   tag.title = variant.description + (choice && choice.medians_ms
-    ? `\nruntime measured on this machine (median ms): ` + Object.entries(choice.medians_ms)
-      .map(([r, ms]) => `${r} ${ms.toFixed(1)}`).join(", ")
+    ? medians("runtime measured on this machine (median ms, 1 image)", choice.medians_ms) +
+      (choice.batch_medians_ms
+        ? medians(`and per batch of ${choice.batch_size}`, choice.batch_medians_ms) : "")
     : choice && choice.fallback ? `\n${choice.asked} not used: ${choice.fallback}` : "");
   name.appendChild(tag);
   cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));
