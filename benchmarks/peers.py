@@ -139,7 +139,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--runtime", default="auto", help="leanvgg's runtime (default auto)")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers")
+    parser.add_argument("--markdown", action="store_true",
+                        help="measure nothing: print the README's tables from the saved report")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     thread_counts = tuple(dict.fromkeys(int(t) for t in args.threads.split(",")))
@@ -263,6 +268,45 @@ def targets(document: dict) -> list[dict]:
                    if best160 else ""))
             lines.append(line)
     return lines
+
+
+def markdown(document: dict) -> str:
+    """The README's two tables (latency per scenario, the targets) from a saved report."""
+    scenarios = [(t, b) for t in document["config"]["threads"]
+                 for b in document["config"]["batch_sizes"]]
+    heads = [f"{t} thread{'s' if t > 1 else ''}, batch {b}" for t, b in scenarios]
+    cells: dict[str, dict[tuple[int, int], str]] = {}
+    for r in document["results"]:
+        name, _, runtime = r["name"].partition(" [")
+        ms = r["latency_ms"]["median"]
+        tag = f" [{runtime.rstrip(']')}]" if runtime else ""
+        cells.setdefault(name, {})[r["threads"], r["batch"]] = (
+            f"{ms:.1f}{tag} ({r['x_vs_fp32_eager']:.2f})")
+    lines = ["| median ms [runtime] (× FP32 eager) | " + " | ".join(heads) + " |",
+             "|---" * (len(heads) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(row.get(s, "—") for s in scenarios) + " |"
+              for name, row in cells.items()]
+    by = {(t["threads"], t["batch"]): t for t in document["targets"]}
+
+    def peer(name: str) -> str:
+        return "OpenVINO" if name.startswith("openvino") else "ONNX Runtime"
+
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    lines += ["", "| target | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
+              "| fastest 224 px variant ≤ 0.9× the fastest peer | " + " | ".join(
+                  f"{by[s]['fastest_224'].removeprefix('leanvgg ')} {by[s]['x_of_peer']:.3f}× "
+                  f"{peer(by[s]['fastest_peer'])}: {met(by[s]['target_met'])}"
+                  for s in scenarios) + " |",
+              "| int8_static (same MACs) ≤ 1.0× the fastest peer | " + " | ".join(
+                  f"{by[s]['int8_static_x_of_peer']:.3f}×: {met(by[s]['int8_target_met'])}"
+                  + (" (p10–p90 overlap: a tie)" if by[s].get("int8_p10_p90_overlaps_peer")
+                     else "") for s in scenarios) + " |",
+              "| fastest 160 px variant against FP32 eager | " + " | ".join(
+                  f"{by[s]['fastest_160'].removeprefix('leanvgg ')} "
+                  f"{by[s]['speedup_160_vs_fp32_eager']:.2f}×" for s in scenarios) + " |"]
+    return "\n".join(lines)
 
 
 def _rows(runners: list[Runner], timings: dict, batch_size: int,
