@@ -2,16 +2,17 @@
 OpenVINO, chosen by measuring them on this machine.
 
 Which runtime is fastest for a model depends on the CPU (AVX2, AVX-512 VNNI, AMX), on the
-libraries' versions and on the scenario (one image at a time, or batches), so with ``auto``
-each candidate runs the variant once per machine in a short round-robin at batch 1 and at
-batch ``BATCH``, and the fastest of each is kept: single images run on the first, batches on
-the second (``ByBatch``). The choice is stored with the CPU flags, the thread count and the
-versions it holds for, and reused until one of them changes. Every runtime is fed
-the same model: the variant's own float weights (pruned, fine-tuned) and, for INT8, its own
-calibration images, quantized by leanvgg's PT2E path on Inductor and by the runtime's own
-quantizer elsewhere (ONNX Runtime's static QDQ, NNCF): the INT8 decisions are the runtime's,
-the data are the same. Converted models are kept in the cache like packages. Without the
-optional runtimes (``pip install 'leanvgg[export]'``) everything runs on Inductor, as before.
+libraries' versions and on the scenario (one image at a time, or batches), so with ``auto`` each
+candidate runs the variant once per machine in a short round-robin at batch 1 and at batch
+``BATCH``: single images run on the fastest at batch 1, batches on the fastest at batch
+``BATCH`` unless the first is within ``SAME`` of it (``ByBatch`` routes between them). The
+choice is stored with the CPU flags, the thread count and the versions it holds for, and reused
+until one of them changes. Every runtime is fed the same model: the variant's own float weights
+(pruned, fine-tuned) and, for INT8, its own calibration images, quantized by leanvgg's PT2E path
+on Inductor and by the runtime's own quantizer elsewhere (ONNX Runtime's static QDQ, NNCF): the
+INT8 decisions are the runtime's, the data are the same. Converted models are kept in the cache
+like packages. Without the optional runtimes (``pip install 'leanvgg[export]'``) everything runs
+on Inductor, as before.
 """
 
 from __future__ import annotations
@@ -195,10 +196,10 @@ def missing_runtimes_note() -> str | None:
 
 def _on(variant: Variant, runtime: str, choice: dict | None,
         model: nn.Module | None = None) -> Variant:
-    batch_runtime = (choice or {}).get("batch_runtime", runtime)
+    batches = (choice or {}).get("batch_runtime", runtime)
     return dataclasses.replace(variant, model=model if model is not None else variant.model,
                                facts={**variant.facts, "runtime": runtime,
-                                      "batch_runtime": batch_runtime, "runtime_choice": choice})
+                                      "batch_runtime": batches, "runtime_choice": choice})
 
 
 def _model(variant: Variant, runtime: str, builder: Builder) -> nn.Module:
