@@ -135,24 +135,24 @@ def _upload() -> bytes | tuple:
     return files[0].read()
 
 
+def _count(name: str, maximum: int) -> int | None:
+    """The query parameter ``name`` as an integer in 1..``maximum`` (None when absent)."""
+    value = request.args.get(name)
+    if value is None:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= maximum:
+        raise BadRequest(f"Invalid {name} {value!r}: an integer in 1..{maximum}.")
+    return int(value)
+
+
 def _runs() -> int | None:
     """``?runs=N``: measure latency in this request (N passes) instead of the profiles."""
-    runs = request.args.get("runs")
-    if runs is None:
-        return None
-    if not runs.isdigit() or not 1 <= int(runs) <= MAX_RUNS:
-        raise BadRequest(f"Invalid runs {runs!r}: an integer in 1..{MAX_RUNS}.")
-    return int(runs)
+    return _count("runs", MAX_RUNS)
 
 
 def _batch() -> int:
     """``?batch=N``: also measure throughput at batch N (the offline scenario)."""
-    batch = request.args.get("batch")
-    if batch is None:
-        return 1
-    if not batch.isdigit() or not 1 <= int(batch) <= MAX_BATCH:
-        raise BadRequest(f"Invalid batch {batch!r}: an integer in 1..{MAX_BATCH}.")
-    return int(batch)
+    return _count("batch", MAX_BATCH) or 1
 
 
 def _disconnected():
