@@ -62,7 +62,7 @@ else:
                            Store(os.path.join(folder, "cache"))).artifact(recipe, len(recipe.steps))
     if phase == "aoti-make":
         start = time.perf_counter()
-        package(model, size, os.path.join(folder, "model.pt2"))
+        package(model, size, os.path.join(folder, "model.pt2"), threads=torch.get_num_threads())
         out["make_s"] = time.perf_counter() - start
     else:  # compile-save, compile-load: torch.compile with freezing, Inductor's mega-cache
         mega = os.path.join(folder, "mega.bin")

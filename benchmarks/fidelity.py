@@ -73,7 +73,7 @@ def digits_fidelity(epochs: int, seed: int) -> dict:
     reference = logits(model, images)
     rows = {"fp32": fidelity(reference, reference, labels)}
     for name, candidate in candidates.items():
-        compiled, _ = compile_for_cpu(candidate, size)
+        compiled, _ = compile_for_cpu(candidate, size, threads=torch.get_num_threads())
         rows[name] = fidelity(reference, logits(compiled, images), labels)
     return {"test_images": len(labels), "calibration_images": len(calibration), "rows": rows}
 

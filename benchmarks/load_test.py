@@ -67,8 +67,9 @@ def _rss_mb(pid: int) -> float:
 
 
 def run(*, clients: int, seconds: float, runs: int = 1, home: str | None = None,
-        variants: str | None = None) -> dict:
-    """``variants``: the server's --variants (default: every default variant)."""
+        variants: str | None = None, threads: int | None = None) -> dict:
+    """``variants``: the server's --variants (default: every default variant); ``threads``:
+    its --threads (default: PyTorch's; packages are made per thread count)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -76,7 +77,8 @@ def run(*, clients: int, seconds: float, runs: int = 1, home: str | None = None,
     server = subprocess.Popen(
         [sys.executable, "-m", "leanvgg", "serve", "--weights", "random", "--port", str(port),
          "--runs", str(runs), "--warmup", "0",
-         *(["--variants", variants] if variants else [])],
+         *(["--variants", variants] if variants else []),
+         *(["--threads", str(threads)] if threads else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:

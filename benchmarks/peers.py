@@ -37,7 +37,7 @@ from leanvgg.interop import (onnxruntime_runner, openvino_model, openvino_runner
 from leanvgg.measure import count_macs, state_dict_bytes, time_models
 from leanvgg.models import load_baseline
 from leanvgg.recipes import RECIPES
-from leanvgg.runtime import native_bf16
+from leanvgg.machine import native_bf16
 from leanvgg.schema import Throughput
 from leanvgg.store import Store
 from leanvgg.variants import build_variants, default_names
@@ -182,8 +182,9 @@ def measure(baseline, threads: int, batch_sizes: tuple[int, ...],
     names = default_names() + ([] if native_bf16() else ["bf16"])
     log.info("%d threads: building / loading leanvgg variants (%s): %s", threads,
              args.runtime, ", ".join(names))
+    # made for this thread count: packages and runtime sessions are keyed and set up per count
     variant_set = build_variants(baseline, names, store=Store(), progress=True,
-                                 runtime=args.runtime)
+                                 runtime=args.runtime, threads=threads)
     calibration = calibration_batch(224)
     macs224 = count_macs(fp32, 224)
 

@@ -47,11 +47,10 @@ def main() -> None:
     recipe = Candidate(0.0, "int8", size).recipe(
         "int8_static", "static INT8 of the digits VGG-19", layers=(),
         calibration=str(calibration))
-    variant = builder.variant(recipe)
     outputs = {}
     for runtime in RUNTIMES:
-        on = select(variant, builder, runtime)
-        assert on.facts["runtime"] == runtime, on.facts.get("runtime_choice")
+        on = select(recipe, builder, runtime)
+        assert on.runtime == runtime, on.where
         with torch.inference_mode():
             outputs[runtime] = torch.cat([on.model(row[None]) for row in images])
     with torch.inference_mode():

@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 
 from leanvgg.evaluate import Labelled
 from leanvgg.models import Baseline
-from leanvgg.runtime import native_bf16
+from leanvgg.machine import native_bf16
 from leanvgg.schema import write as write_report
 from leanvgg.store import Store, default_root
 from leanvgg.tune import Space, search

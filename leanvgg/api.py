@@ -20,7 +20,7 @@ from leanvgg.variants import VariantSet, build_variants
 
 def build(weights: str | Path | VGG | Baseline = "auto",
           variants: Sequence[str] | None = None, *, calibration: str | Path | None = None,
-          home: str | Path | None = None, runtime: str = "auto",
+          home: str | Path | None = None, runtime: str = "auto", threads: int | None = None,
           progress: bool = False) -> VariantSet:
     """The baseline and each named variant (default: all), built or loaded from the cache.
 
@@ -32,6 +32,8 @@ def build(weights: str | Path | VGG | Baseline = "auto",
     ``home``: the cache folder (default ``$LEANVGG_HOME`` or ``~/.cache/leanvgg``).
     ``runtime``: where compiled variants run: ``"auto"`` (the fastest of Inductor, ONNX Runtime
     and OpenVINO here, measured once per machine and kept), or one of them pinned.
+    ``threads``: the thread count every runtime is set up for (compiled packages, ONNX Runtime
+    and OpenVINO sessions; default: PyTorch's current setting); ``compare`` runs on it.
     """
     if isinstance(weights, VGG):
         baseline = baseline_of(weights)
@@ -41,7 +43,7 @@ def build(weights: str | Path | VGG | Baseline = "auto",
         baseline = load_baseline(str(weights), progress=progress)
     names = None if variants is None else ["baseline", *variants]
     return build_variants(baseline, names, store=Store(Path(home)) if home else Store(),
-                          progress=progress, runtime=runtime,
+                          progress=progress, runtime=runtime, threads=threads,
                           calibration=str(calibration) if calibration else None)
 
 
@@ -50,6 +52,7 @@ def compare(image: str | Path | bytes | Image.Image, variant_set: VariantSet, *,
             batch_size: int = 1) -> ComparisonResult:
     """Every variant of ``variant_set`` on one image: size, parameters, MACs, latency (``runs``
     timed passes after ``warmup``), speedup, top-3, and with ``batch_size`` > 1 throughput.
+    ``threads``: None runs on the count the variants were built for (another is refused).
 
     ``image``: a file path, encoded bytes or a PIL image; files and bytes pass the same checks
     as uploads (size, format, pixel count). ``result.to_dict()`` is the report schema's

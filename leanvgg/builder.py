@@ -19,13 +19,17 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.models import VGG
 
+from leanvgg.capabilities import precision_step
+from leanvgg.context import INDUCTOR, PYTORCH, RunContext
+from leanvgg.data import calibration_batch
 from leanvgg.distributed import barrier, distributed_context, rank_zero_first
+from leanvgg.facts import AS_BUILT, Placement, State
 from leanvgg.finetune import finetune
 from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_params,
-                             state_dict_bytes)
+                             state_dict_bytes, using_threads)
 from leanvgg.models import Baseline, from_layout, layout_of
-from leanvgg.recipes import FineTune, Recipe, artifact_key
-from leanvgg.runtime import MAX_BATCH, load_package, machine_key, package
+from leanvgg.recipes import FineTune, QuantizeStaticInt8, Recipe, artifact_key
+from leanvgg.runtime import MAX_BATCH, load_package, package
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,15 +50,17 @@ class VariantFacts:
     macs: int
     fine_tuned: bool | None  # None: nothing was pruned, so there is nothing to recover
     finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
-    accuracy: dict | None  # the latest evaluation of these very weights, when one exists
+    # the latest evaluation of these very weights on the runtime that runs them here (its
+    # record names the runtime); None when none was measured there
+    accuracy: dict | None
     steps: list[dict]
     article: bool  # one of the article's five variants
     # where it runs: pytorch (eager), inductor, onnxruntime or openvino (leanvgg.runtimes), one
-    # image at a time and in batches, and how that was decided (the medians ``auto`` measured,
-    # or a fallback's reason)
+    # image at a time and in batches, with the thread count and how it was decided
     runtime: str
     batch_runtime: str
-    runtime_choice: dict | None
+    threads: int
+    placement: dict
     # one-off costs, apart from steady-state latency: calibration when it was built,
     # compilation when its package was made, loading (incl. the first call) here
     preparation_s: dict
@@ -71,6 +77,9 @@ class Variant:
     model: nn.Module
     facts: dict  # as stored in the manifest: size_bytes, params, macs, pruning report, ...
     artifact: str  # the cache key of its weights
+    context: RunContext  # the threads (and machine) it was made for
+    placement: Placement | None = None  # where it runs (leanvgg.runtimes); None: as built
+    accuracy: dict | None = None  # its evaluation on the runtime it runs on, if any
 
     @property
     def name(self) -> str:
@@ -81,9 +90,23 @@ class Variant:
         return self.recipe.input_size
 
     @property
+    def where(self) -> Placement:
+        """Where it runs: its placement, or (not placed) as the builder made it."""
+        if self.placement is not None:
+            return self.placement
+        runtime = INDUCTOR if self.recipe.compiled else PYTORCH
+        return Placement(runtime, runtime, self.context.threads, AS_BUILT)
+
+    @property
     def runtime(self) -> str:
         """Where single images run (``leanvgg.runtimes`` says how it was chosen)."""
-        return self.facts.get("runtime", "inductor" if self.recipe.compiled else "pytorch")
+        return self.where.runtime
+
+    def run_context(self, batch: int = 1) -> RunContext:
+        """The context its figures hold for: its runtime for ``batch``, its threads."""
+        where = self.where
+        return self.context.on(where.runtime if batch == 1 else where.batch_runtime
+                               ).at_batch(batch)
 
     def summary(self) -> VariantFacts:
         return VariantFacts(
@@ -96,12 +119,13 @@ class Variant:
             macs=self.facts["macs"],
             fine_tuned=self.facts.get("fine_tuned"),
             finetune=self.facts.get("finetune"),
-            accuracy=self.facts.get("accuracy"),
+            accuracy=self.accuracy,
             steps=[step.to_json() for step in self.recipe.steps],
             article=self.recipe.article,
-            runtime=self.runtime,
-            batch_runtime=self.facts.get("batch_runtime", self.runtime),
-            runtime_choice=self.facts.get("runtime_choice"),
+            runtime=self.where.runtime,
+            batch_runtime=self.where.batch_runtime,
+            threads=self.context.threads,
+            placement=self.where.to_dict(),
             preparation_s={k: self.facts[k] for k in ("calibration_s", "compile_s", "load_s")
                            if k in self.facts},
         )
@@ -111,27 +135,38 @@ class Builder:
     """Models after any number of a recipe's steps, from memory, the store, or built.
 
     A compiled recipe's model is an AOTInductor package in the store, keyed by its weights'
-    key, its input size, torch's version and the CPU's features: once made, a later process
-    loads it (and its facts) without compiling anything or even loading the eager weights.
+    key, its input size and ``context`` (threads, CPU, torch): once made, a later process loads
+    it (and its facts) without compiling anything or even loading the eager weights.
     """
 
-    def __init__(self, baseline: Baseline, store: Store) -> None:
+    def __init__(self, baseline: Baseline, store: Store,
+                 context: RunContext | None = None) -> None:
         self.baseline = baseline
         self.store = store
+        self.context = context if context is not None else RunContext.here()
         self.memo: dict[str, tuple[nn.Module, dict]] = {}
 
-    def variant(self, recipe: Recipe, on_state: Callable[[str], object] = lambda state: None
-                ) -> Variant:
-        """The ready variant; ``on_state`` hears "building" and, if it compiles, "compiling"."""
-        on_state("building")
-        if recipe.compiled:
+    def variant(self, recipe: Recipe, on_state: Callable[[State], object] = lambda state: None,
+                *, compiled: bool = True) -> Variant:
+        """The ready variant; ``on_state`` hears "building" and, if it compiles, "compiling".
+        ``compiled=False``: a compiled recipe's eager model, its package neither made nor
+        loaded (for a variant that runs on another runtime, or is exported as another
+        format)."""
+        on_state(State.BUILDING)
+        if recipe.compiled and compiled:
             model, facts, key = self._packaged(recipe, on_state)
         else:
             model, facts, key = self.artifact(recipe, len(recipe.steps))
             facts = {**facts, "macs": count_macs(model, recipe.input_size)}
         if "calibration" in facts:
             facts["calibration_s"] = facts["calibration"]["seconds"]
-        return Variant(recipe, model, facts, key)
+        return Variant(recipe, model, facts, key, self.context)
+
+    def float_model(self, recipe: Recipe) -> nn.Module:
+        """The eager model before the precision step (all of the recipe's structure and
+        training): what other runtimes convert and quantize themselves."""
+        steps = len(recipe.steps) - (precision_step(recipe) is not None)
+        return self.artifact(recipe, steps)[0]
 
     def key(self, recipe: Recipe, n_steps: int | None = None) -> str:
         """The cache key ``artifact`` would give, without loading or building anything."""
@@ -200,8 +235,8 @@ class Builder:
 
     def package_file(self, recipe: Recipe) -> Path | None:
         """The cached, verified package of a compiled recipe on this machine, if made."""
-        entry = self.store.load_file(_package_key(self.key(recipe), recipe), PACKAGE_SUFFIX,
-                                     validate=_check_package_manifest)
+        entry = self.store.load_file(self._package_key(self.key(recipe), recipe),
+                                     PACKAGE_SUFFIX, validate=_check_package_manifest)
         return entry[0] if entry is not None else None
 
     def fine_tune(self, recipe: Recipe, dataset: Dataset, membership: torch.Tensor, *,
@@ -235,43 +270,50 @@ class Builder:
         root = artifact_key(None, weights_id=self.baseline.weights_id)
         self.memo = {k: v for k, v in self.memo.items() if k == root}
 
-    def _packaged(self, recipe: Recipe, on_state: Callable[[str], object]
+    def _packaged(self, recipe: Recipe, on_state: Callable[[State], object]
                   ) -> tuple[nn.Module, dict, str]:
         key = self.key(recipe)
         found = self._load_package(recipe, key)
         if found is not None:
             return found
         model, facts, key = self.artifact(recipe, len(recipe.steps))
-        package_key = _package_key(key, recipe)
+        package_key = self._package_key(key, recipe)
         with self.store.lock(package_key):  # another process may be compiling it right now
             found = self._load_package(recipe, key)
             if found is not None:
                 return found
-            on_state("compiling")
-            log.info("Compiling %s (one-off, then kept in the cache)", recipe.name)
+            on_state(State.COMPILING)
+            log.info("Compiling %s for %d threads (one-off, then kept in the cache)",
+                     recipe.name, self.context.threads)
             facts = {**facts, "macs": count_macs(model, recipe.input_size)}
             start = time.perf_counter()
             self.store.save_file(
                 package_key, PACKAGE_SUFFIX,
-                lambda path: package(model, recipe.input_size, path),
-                {"recipe": recipe.name, "artifact": key, "machine": machine_key(),
+                lambda path: package(model, recipe.input_size, path,
+                                     threads=self.context.threads),
+                {"recipe": recipe.name, "artifact": key,
+                 "context": self.context.on(INDUCTOR).record(),
                  "input_size": recipe.input_size, "facts": facts})
             compile_s = time.perf_counter() - start
         model, facts, key = self._load_package(recipe, key)
         return model, {**facts, "compile_s": compile_s}, key
 
     def _load_package(self, recipe: Recipe, key: str) -> tuple[nn.Module, dict, str] | None:
-        entry = self.store.load_file(_package_key(key, recipe), PACKAGE_SUFFIX,
+        entry = self.store.load_file(self._package_key(key, recipe), PACKAGE_SUFFIX,
                                      validate=_check_package_manifest)
         if entry is None:
             return None
         path, manifest = entry
         start = time.perf_counter()
         model = load_package(path, recipe.input_size)
-        with torch.inference_mode():  # the first call prepares kernels: not a request's cost
-            model(torch.zeros(1, 3, recipe.input_size, recipe.input_size))
+        warm_up(model, recipe.input_size, self.context.threads)
         log.info("Loaded %s's compiled package from the cache.", recipe.name)
         return model, {**manifest["facts"], "load_s": time.perf_counter() - start}, key
+
+    def _package_key(self, key: str, recipe: Recipe) -> str:
+        return artifact_key(key, {"op": "aoti_package", "input_size": recipe.input_size,
+                                  "batch": f"1..{MAX_BATCH}", "context": self.context.on(
+                                      INDUCTOR).key("runtime", "threads", "cpu", "versions")})
 
     def _load(self, recipe: Recipe, n_steps: int, key: str) -> tuple[nn.Module, dict] | None:
         entry = self.store.load(key, validate=_check_manifest)
@@ -306,19 +348,40 @@ class Builder:
         return self.memo[key]
 
 
-def profile_key(variant: Variant, threads: int) -> str:
+def warm_up(model: nn.Module, input_size: int, threads: int) -> None:
+    """One untimed call on ``threads``: the first call of any runner prepares its kernels (and
+    memory), which is not a request's cost."""
+    with torch.inference_mode(), using_threads(threads):
+        model(torch.zeros(1, 3, input_size, input_size))
+
+
+def calibration_of(recipe: Recipe) -> torch.Tensor | None:
+    """The images a static-INT8 recipe is calibrated on (other runtimes quantize with them)."""
+    step = precision_step(recipe)
+    if not isinstance(step, QuantizeStaticInt8):
+        return None
+    return calibration_batch(step.input_size, step.calibration)
+
+
+def profile_key(variant: Variant) -> str:
     """Where a variant's latency profile is kept (store document PROFILES): it holds only for
-    these weights, this way of running them, this input size, thread count, torch and CPU."""
-    machine = machine_key()
-    return (f"{variant.name}|{variant.artifact}|runtime={variant.runtime}|"
-            f"{variant.input_size}px|threads={threads}|torch={machine['torch']}|"
-            f"cpu={machine['capability']}-{machine['cpu_flags']}")
+    these weights at this input size, in its run context (runtime, threads, batch 1, CPU and
+    the runtime's library versions)."""
+    return (f"{variant.name}|{variant.artifact}|{variant.input_size}px|"
+            + variant.run_context().key("runtime", "threads", "batch", "cpu", "versions"))
 
 
-def stored_profile(profiles: Mapping[str, dict], variant: Variant,
-                   threads: int) -> Profile | None:
+def evaluation_key(variant: Variant) -> str:
+    """Where a variant's accuracy is kept (store document EVALUATION): it holds for these
+    weights at this input size on the runtime that ran them (INT8 on ONNX Runtime or OpenVINO
+    is their own quantization) with that runtime's library versions."""
+    return (f"{variant.name}|{variant.artifact}|{variant.input_size}px|"
+            + variant.run_context().key("runtime", "versions"))
+
+
+def stored_profile(profiles: Mapping[str, dict], variant: Variant) -> Profile | None:
     """The variant's profile in the PROFILES document, if one holds here and is readable."""
-    data = profiles.get(profile_key(variant, threads))
+    data = profiles.get(profile_key(variant))
     try:
         return Profile.from_dict(data) if data else None
     except (KeyError, TypeError, ValueError):
@@ -328,11 +391,6 @@ def stored_profile(profiles: Mapping[str, dict], variant: Variant,
 def _layout(model: nn.Module, previous: nn.Module) -> dict:
     # wrapped results (INT8 graphs, bf16) keep their source VGG's layout
     return layout_of(model if isinstance(model, VGG) else previous)
-
-
-def _package_key(key: str, recipe: Recipe) -> str:
-    return artifact_key(key, {"op": "aoti_package", "input_size": recipe.input_size,
-                              "batch": f"1..{MAX_BATCH}", **machine_key()})
 
 
 def _check_manifest(manifest: dict) -> None:

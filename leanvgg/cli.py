@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed
@@ -21,7 +22,7 @@ from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratifie
 from leanvgg.distributed import distributed_context
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
                               load_mapping, save_report)
-from leanvgg.export import FORMATS as EXPORT_FORMATS
+from leanvgg.capabilities import FORMATS as EXPORT_FORMATS
 from leanvgg.export import ExportError, export_each
 from leanvgg.export import check as check_export
 from leanvgg.interop import MissingRuntime
@@ -32,7 +33,7 @@ from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
-from leanvgg.runtime import native_bf16
+from leanvgg.machine import native_bf16
 from leanvgg.store import SEARCH, SEARCH_PLOT, TUNED, CacheError, Store
 from leanvgg.tune import Space, search
 from leanvgg.tune_report import format_front, plot_front, tuned_config
@@ -106,7 +107,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """Argument groups several commands take (argparse parents)."""
+
+    weights_only: argparse.ArgumentParser
+    calibration: argparse.ArgumentParser
+    weights: argparse.ArgumentParser
+    runtime: argparse.ArgumentParser
+    labelled: argparse.ArgumentParser
+    threads: argparse.ArgumentParser
+    timing: argparse.ArgumentParser
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    """The parser of every command; each command's own arguments are added by its
+    ``_add_*`` function, which names the function that runs it."""
     parser = _Parser(
         prog="leanvgg",
         description="Build compressed VGG-19 variants and measure them side by side on this CPU.")
@@ -149,15 +165,28 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--mapping", metavar="FILE", default=None,
         help="JSON {folder name: [ImageNet class indices]} for --dataset folder")
 
-    timing = _Parser(add_help=False)
+    threads = _Parser(add_help=False)
+    threads.add_argument("--threads", type=_positive, default=None,
+                         help="threads every runtime runs on: PyTorch, the compiled packages "
+                              "(made for that count), ONNX Runtime and OpenVINO sessions "
+                              "(default: PyTorch's default)")
+    timing = _Parser(add_help=False, parents=[threads])
     timing.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
     timing.add_argument("--warmup", type=_non_negative, default=2,
                         help="untimed warm-up runs (default 2)")
-    timing.add_argument("--threads", type=_positive, default=None,
-                        help="PyTorch intra-op threads (default: PyTorch's default)")
 
+    shared = _Shared(weights_only=weights_only, calibration=calibration, weights=weights,
+                     runtime=runtime, labelled=labelled, threads=threads, timing=timing)
+    for add in (_add_compare, _add_build, _add_finetune, _add_tune, _add_evaluate,
+                _add_export, _add_cache, _add_serve):
+        add(commands, shared)
+    return parser
+
+
+def _add_compare(commands, shared: _Shared) -> None:
     cmp = commands.add_parser(
-        "compare", parents=[weights, timing, runtime], help="measure every variant on one image",
+        "compare", parents=[shared.weights, shared.timing, shared.runtime],
+        help="measure every variant on one image",
         description="Measure size, parameters, MACs, latency, speedup and top-3 predictions of "
                     "every variant on IMAGE, one variant after another.")
     cmp.add_argument("image", metavar="IMAGE", help="JPEG, PNG, WebP, BMP, GIF or TIFF file")
@@ -168,14 +197,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--batch-size", type=_positive, default=1, metavar="N",
                      help="above 1: also measure throughput (images/s) at batch N, beside the "
                           "batch-1 latency (default 1: latency only)")
+    cmp.set_defaults(func=_compare)
 
-    commands.add_parser("build", parents=[weights, runtime],
-                        help="build and cache the variants",
-                        description="Build every variant missing from the cache "
-                                    "($LEANVGG_HOME, default ~/.cache/leanvgg).")
 
+def _add_build(commands, shared: _Shared) -> None:
+    command = commands.add_parser(
+        "build", parents=[shared.weights, shared.runtime, shared.threads],
+        help="build and cache the variants",
+        description="Build every variant missing from the cache ($LEANVGG_HOME, default "
+                    "~/.cache/leanvgg), each made for --threads.")
+    command.set_defaults(func=_build)
+
+
+def _add_finetune(commands, shared: _Shared) -> None:
     fit = commands.add_parser(
-        "finetune", parents=[weights_only],
+        "finetune", parents=[shared.weights_only],
         help="recover the pruned variants' accuracy on CIFAR-10 (also under torchrun)",
         description="Fine-tune the pruned model on a class-stratified CIFAR-10 subset (each CIFAR "
                     "class as the union of its ImageNet classes) and cache the result, so "
@@ -193,9 +229,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     fit.add_argument("--variant", choices=FINETUNABLE, default="pruned",
                      help="whose pruned model to fine-tune: 'pruned' (shared with "
                           "pruned_quantized) or 'turbo' (shared with turbo160) (default pruned)")
+    fit.set_defaults(func=_finetune)
 
+
+def _add_tune(commands, shared: _Shared) -> None:
     tn = commands.add_parser(
-        "tune", parents=[weights_only, labelled, calibration],
+        "tune", parents=[shared.weights_only, shared.labelled, shared.calibration],
         help="the fastest variant within an accuracy budget (Pareto front of a search)",
         description="Search filter pruning × classifier compression × precision × input "
                     "resolution (× fine-tuning), measuring each candidate's latency on this "
@@ -232,9 +271,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "(default 0: no fine-tuned candidates; --dataset cifar10 only)")
     tn.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
     tn.add_argument("--warmup", type=_non_negative, default=2, help="warm-up runs (default 2)")
+    tn.set_defaults(func=_tune)
 
+
+def _add_evaluate(commands, shared: _Shared) -> None:
     ev = commands.add_parser(
-        "evaluate", parents=[weights, labelled],
+        "evaluate", parents=[shared.weights, shared.labelled, shared.runtime, shared.threads],
         help="top-1 / top-3 accuracy of every variant on a labelled set",
         description="Measure each variant's top-1 and top-3 accuracy and its top-1 agreement with "
                     "the baseline (each with its 95 %% Wilson interval), and store the report so "
@@ -243,9 +285,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--subset", type=_positive, default=500,
                     help="images, stratified by class (default 500)")
     ev.add_argument("--batch-size", type=_positive, default=16, help="batch size (default 16)")
+    ev.set_defaults(func=_evaluate)
 
+
+def _add_export(commands, shared: _Shared) -> None:
     exp = commands.add_parser(
-        "export", parents=[weights_only, calibration],
+        "export", parents=[shared.weights_only, shared.calibration, shared.threads],
         help="write variants as files other programs run, each with a model.json",
         description="Export VARIANT(s) into --out: the model file and VARIANT.model.json (exact "
                     "preprocessing, recipe, kept filters, accuracy, latency profile, versions). "
@@ -262,7 +307,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", dest="formats", action="append", choices=EXPORT_FORMATS,
                      default=None, help="format (repeatable; default pt2)")
     exp.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
+    exp.set_defaults(func=_export)
 
+
+def _add_cache(commands, shared: _Shared) -> None:
     cache = commands.add_parser(
         "cache", help="list or clear the cached models ($LEANVGG_HOME)",
         description="The cache holds every model leanvgg built (weights, and compiled packages "
@@ -273,9 +321,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     clear = actions.add_parser("clear", help="delete entries (all, or only old ones)")
     clear.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                        help="only entries last written more than DAYS days ago")
+    cache.set_defaults(func=_cache)
 
+
+def _add_serve(commands, shared: _Shared) -> None:
     srv = commands.add_parser(
-        "serve", parents=[weights, timing, runtime], help="run the dashboard and JSON API",
+        "serve", parents=[shared.weights, shared.timing, shared.runtime],
+        help="run the dashboard and JSON API",
         description="Serve the dashboard on a production WSGI server (waitress). The page "
                     "answers at once; each variant becomes usable as soon as it is loaded or "
                     "built. Latency is profiled per variant in the background (--runs passes "
@@ -297,8 +349,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      default=DEFAULT_LIMITS.max_pixels // 1_000_000,
                      help="largest accepted decoded image in megapixels (default %(default)s; "
                           "it may not exceed Pillow's decompression-bomb limit)")
-    return parser
-
+    srv.set_defaults(func=_serve)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
@@ -306,13 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(levelname)s %(name)s: %(message)s")
-    commands = {"compare": _compare, "build": _build, "finetune": _finetune,
-                 "evaluate": _evaluate, "tune": _tune, "serve": _serve, "cache": _cache,
-                "export": _export}
     try:
-        return commands[args.command](args)
+        return args.func(args)
     except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned,
-            CacheError, ExportError, MissingRuntime, LoadError) as err:
+            CacheError, ExportError, MissingRuntime, LoadError, OutputError) as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -320,18 +368,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class OutputError(Exception):
+    """A file or folder the user named cannot be written; the message says which and why."""
+
+
+def _writable(path: str, *, folder: bool = False) -> Path:
+    """``path`` checked before any work: its folder (``path`` itself with ``folder``) exists
+    or can be made, and can be written into."""
+    target = Path(path)
+    place = target if folder else target.parent
+    blocking = next((p for p in (place, *place.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise OutputError(f"cannot write {path!r}: {str(blocking)!r} is not a folder.")
+    try:
+        place.mkdir(parents=True, exist_ok=True)
+        if not place.is_dir():
+            raise OutputError(f"cannot write {path!r}: {str(place)!r} is not a folder.")
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write {path!r}: {str(place)!r} is not writable.")
+    except OSError as err:
+        raise OutputError(f"cannot write {path!r}: {err.strerror or err}.") from None
+    if not folder and target.is_dir():
+        raise OutputError(f"cannot write {path!r}: it is a folder.")
+    return target
+
+
+def _write_output(path: Path, report: dict) -> None:
+    try:
+        write_report(path, report)
+    except OSError as err:
+        raise OutputError(f"cannot write {str(path)!r}: {err.strerror or err}.") from None
+
+
 def _compare(args: argparse.Namespace) -> int:
     picture = decode(read_file(args.image))  # fail on a bad image before any model work
+    output = _writable(args.output) if args.output else None
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
                                  store=Store(), calibration=args.calibration,
-                                 runtime=args.runtime)
+                                 runtime=args.runtime, threads=args.threads)
     result = compare(picture, variant_set,
                      Settings(runs=args.runs, warmup=args.warmup, threads=args.threads,
                               batch_size=args.batch_size),
                      progress=True)
     report = result.to_dict()
-    if args.output:
-        write_report(Path(args.output), report)
+    if output is not None:
+        _write_output(output, report)
     print(json.dumps(report, indent=2) if args.json else format_table(result))
     return 0
 
@@ -342,10 +423,13 @@ def _with_baseline(names: list[str] | None) -> list[str] | None:
 
 def _build(args: argparse.Namespace) -> int:
     variant_set = build_variants(load_baseline(args.weights), args.variants, store=Store(),
-                                 calibration=args.calibration, runtime=args.runtime)
+                                 calibration=args.calibration, runtime=args.runtime,
+                                 threads=args.threads)
     for variant in variant_set.variants.values():
+        where = variant.where
         print(f"{variant.name:<17} {variant.facts['size_bytes'] / 2**20:8.1f} MB  "
-              f"{variant.facts['params']:>12,} params  {variant.summary().runtime}")
+              f"{variant.facts['params']:>12,} params  {where.runtime} ({where.how}, "
+              f"{where.threads} threads)")
     return 0
 
 
@@ -384,7 +468,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     labelled = _labelled(args)
     store = Store()
     variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
-                                 store=store, calibration=args.calibration)
+                                 store=store, calibration=args.calibration,
+                                 runtime=args.runtime, threads=args.threads)
     results = evaluate(variant_set, labelled, batch_size=args.batch_size)
     rank, world_size = distributed_context()
     if rank == 0:
@@ -404,7 +489,8 @@ def format_accuracy(results: dict, dataset: str) -> str:
              f"{'agrees (95% CI)':>22}  on {dataset}"]
     for name, acc in results.items():
         lines.append(f"{name:<17}{pct(acc.top1, acc.top1_ci):>22}{pct(acc.top3, acc.top3_ci):>22}"
-                     f"{pct(acc.agreement, acc.agreement_ci):>22}  ({acc.images} images)")
+                     f"{pct(acc.agreement, acc.agreement_ci):>22}  ({acc.images} images, "
+                     f"on {acc.runtime})")
     return "\n".join(lines)
 
 
@@ -416,6 +502,7 @@ def _tune(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
+    output = _writable(args.output) if args.output else None
     validation = _labelled(args)
     train = None
     if args.finetune_subset:
@@ -452,8 +539,8 @@ def _tune(args: argparse.Namespace) -> int:
             register_tuned(baseline, tuned_config(result), store)
             print(f"Registered {result.chosen} as 'tuned' (the cache entry measured above): "
                   "'leanvgg compare' and the dashboard now show it.")
-        if args.output:
-            write_report(Path(args.output), json.loads(store.document(SEARCH).read_text()))
+        if output is not None:
+            _write_output(output, json.loads(store.document(SEARCH).read_text()))
         print(f"Report: {store.document(SEARCH)}\nPlot: {plot_path}")
         for warning in result.warnings:
             print(f"leanvgg: WARNING: {warning}", file=sys.stderr)
@@ -465,12 +552,20 @@ def _tune(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from leanvgg.variants import VariantBuilder
 
-    builder = VariantBuilder(load_baseline(args.weights), Store(), args.calibration)
+    builder = VariantBuilder(load_baseline(args.weights), Store(), args.calibration,
+                             threads=args.threads)
     names = builder.resolve(dict.fromkeys(args.variants))
     formats = list(dict.fromkeys(args.formats or ["pt2"]))
     check_export([builder.registry[name] for name in names], formats)
-    for done in export_each((builder.prepare(name) for name in names), formats,
-                            Path(args.out), builder=builder.builder):
+    out = _writable(args.out, folder=True)
+    # a package is made only for a pt2 export (the others convert the float model)
+    variants = (builder.builder.variant(builder.registry[name], compiled="pt2" in formats)
+                for name in names)
+    try:
+        exported = list(export_each(variants, formats, out, builder=builder.builder))
+    except PermissionError as err:
+        raise OutputError(f"cannot write into {args.out!r}: {err.strerror or err}.") from None
+    for done in exported:
         print(f"{done.variant} as {done.format}: {done.path} "
               f"({done.size_bytes / 2**20:.1f} MB), {done.model_json}")
     return 0
@@ -587,8 +682,9 @@ def format_table(result: ComparisonResult) -> str:
         lines.append(
             f"{v.name:<17}{v.runtime:<12}{v.input_size:>6}{v.size_mb:>9.1f}{v.params:>13,}"
             f"{v.macs / 1e9:>7.2f}"
-            f"{row.latency_ms.median:>11.1f}{row.latency_ms.p90:>9.1f}{row.speedup:>8.2f}×"
-            f"{throughput}  {top3}")
+            f"{row.latency_ms.median:>11.1f}{row.latency_ms.p90:>9.1f}"
+            + (f"{row.speedup:>8.2f}×" if row.speedup is not None else f"{'—':>9}")
+            + f"{throughput}  {top3}")
     m = result.machine
     facts = [row.facts for row in result.variants]
     not_tuned = [v.name for v in facts if v.fine_tuned is False]
@@ -603,6 +699,8 @@ def format_table(result: ComparisonResult) -> str:
                      f"{result.runs} timed batches per variant, each run as one batch")
         lines += [f"{v.name} runs batches on {v.batch_runtime}" for v in facts
                   if v.batch_runtime != v.runtime]
+    lines += [f"{row.name}: no speedup, {row.speedup_note}" for row in result.variants
+              if row.speedup_note]
     if not_tuned:
         lines.append(f"not fine-tuned: {', '.join(not_tuned)}")
     beyond = [v.name for v in facts if not v.article]
@@ -617,5 +715,6 @@ def format_table(result: ComparisonResult) -> str:
         if v.accuracy:
             a = v.accuracy
             lines.append(f"{v.name}: top-1 {a['top1']:.1%}, top-3 {a['top3']:.1%}, agrees with "
-                         f"baseline {a['agreement']:.1%} on {a['dataset']}")
+                         f"baseline {a['agreement']:.1%} on {a['dataset']} (measured on "
+                         f"{a.get('runtime', '?')})")
     return "\n".join(lines)

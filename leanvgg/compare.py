@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from PIL import Image
 
 from leanvgg.builder import VariantFacts
+from leanvgg.context import PYTORCH
 from leanvgg.images import Batches, Picture
-from leanvgg.measure import (Latency, Prediction, Profile, machine_facts, time_models,
+from leanvgg.machine import machine_facts
+from leanvgg.measure import (Latency, Prediction, Profile, time_models,
                              time_models_iter, top_k, using_threads)
 from leanvgg.models import CATEGORIES
 from leanvgg.schema import SCHEMA_VERSION, Throughput
@@ -42,12 +45,16 @@ class VariantResult:
     """One row: the variant's static facts (as ``/api/variants`` shows them) and this run."""
 
     facts: VariantFacts
-    latency_ms: Latency  # from ``latency_source``
+    latency_ms: Latency  # from ``latency_source`` (its ``count`` says how many passes)
     latency_source: str  # "profile": measured apart, N passes; "request": this request's passes
     image_ms: float  # this image's last pass
     profile: dict | None  # the variant's stored latency profile on this machine, with its age
-    speedup: float  # the baseline's median over this variant's (both from profiles if any)
+    # the baseline's median over this variant's, only when both are of the same kind (both
+    # profiles, or both this request's passes); else None and ``speedup_note`` says why
+    speedup: float | None
     top3: list[Prediction]
+    context: dict  # what these figures hold for (RunContext.record: runtime, threads, batch…)
+    speedup_note: str | None = None
     throughput: Throughput | None = None  # the offline scenario, when a batch size was asked
 
     @property
@@ -119,30 +126,42 @@ class Comparison:
         self.variant_set = variant_set
         self.settings = settings
         self.profiles = dict(profiles or {})
-        self.threads = settings.threads or torch.get_num_threads()
+        self.threads = settings.threads or variant_set.threads or torch.get_num_threads()
+        # packages and runtime sessions run on the thread count they were made for; eager
+        # PyTorch runs on whatever is in force
+        fixed = [v.name for v in variant_set.variants.values()
+                 if v.runtime != PYTORCH and v.context.threads != self.threads]
+        if fixed:
+            made_for = variant_set.variants[fixed[0]].context.threads
+            raise ValueError(f"{', '.join(fixed)} were made for {made_for} threads, not "
+                             f"{self.threads}: build them with threads={self.threads} (their "
+                             "packages and runtime sessions are set up for one count).")
 
     def rows(self, *, progress: bool = False) -> Iterator[VariantResult]:
         """Each variant's row as soon as its last pass ends, baseline first."""
         variants = self.variant_set.variants
         jobs = {name: (v.model, self.batches.tensors[v.input_size])
                 for name, v in variants.items()}
-        baseline_median = None
-        with using_threads(self.settings.threads):
+        base: tuple[str, Latency] | None = None  # the baseline's source and latency
+        with using_threads(self.threads):
             for name, measured, logits in time_models_iter(
                     jobs, runs=self.settings.runs, warmup=self.settings.warmup,
                     progress=progress):
                 profile = self.profiles.get(name)
                 latency = profile.latency if profile else measured
-                if baseline_median is None:  # the baseline comes first
-                    baseline_median = latency.median
+                source = "profile" if profile else "request"
+                if base is None:  # the baseline comes first
+                    base = source, latency
+                speedup, note = _speedup(base, source, latency)
                 variant = variants[name]
                 yield VariantResult(
-                    facts=variant.summary(), latency_ms=latency,
-                    latency_source="profile" if profile else "request",
+                    facts=variant.summary(), latency_ms=latency, latency_source=source,
                     image_ms=measured.median,
                     profile=profile.to_dict() if profile else None,
-                    speedup=baseline_median / latency.median,
-                    top3=top_k(logits, CATEGORIES, 3))
+                    speedup=speedup, speedup_note=note,
+                    top3=top_k(logits, CATEGORIES, 3),
+                    context=dataclasses.replace(variant.run_context(),
+                                                threads=self.threads).record())
 
     def with_throughput(self, rows: list[VariantResult], *, progress: bool = False
                         ) -> list[VariantResult]:
@@ -153,9 +172,8 @@ class Comparison:
         jobs = {name: (v.model, self.batches.tensors[v.input_size]
                        .expand(size, -1, -1, -1).contiguous())
                 for name, v in variants.items()}
-        with using_threads(self.settings.threads):
-            timed = time_models(jobs, runs=self.settings.runs,
-                                warmup=max(1, self.settings.warmup), progress=progress)
+        timed = time_models(jobs, runs=self.settings.runs, warmup=max(1, self.settings.warmup),
+                            progress=progress, threads=self.threads)
         return [replace(row, throughput=Throughput.of(size, timed[row.name][0]))
                 for row in rows]
 
@@ -176,3 +194,16 @@ class Comparison:
             variants=rows,
             not_ready=dict(not_ready or {}),
         )
+
+
+def _speedup(base: tuple[str, Latency], source: str, latency: Latency
+             ) -> tuple[float | None, str | None]:
+    """The baseline's median over this row's, and None or why there is none: a profile's
+    median (many warm passes, measured apart) and a request's passes are different figures."""
+    base_source, base_latency = base
+    if base_source != source:
+        kinds = {"profile": "a latency profile", "request": "this request's passes"}
+        return None, (f"not comparable: the baseline's latency is {kinds[base_source]}, this "
+                      f"variant's is {kinds[source]} ({latency.count} pass"
+                      f"{'es' if latency.count != 1 else ''})")
+    return base_latency.median / latency.median, None

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from tqdm.auto import tqdm
 
+from leanvgg.builder import evaluation_key
 from leanvgg.data import (DataUnavailable, cifar10, group_index_tensor, group_probabilities,
                           stratified_subset)
 from leanvgg.distributed import distributed_context
@@ -72,14 +73,19 @@ class Accuracy:
     top1_ci: tuple[float, float] = (0.0, 1.0)
     top3_ci: tuple[float, float] = (0.0, 1.0)
     agreement_ci: tuple[float, float] = (0.0, 1.0)
+    # the runtime that ran the model (its own INT8 on ONNX Runtime and OpenVINO): the figures
+    # are shown only where the variant runs on it
+    runtime: str = "pytorch"
+    key: str = ""  # builder.evaluation_key: weights × input size × runtime × its versions
 
     @classmethod
-    def of(cls, counts: Counts, *, artifact: str, dataset: str) -> Accuracy:
+    def of(cls, counts: Counts, *, artifact: str, dataset: str, runtime: str = "pytorch",
+           key: str = "") -> Accuracy:
         n = counts.images
         return cls(top1=counts.top1 / n, top3=counts.top3 / n, agreement=counts.agree / n,
                    images=n, artifact=artifact, dataset=dataset,
                    top1_ci=wilson(counts.top1, n), top3_ci=wilson(counts.top3, n),
-                   agreement_ci=wilson(counts.agree, n))
+                   agreement_ci=wilson(counts.agree, n), runtime=runtime, key=key)
 
 
 def image_folder(root: str | Path, mapping: dict[str, list[int]] | None = None) -> Labelled:
@@ -180,8 +186,10 @@ def count(model: torch.nn.Module, dataset: Dataset, membership: torch.Tensor, *,
 def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 16,
              progress: bool = True) -> dict[str, Accuracy]:
     """Top-1, top-3 and agreement with the baseline for every variant (baseline first), with
-    their intervals. Under torchrun each rank takes its shard and the counts are summed: every
-    rank returns the same figures."""
+    their intervals, each measured on the runtime that runs the variant's single images (the
+    one the dashboard shows: under ``auto`` the chosen one, e.g. NNCF's INT8 on OpenVINO).
+    Under torchrun each rank takes its shard and the counts are summed: every rank returns the
+    same figures."""
     if "baseline" not in variant_set.variants:
         raise ValueError("Evaluation needs the 'baseline' variant to measure agreement with it.")
     names = sorted(variant_set.variants, key=lambda n: n != "baseline")
@@ -189,17 +197,22 @@ def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 1
     results = {}
     for name in names:
         variant = variant_set.variants[name]
-        counts, top1 = count(variant.model, labelled.dataset(variant.input_size),
+        # a ByBatch would send these batches to the batch runtime: measure the one that
+        # answers single images
+        model = getattr(variant.model, "single", variant.model)
+        counts, top1 = count(model, labelled.dataset(variant.input_size),
                              labelled.membership, reference=reference, batch_size=batch_size,
                              progress=progress, desc=f"evaluating {name}")
         reference = top1 if reference is None else reference
-        results[name] = Accuracy.of(counts, artifact=variant.artifact, dataset=labelled.name)
+        results[name] = Accuracy.of(counts, artifact=variant.artifact, dataset=labelled.name,
+                                    runtime=variant.runtime, key=evaluation_key(variant))
     return results
 
 
 def save_report(store: Store, results: dict[str, Accuracy]) -> None:
-    """Record the figures beside the cached variants (other variants' figures are kept);
-    ``build_variants`` shows them while they describe the cached weights."""
-    merged = {**(store.load_json(EVALUATION) or {}),
-              **{name: asdict(accuracy) for name, accuracy in results.items()}}
-    store.save_json(EVALUATION, merged)
+    """Record the figures beside the cached variants, under the document's lock (other
+    variants' and runtimes' figures are kept); ``build_variants`` shows them where the variant
+    runs on the weights and runtime they describe."""
+    store.update_json(EVALUATION, lambda stored: {
+        **stored, **{accuracy.key: {"variant": name, **asdict(accuracy)}
+                     for name, accuracy in results.items()}})

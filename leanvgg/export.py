@@ -10,6 +10,7 @@ and ``safetensors`` (plain tensors; ``leanvgg.load`` rebuilds the model).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,21 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from leanvgg.builder import Builder, Variant, stored_profile
-from leanvgg.data import calibration_batch
+from leanvgg.builder import Builder, Variant, calibration_of, evaluation_key, stored_profile
+from leanvgg.capabilities import BF16, INT8_DYNAMIC, INT8_STATIC, export_refusal
+from leanvgg.capabilities import precision_of
+from leanvgg.context import INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH
+from leanvgg.facts import PINNED, Placement
 from leanvgg.images import WORK_SIDE, transform
-from leanvgg.interop import openvino_model, write_onnx, write_openvino
-from leanvgg.measure import Profile, machine_facts
+from leanvgg.interop import INPUT, openvino_config, openvino_model, write_onnx, write_openvino
+from leanvgg.machine import machine_facts
+from leanvgg.measure import Profile
 from leanvgg.models import layout_of
 from leanvgg.portable import save as save_safetensors
-from leanvgg.recipes import CastBf16, QuantizeDynamicInt8, QuantizeStaticInt8, Recipe, Step
-from leanvgg.runtime import MAX_BATCH, machine_key, package
-from leanvgg.store import PROFILES, write_atomic
+from leanvgg.recipes import Recipe
+from leanvgg.runtime import MAX_BATCH, package
+from leanvgg.store import EVALUATION, PROFILES, write_atomic
 
-FORMATS = ("pt2", "onnx", "openvino", "safetensors")
-MODEL_JSON_VERSION = 2
+MODEL_JSON_VERSION = 3
 
 
 class ExportError(ValueError):
@@ -73,33 +76,13 @@ def preprocessing(input_size: int) -> dict:
             "contiguous": True}
 
 
-def refusal(recipe: Recipe, fmt: str) -> str | None:
-    """Why ``recipe``'s variant cannot be exported as ``fmt`` and what can be instead; None if
-    it can (known before anything is built)."""
-    if fmt not in FORMATS:
-        return f"Invalid format {fmt!r}. Formats: {', '.join(FORMATS)}."
-    precision = _precision_step(recipe)
-    name = recipe.name
-    if isinstance(precision, QuantizeDynamicInt8) and fmt != "safetensors":
-        return (f"{name} cannot be exported as {fmt}: torch.ao's packed dynamic INT8 "
-                "Linears go through neither torch.export nor ONNX/OpenVINO conversion. Export "
-                f"it as safetensors (leanvgg.load reads it), or export int8_static or turbo "
-                f"(static INT8) as {fmt}.")
-    if isinstance(precision, CastBf16) and fmt in ("onnx", "openvino"):
-        return (f"{name} cannot be exported as {fmt}: neither ONNX Runtime nor OpenVINO "
-                "takes a bf16 model on CPUs. Export it as pt2 or safetensors; or export "
-                "baseline as openvino: OpenVINO runs FP32 models in bf16 by itself on CPUs "
-                "with native bf16.")
-    return None
-
-
 def check(recipes: Iterable[Recipe], formats: Iterable[str]) -> None:
     """Raise ExportError for the first variant × format that cannot be exported (before
     anything is built or written)."""
     formats = list(formats)
     for recipe in recipes:
         for fmt in formats:
-            reason = refusal(recipe, fmt)
+            reason = export_refusal(recipe, fmt)
             if reason:
                 raise ExportError(reason)
 
@@ -108,16 +91,21 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
            profile: Profile | None = None) -> Exported:
     """Write ``variant`` as ``fmt`` into the folder ``out`` (created), and describe it in
     ``VARIANT.model.json`` there (one file per variant; exports in other formats already
-    described there, of the same weights, stay listed)."""
-    reason = refusal(variant.recipe, fmt)
+    described there, of the same weights, stay listed). Each format's entry carries the
+    settings leanvgg runs it with and the accuracy measured on the runtime that runs it (none
+    where it was measured only elsewhere)."""
+    reason = export_refusal(variant.recipe, fmt)
     if reason:
         raise ExportError(reason)
     out.mkdir(parents=True, exist_ok=True)
     path, entry = _WRITERS[fmt](variant, out, builder)
     model_json = out / f"{variant.name}.model.json"
     formats = _described_formats(model_json, variant.artifact)
-    formats[fmt] = {"files": [p.name for p in _files(path)], **entry}
-    layout = layout_of(float_model(variant, builder))
+    runtime = _runtime_of(variant, fmt)
+    evaluations = builder.store.load_json(EVALUATION) or {}
+    formats[fmt] = {"files": [p.name for p in _files(path)], **entry, "runtime": runtime,
+                    "accuracy": evaluations.get(evaluation_key(_on(variant, runtime)))}
+    layout = layout_of(builder.float_model(variant.recipe))
     write_atomic(model_json, json.dumps(describe(variant, formats, profile, layout),
                                         indent=2).encode())
     for written in (*_files(path), model_json):
@@ -132,7 +120,7 @@ def export_each(variants: Iterable[Variant], formats: Sequence[str], out: Path, 
     caller may prepare them one at a time. Check the formats first (``check``)."""
     profiles = builder.store.load_json(PROFILES) or {}
     for variant in variants:
-        profile = stored_profile(profiles, variant, torch.get_num_threads())
+        profile = stored_profile(profiles, variant)
         for fmt in formats:
             yield export(variant, fmt, out, builder=builder, profile=profile)
 
@@ -151,22 +139,16 @@ def _readable(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
-def _precision_step(recipe: Recipe) -> Step | None:
-    last = recipe.steps[-1] if recipe.steps else None
-    return last if isinstance(last, (QuantizeStaticInt8, QuantizeDynamicInt8, CastBf16)) else None
+def _runtime_of(variant: Variant, fmt: str) -> str:
+    """The runtime a format runs on: pt2 on Inductor, onnx on ONNX Runtime, openvino on
+    OpenVINO, safetensors (``leanvgg.load``'s eager module) on PyTorch."""
+    return {"pt2": INDUCTOR, "onnx": ONNXRUNTIME, "openvino": OPENVINO}.get(fmt, PYTORCH)
 
 
-def float_model(variant: Variant, builder: Builder) -> nn.Module:
-    """The eager model before the precision step (all of the recipe's structure and training)."""
-    steps = len(variant.recipe.steps) - (_precision_step(variant.recipe) is not None)
-    return builder.artifact(variant.recipe, steps)[0]
-
-
-def calibration_of(variant: Variant) -> torch.Tensor | None:
-    step = _precision_step(variant.recipe)
-    if not isinstance(step, QuantizeStaticInt8):
-        return None
-    return calibration_batch(step.input_size, step.calibration)
+def _on(variant: Variant, runtime: str) -> Variant:
+    """``variant`` as if placed on ``runtime`` (for the keys of figures measured there)."""
+    threads = variant.context.threads
+    return dataclasses.replace(variant, placement=Placement(runtime, runtime, threads, PINNED))
 
 
 def _int8_note(variant: Variant, runtime: str, calibration: torch.Tensor | None) -> dict:
@@ -181,13 +163,18 @@ def _int8_note(variant: Variant, runtime: str, calibration: torch.Tensor | None)
 def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.pt2"
     cached = builder.package_file(variant.recipe) if variant.recipe.compiled else None
+    threads = builder.context.threads
     if cached is not None:
         shutil.copyfile(cached, path)  # the very code leanvgg runs
     else:
         eager = (builder.artifact(variant.recipe, len(variant.recipe.steps))[0]
                  if variant.recipe.compiled else variant.model)
-        package(eager, variant.input_size, path)
-    return path, {"run": f"torch._inductor.aoti_load_package({path.name!r})(x)",
+        package(eager, variant.input_size, path, threads=threads)
+    return path, {"run": f"torch.set_num_threads({threads}); "
+                         f"torch._inductor.aoti_load_package({path.name!r})(x)",
+                  "settings": {"torch.set_num_threads": threads},
+                  "threads": f"compiled for {threads} threads: Inductor writes the count into "
+                             "its code, so run it with the same torch.set_num_threads",
                   "batch": f"1 to {MAX_BATCH} images per call (any N×3×s×s)",
                   "precision": _precision_name(variant),
                   "needs": f"torch=={torch.__version__} on a CPU with the same features"}
@@ -195,24 +182,30 @@ def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
 
 def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.onnx"
-    calibration = calibration_of(variant)
-    write_onnx(float_model(variant, builder), variant.input_size, path,
+    calibration = calibration_of(variant.recipe)
+    write_onnx(builder.float_model(variant.recipe), variant.input_size, path,
                calibration=calibration)
-    return path, {"run": f"onnxruntime.InferenceSession({path.name!r}).run(None, "
-                         "{'input': x.numpy()})[0]", "batch": "any",
+    threads = builder.context.threads
+    settings = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    return path, {"run": "options = onnxruntime.SessionOptions(); options.intra_op_num_threads"
+                         f" = {threads}; options.inter_op_num_threads = 1; "
+                         f"onnxruntime.InferenceSession({path.name!r}, options, providers="
+                         f"['CPUExecutionProvider']).run(None, {{{INPUT!r}: x.numpy()}})[0]",
+                  "settings": settings, "input_name": INPUT, "batch": "any",
                   **_int8_note(variant, "ONNX Runtime's quantize_static (QDQ, INT8 weights "
                                "per output channel, UINT8 activations, MinMax)", calibration)}
 
 
 def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.xml"
-    calibration = calibration_of(variant)
-    write_openvino(openvino_model(float_model(variant, builder), variant.input_size,
+    calibration = calibration_of(variant.recipe)
+    write_openvino(openvino_model(builder.float_model(variant.recipe), variant.input_size,
                                   calibration=calibration), path)
-    # OpenVINO runs FP32 models in bf16 on CPUs with native bf16 unless told not to
-    hint = "" if calibration is not None else ", {'INFERENCE_PRECISION_HINT': 'f32'}"
-    return path, {"run": f"openvino.Core().compile_model({path.name!r}, 'CPU'{hint})"
-                         "(x.numpy())[0]", "batch": "any",
+    # what leanvgg compiles it with: OpenVINO would otherwise run what is not INT8 in bf16 on
+    # CPUs with native bf16
+    settings = openvino_config(builder.context.threads)
+    return path, {"run": f"openvino.Core().compile_model({path.name!r}, 'CPU', {settings!r})"
+                         "(x.numpy())[0]", "settings": settings, "batch": "any",
                   **_int8_note(variant, "NNCF's post-training quantization", calibration)}
 
 
@@ -222,7 +215,7 @@ def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, d
     facts = variant.facts
     save_safetensors(model, path, spec={
         "variant": variant.name, "input_size": variant.input_size,
-        "layout": layout_of(float_model(variant, builder)),
+        "layout": layout_of(builder.float_model(variant.recipe)),
         "steps": [step.to_json() for step in variant.recipe.steps],
         "kept": {k: facts[k] for k in ("pruning", "neuron_pruning") if facts.get(k)},
         "artifact": variant.artifact})
@@ -232,9 +225,8 @@ def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, d
 
 
 def _precision_name(variant: Variant) -> str:
-    step = _precision_step(variant.recipe)
-    return {QuantizeStaticInt8: "int8 (static)", QuantizeDynamicInt8: "int8 (dynamic, Linears)",
-            CastBf16: "bf16"}.get(type(step), "fp32")
+    return {INT8_STATIC: "int8 (static)", INT8_DYNAMIC: "int8 (dynamic, Linears)",
+            BF16: "bf16"}.get(precision_of(variant.recipe), "fp32")
 
 
 _WRITERS = {"pt2": _pt2, "onnx": _onnx, "openvino": _openvino, "safetensors": _safetensors}
@@ -276,8 +268,9 @@ def describe(variant: Variant, formats: dict, profile: Profile | None, layout: d
                                             "fine_tuned", "finetune", "calibration",
                                             "pruning", "neuron_pruning", "low_rank")
                   if facts.get(k) is not None},
-        "accuracy": facts.get("accuracy"),
+        # per format too (formats[…].accuracy): each measured on the runtime that runs it
+        "accuracy": {fmt: entry.get("accuracy") for fmt, entry in formats.items()},
         "latency_profile": profile.to_dict() if profile else None,
-        "machine": {**machine_facts(torch.get_num_threads()), **machine_key()},
-        "versions": machine_facts(torch.get_num_threads())["versions"],
+        "machine": machine_facts(variant.context.threads),
+        "versions": machine_facts(variant.context.threads)["versions"],
     }

@@ -9,10 +9,15 @@ quantizations of the same float weights, and agree with leanvgg's as closely as 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
+import os
+import sys
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -39,16 +44,44 @@ def require(module: str) -> ModuleType:
         ) from None
 
 
+def installed(*modules: str) -> bool:
+    """Whether every module can be imported, found without importing any of them."""
+    return all(importlib.util.find_spec(module) is not None for module in modules)
+
+
+_STDOUT = threading.Lock()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """What libraries print during the block goes to stderr: leanvgg's stdout carries only its
+    own output (``--json`` must parse). Redirected at the file descriptor too, since some write
+    to the process's stdout directly (NNCF's progress bars, through rich)."""
+    with _STDOUT:
+        original = sys.stdout
+        original.flush()
+        saved = os.dup(1)
+        try:
+            os.dup2(2, 1)
+            with contextlib.redirect_stdout(sys.stderr):
+                yield
+        finally:
+            original.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def write_onnx(model: nn.Module, input_size: int, path: Path, *,
                calibration: torch.Tensor | None = None) -> None:
     """``model`` as ONNX (any batch size) at ``path``; with ``calibration`` (N×3×H×W,
     preprocessed) static INT8 QDQ: weights INT8 per output channel, activations UINT8."""
     require("onnx")
     if calibration is None:
-        _export_onnx(model, input_size, path)
+        with stdout_to_stderr():
+            _export_onnx(model, input_size, path)
         return
     quantization = require("onnxruntime.quantization")
-    with tempfile.TemporaryDirectory(prefix="leanvgg-onnx-") as folder:
+    with tempfile.TemporaryDirectory(prefix="leanvgg-onnx-") as folder, stdout_to_stderr():
         fp32 = Path(folder) / "fp32.onnx"
         _export_onnx(model, input_size, fp32)
 
@@ -85,14 +118,14 @@ def openvino_model(model: nn.Module, input_size: int, *,
     """``model`` converted to an OpenVINO model (any batch size); with ``calibration``,
     INT8 through NNCF's post-training quantization on those images."""
     ov = require("openvino")
-    converted = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, input_size,
-                                                                         input_size),
-                                 input=[(-1, 3, input_size, input_size)])
-    if calibration is None:
-        return converted
-    nncf = require("nncf")
-    dataset = nncf.Dataset([row.contiguous().numpy() for row in calibration.split(1)])
-    return nncf.quantize(converted, dataset, subset_size=len(calibration))
+    with stdout_to_stderr():
+        converted = ov.convert_model(model.eval(), example_input=torch.zeros(
+            1, 3, input_size, input_size), input=[(-1, 3, input_size, input_size)])
+        if calibration is None:
+            return converted
+        nncf = require("nncf")
+        dataset = nncf.Dataset([row.contiguous().numpy() for row in calibration.split(1)])
+        return nncf.quantize(converted, dataset, subset_size=len(calibration))
 
 
 def write_openvino(ov_model, path: Path) -> None:
@@ -101,25 +134,52 @@ def write_openvino(ov_model, path: Path) -> None:
     require("openvino").save_model(ov_model, str(path), compress_to_fp16=False)
 
 
-def onnxruntime_runner(path: Path, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
-    """A function from an N×3×H×W batch to logits, running the ONNX file with ``threads``."""
+class Runner:
+    """A function from an N×3×H×W batch to logits on another runtime, with the settings it
+    runs under as that runtime reports them back (threads, precision hint)."""
+
+    def __init__(self, run: Callable[[torch.Tensor], np.ndarray], settings: dict) -> None:
+        self.run = run
+        self.settings = settings
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.run(batch)
+
+
+def onnxruntime_runner(path: Path, threads: int) -> Runner:
+    """Runs the ONNX file on ``threads`` intra-op threads (and one inter-op thread)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(None, {INPUT: batch.contiguous().numpy()})[0]
+    read = session.get_session_options()
+    return Runner(lambda batch: session.run(None, {INPUT: batch.contiguous().numpy()})[0],
+                  {"intra_op_num_threads": read.intra_op_num_threads,
+                   "inter_op_num_threads": read.inter_op_num_threads})
 
 
-def openvino_runner(ov_model, threads: int, *,
-                    f32: bool = True) -> Callable[[torch.Tensor], np.ndarray]:
-    """A function from an N×3×H×W batch to logits, running ``ov_model`` (or an .xml path)
-    on the CPU with ``threads``, tuned for latency. ``f32``: what is not INT8 runs in FP32, as
-    on the other runtimes; OpenVINO's default runs it in bf16 on CPUs with native bf16."""
-    ov = require("openvino")
+def openvino_config(threads: int, *, f32: bool = True) -> dict:
+    """The settings leanvgg compiles OpenVINO models with (model.json repeats them).
+    ``f32``: what is not INT8 runs in FP32, as on the other runtimes; OpenVINO's default runs
+    it in bf16 on CPUs with native bf16."""
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if f32:
         config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    return config
+
+
+def openvino_runner(ov_model, threads: int, *, f32: bool = True) -> Runner:
+    """Runs ``ov_model`` (or an .xml path) on the CPU with ``threads``, tuned for latency
+    (``openvino_config``)."""
+    ov = require("openvino")
+    compiled = ov.Core().compile_model(ov_model, "CPU", openvino_config(threads, f32=f32))
     request = compiled.create_infer_request()
-    return lambda batch: request.infer({0: batch.contiguous().numpy()})[0]
+    settings = {name: _text(compiled.get_property(name)) for name in (
+        "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT")}
+    return Runner(lambda batch: request.infer({0: batch.contiguous().numpy()})[0], settings)
+
+
+def _text(value) -> str:
+    """An OpenVINO property as its config spelling (an element type as 'f32', not its repr)."""
+    return value.to_string() if hasattr(value, "to_string") else str(value)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import calendar
-import importlib.metadata
 import io
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Iterator, Mapping
@@ -15,13 +12,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-import torchvision
 from torch import nn
 from torch.ao.nn.quantized import Linear as QuantizedLinear
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from leanvgg.runtime import cpu_flags
 
 
 class _ByteCounter(io.RawIOBase):
@@ -181,16 +176,20 @@ def using_threads(n: int | None) -> Iterator[int]:
 
 
 def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
-                warmup: int, progress: bool = False) -> dict[str, tuple[Latency, torch.Tensor]]:
+                warmup: int, progress: bool = False, threads: int | None = None
+                ) -> dict[str, tuple[Latency, torch.Tensor]]:
     """Time each ``(model, batch)`` job, one forward pass at a time, never two at once.
 
     After ``warmup`` untimed passes per model, the ``runs`` timed passes go round-robin over the
     models, so slow drifts of the machine (frequency, other load) are shared fairly rather than
     landing on whichever model happens to be timed first. Each job's returned output is produced
     by its last timed pass, so predictions and timings come from the same computation.
+    ``threads``: PyTorch's thread count meanwhile (None: unchanged); other runtimes run on the
+    count their runners were built for.
     """
-    return {name: (latency, output) for name, latency, output in
-            time_models_iter(jobs, runs=runs, warmup=warmup, progress=progress)}
+    with using_threads(threads):
+        return {name: (latency, output) for name, latency, output in
+                time_models_iter(jobs, runs=runs, warmup=warmup, progress=progress)}
 
 
 def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
@@ -226,35 +225,3 @@ def top_k(logits: torch.Tensor, categories: list[str], k: int = 3) -> list[Predi
     probs = torch.softmax(logits[0].float(), dim=0)
     values, indices = torch.topk(probs, k)
     return [Prediction(categories[i], i, float(p)) for p, i in zip(values, indices.tolist())]
-
-
-# the CPU features that decide which kernels run (SIMD width, INT8 dot products, bf16, AMX)
-KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-LIBRARIES = ("torch", "torchvision", "torchao", "onnxruntime", "openvino", "nncf", "onnx")
-
-
-def machine_facts(threads: int) -> dict:
-    """What a timing was measured on, recorded with every figure: CPU model, its kernel flags,
-    PyTorch's CPU capability, threads and library versions (None: not installed)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "flags": [f for f in KERNEL_FLAGS if f in cpu_flags()],
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            "logical_cpus": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "quantized_engine": torch.backends.quantized.engine, "python": platform.python_version(),
-            "versions": {name: _version(name) for name in LIBRARIES}}
-
-
-def _version(library: str) -> str | None:
-    try:
-        return importlib.metadata.version(library)
-    except importlib.metadata.PackageNotFoundError:
-        return None

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 from torch import nn
 
+from leanvgg.context import INDUCTOR
 from leanvgg.data import calibration_batch, calibration_digest
 from leanvgg.lowrank import factorize_linear, retained_energy
 from leanvgg.prune import VGG19_DEEP_CONVS, VGG19_HIDDEN_LINEARS, prune_filters, prune_neurons
@@ -133,6 +135,15 @@ class QuantizeStaticInt8:
     automatic: ClassVar[bool] = True
     input_size: int = 224
     calibration: str | None = None
+    # the calibration source as the cache key names it: a folder is hashed once, here, not on
+    # every to_json() (the server lists variants every second)
+    source: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # v2: the views are taken from the centre square that decoding keeps (leanvgg.images)
+        object.__setattr__(self, "source", "bundled-photos-v2" if self.calibration is None
+                           else f"{'folder' if Path(self.calibration).is_dir() else 'file'}-"
+                                f"sha256:{calibration_digest(self.calibration)}")
 
     def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
         start = time.perf_counter()
@@ -147,12 +158,8 @@ class QuantizeStaticInt8:
         return static_int8_skeleton(model, self.input_size)
 
     def to_json(self) -> dict:
-        # v2: the views are taken from the centre square that decoding keeps (leanvgg.images)
-        source = ("bundled-photos-v2" if self.calibration is None
-                  else f"{'folder' if Path(self.calibration).is_dir() else 'file'}-sha256:"
-                       f"{calibration_digest(self.calibration)}")
         return {"op": "quantize_static_int8", "backend": "torchao.pt2e x86_inductor",
-                "input_size": self.input_size, "calibration": source}
+                "input_size": self.input_size, "calibration": self.source}
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,9 @@ class Recipe:
     article: bool = False  # one of the five variants of the article leanvgg started from
     compiled: bool = False  # run under torch.compile (see leanvgg.runtime)
     needs_native_bf16: bool = False  # emulated bf16 is slower than FP32: opt-in elsewhere
+    # the runtime it must run on whatever --runtime says (tune measured its accuracy and
+    # latency there, so its budget holds there only); None: --runtime decides
+    runtime: str | None = None
 
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -333,8 +343,11 @@ def tuned_recipe(config: dict) -> Recipe:
     """The recipe of the candidate ``leanvgg tune`` chose (``tune.tuned_config``): the very
     recipe the search built and measured, so it names the same cache entries."""
     candidate = Candidate(**config["candidate"])
-    return candidate.recipe(
+    recipe = candidate.recipe(
         "tuned", f"fastest within {config['max_drop']:g} accuracy points ({candidate.key}), "
         "chosen by leanvgg tune", layers=config["layers"], multiple_of=config["multiple_of"],
         finetune=FineTune(**config["finetune"]) if config.get("finetune") else None,
         calibration=config.get("calibration"))
+    # tune measured its accuracy and latency on Inductor (PT2E INT8): its budget holds there,
+    # not for another runtime's own quantization, so it runs there whatever --runtime says
+    return dataclasses.replace(recipe, runtime=INDUCTOR if recipe.compiled else None)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import tempfile
 import time
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -29,31 +27,6 @@ class Bf16(nn.Module):
 def to_bf16(model: nn.Module) -> Bf16:
     """A bf16, channels-last copy of ``model`` (the input is untouched)."""
     return Bf16(copy.deepcopy(model).to(torch.bfloat16).to(memory_format=torch.channels_last))
-
-
-@lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is unavailable."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def native_bf16() -> bool:
-    """Whether the CPU computes in bf16 (AVX-512 BF16 or AMX); elsewhere bf16 is emulated."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def machine_key() -> dict:
-    """What compiled code depends on besides the model: it is reused only where all match."""
-    return {"torch": torch.__version__,
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]}
 
 
 MAX_BATCH = 1024  # the largest batch a package takes in one call (larger ones are split)
@@ -82,8 +55,14 @@ class Packaged(nn.Module):
         return torch.cat([self.runner(chunk) for chunk in x.split(MAX_BATCH)])
 
 
-def package(model: nn.Module, input_size: int, path: Path) -> None:
-    """Compile ``model`` with AOTInductor into the package file ``path`` (minutes at most).
+def package(model: nn.Module, input_size: int, path: Path, *, threads: int) -> None:
+    """Compile ``model`` with AOTInductor into the package file ``path`` (minutes at most), for
+    running on ``threads`` threads.
+
+    Inductor writes the thread count into the code it generates (``#pragma omp parallel
+    num_threads(N)``, ``cpp.threads``), while the oneDNN kernels it calls use the thread count
+    in force when they run: a package is made for one count (the caller keys it by that count)
+    and is run under it.
 
     Freezing treats the weights as constants, which is what lets Inductor fold the INT8
     quantize/dequantize patterns into oneDNN INT8 kernels and prepack weights: without it the
@@ -100,7 +79,8 @@ def package(model: nn.Module, input_size: int, path: Path) -> None:
     target = model.graph if isinstance(model, StaticInt8) else model.eval()
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with torch.no_grad(), inductor_config.patch(freezing=True), warnings.catch_warnings():
+    with (torch.no_grad(), warnings.catch_warnings(),
+          inductor_config.patch({"freezing": True, "cpp.threads": threads})):
         # raised inside Inductor's own oneDNN lowering; nothing a user can act on
         warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         program = torch.export.export(target, (example,), dynamic_shapes=({0: batch},))
@@ -112,12 +92,13 @@ def load_package(path: Path, input_size: int) -> Packaged:
     return Packaged(torch._inductor.aoti_load_package(str(path)), input_size)
 
 
-def compile_for_cpu(model: nn.Module, input_size: int) -> tuple[Packaged, float]:
+def compile_for_cpu(model: nn.Module, input_size: int, *, threads: int
+                    ) -> tuple[Packaged, float]:
     """``model`` compiled (``package`` into a temporary file, then loaded) and the seconds that
     took; for models that are measured once and not kept (the fidelity benchmark's)."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="leanvgg-aoti-") as folder:
         path = Path(folder) / "model.pt2"
-        package(model, input_size, path)
+        package(model, input_size, path, threads=threads)
         compiled = load_package(path, input_size)
     return compiled, time.perf_counter() - start

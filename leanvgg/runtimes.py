@@ -2,17 +2,20 @@
 OpenVINO, chosen by measuring them on this machine.
 
 Which runtime is fastest for a model depends on the CPU (AVX2, AVX-512 VNNI, AMX), on the
-libraries' versions and on the scenario (one image at a time, or batches), so with ``auto`` each
-candidate runs the variant once per machine in a short round-robin at batch 1 and at batch
-``BATCH``: single images run on the fastest at batch 1, batches on the fastest at batch
-``BATCH`` unless the first is within ``SAME`` of it (``ByBatch`` routes between them). The
-choice is stored with the CPU flags, the thread count and the versions it holds for, and reused
-until one of them changes. Every runtime is fed the same model: the variant's own float weights
-(pruned, fine-tuned) and, for INT8, its own calibration images, quantized by leanvgg's PT2E path
-on Inductor and by the runtime's own quantizer elsewhere (ONNX Runtime's static QDQ, NNCF): the
-INT8 decisions are the runtime's, the data are the same. Converted models are kept in the cache
-like packages. Without the optional runtimes (``pip install 'leanvgg[export]'``) everything runs
-on Inductor, as before.
+libraries' versions, on the thread count and on the scenario (one image at a time, or
+batches), so with ``auto`` each candidate runs the variant once per machine in a short
+round-robin at batch 1 and at batch ``BATCH``: single images run on the fastest at batch 1,
+batches on the fastest at batch ``BATCH`` unless the first is within ``SAME`` of it
+(``ByBatch`` routes between them). The choice is stored under the variant's run context
+(threads, CPU, versions: ``leanvgg.context``) and reused until one of them changes. The
+runtime is decided before anything is compiled (``plan``): a variant that runs elsewhere never
+has its package made. Every runtime is fed the same model: the variant's own float weights
+(pruned, fine-tuned) and, for INT8, its own calibration images, quantized by leanvgg's PT2E
+path on Inductor and by the runtime's own quantizer elsewhere (ONNX Runtime's static QDQ,
+NNCF): the INT8 decisions are the runtime's, the data are the same. Every runner is built for
+the context's thread count and called once before it is used. Converted models are kept in
+the cache like packages. Without the optional runtimes (``pip install 'leanvgg[export]'``)
+everything runs on Inductor, as before.
 """
 
 from __future__ import annotations
@@ -30,22 +33,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanvgg.builder import Builder, Variant
-from leanvgg.export import calibration_of, float_model, refusal
-from leanvgg.interop import (MissingRuntime, onnxruntime_runner, openvino_model,
-                             openvino_runner, require, write_onnx, write_openvino)
-from leanvgg.measure import machine_facts, time_models
-from leanvgg.recipes import artifact_key
-from leanvgg.runtime import machine_key
+from leanvgg.builder import Builder, Variant, calibration_of, warm_up
+from leanvgg.capabilities import FORMAT_OF, runtime_refusal
+from leanvgg.context import AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH, RUNTIMES, RunContext
+from leanvgg.facts import EAGER, FALLBACK, MEASURED, ONLY, PINNED, STORED, Placement, State
+from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
+                             openvino_model, openvino_runner, require, write_onnx,
+                             write_openvino)
+from leanvgg.measure import time_models
+from leanvgg.recipes import Recipe, artifact_key
 from leanvgg.store import RUNTIME_CHOICES
 
 log = logging.getLogger(__name__)
 
-INDUCTOR, ONNXRUNTIME, OPENVINO = "inductor", "onnxruntime", "openvino"
-RUNTIMES = (INDUCTOR, ONNXRUNTIME, OPENVINO)
-AUTO = "auto"
 CHOICES = (AUTO, *RUNTIMES)
-_FORMAT = {ONNXRUNTIME: "onnx", OPENVINO: "openvino"}  # the export format each one runs
 _MODULES = {ONNXRUNTIME: ("onnx", "onnxruntime"), OPENVINO: ("openvino", "nncf")}
 BATCH = 8  # the batch size the batch runtime is chosen at (the dashboard's throughput view)
 # Batches stay on the single-image runtime unless another is faster by more than this: a
@@ -57,10 +58,15 @@ SAME = 0.02
 class Foreign(nn.Module):
     """A model run by another runtime, called like a torch module (torch in, torch out)."""
 
-    def __init__(self, run: Callable[[torch.Tensor], np.ndarray], runtime: str) -> None:
+    def __init__(self, run: Runner, runtime: str) -> None:
         super().__init__()
         self.run = run
         self.runtime = runtime
+
+    @property
+    def settings(self) -> dict:
+        """The settings the runtime reports it runs with (threads, precision hint)."""
+        return self.run.settings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.run(x.contiguous())))
@@ -90,80 +96,108 @@ class ByBatch(nn.Module):
 
 
 def installed(runtime: str) -> bool:
-    """Whether ``runtime``'s libraries import here (Inductor always does)."""
-    try:
-        for module in _MODULES.get(runtime, ()):
-            require(module)
-    except MissingRuntime:
-        return False
-    return True
+    """Whether ``runtime``'s libraries are installed here (Inductor always is); found without
+    importing them."""
+    return modules_installed(*_MODULES.get(runtime, ()))
 
 
-def candidates(variant: Variant) -> list[str]:
-    """The runtimes that can run ``variant`` here: compiled variants whose precision the other
-    runtimes take (FP32, static INT8; not bf16) and whose libraries are installed."""
-    if not variant.recipe.compiled:
+def candidates(recipe: Recipe) -> list[str]:
+    """The runtimes that can run ``recipe``'s variant here (``leanvgg.capabilities``) and whose
+    libraries are installed; none for eager recipes."""
+    if runtime_refusal(recipe, INDUCTOR) is not None:
         return []
     return [INDUCTOR, *(r for r in (ONNXRUNTIME, OPENVINO)
-                        if refusal(variant.recipe, _FORMAT[r]) is None and installed(r))]
+                        if runtime_refusal(recipe, r) is None and installed(r))]
 
 
-def choice_key(variant: Variant, threads: int) -> str:
-    """What a choice holds for: these weights at this size, threads, CPU and versions."""
-    machine, versions = machine_key(), machine_facts(threads)["versions"]
-    libraries = ",".join(f"{k}={versions[k]}" for k in sorted(versions) if versions[k])
-    return (f"{variant.name}|{variant.artifact}|{variant.input_size}px|threads={threads}|"
-            f"cpu={machine['capability']}-{machine['cpu_flags']}|{libraries}")
+def choice_key(recipe: Recipe, artifact: str, context: RunContext) -> str:
+    """What a choice holds for: these weights at this size, the threads, CPU and the versions
+    of every candidate runtime."""
+    return (f"{recipe.name}|{artifact}|{recipe.input_size}px|"
+            + context.on(AUTO).key("threads", "cpu", "versions"))
 
 
-def select(variant: Variant, builder: Builder, runtime: str = AUTO, *,
-           runs: int = 10, warmup: int = 2,
-           on_state: Callable[[str], object] = lambda state: None) -> Variant:
-    """``variant`` running on ``runtime`` (``auto``: the fastest candidate here at batch 1 and,
-    for batches, the fastest at batch ``BATCH``, measured once per machine and stored); its
-    facts say which runtimes and why. A runtime that cannot run it, or is not installed, falls
-    back to Inductor with one log line."""
+def plan(recipe: Recipe, builder: Builder, runtime: str = AUTO) -> Placement | None:
+    """Where ``recipe``'s variant runs, decided from the recipe and the stored choice alone
+    (nothing is built); None when ``auto`` has to measure first."""
     if runtime not in CHOICES:
         raise ValueError(f"Invalid runtime {runtime!r}. Choose from {', '.join(CHOICES)}.")
-    usable = candidates(variant)
-    if not usable or runtime == INDUCTOR or (runtime == AUTO and usable == [INDUCTOR]):
-        return _on(variant, INDUCTOR if variant.recipe.compiled else "pytorch", None)
+    threads = builder.context.threads
+    usable = candidates(recipe)
+    if not usable:
+        return Placement(PYTORCH, PYTORCH, threads, EAGER, asked=runtime)
+    if recipe.runtime is not None:  # tune measured it there: its budget holds there
+        return Placement(recipe.runtime, recipe.runtime, threads, PINNED, asked=runtime,
+                         reason=f"{recipe.name}'s accuracy and latency were measured on "
+                                f"{recipe.runtime}")
+    if runtime == AUTO and usable == [INDUCTOR]:
+        return Placement(INDUCTOR, INDUCTOR, threads, ONLY, asked=runtime)
     if runtime != AUTO and runtime not in usable:
         why = (f"{runtime} is not installed (pip install 'leanvgg[export]')"
-               if not installed(runtime) else refusal(variant.recipe, _FORMAT[runtime]))
-        log.warning("%s runs on inductor: %s", variant.name, why)
-        return _on(variant, INDUCTOR, {"asked": runtime, "fallback": why})
-    threads = torch.get_num_threads()
+               if not installed(runtime) else runtime_refusal(recipe, runtime))
+        log.warning("%s runs on inductor: %s", recipe.name, why)
+        return Placement(INDUCTOR, INDUCTOR, threads, FALLBACK, asked=runtime, reason=why)
     if runtime != AUTO:
-        return _on(variant, runtime, {"asked": runtime}, _model(variant, runtime, builder))
-    key = choice_key(variant, threads)
-    stored = (builder.store.load_json(RUNTIME_CHOICES) or {}).get(key)
-    if (isinstance(stored, dict) and stored.get("runtime") in usable
-            and stored.get("batch_runtime") in usable and stored.get("batch_size") == BATCH):
-        chosen, batched = stored["runtime"], stored["batch_runtime"]
-        single = _model(variant, chosen, builder)
-        model = single if batched == chosen else ByBatch(
-            single, lambda: _model(variant, batched, builder))
-        return _on(variant, chosen, stored, model)
-    on_state("choosing runtime")
-    runners = {r: _model(variant, r, builder) for r in usable}
+        return Placement(runtime, runtime, threads, PINNED, asked=runtime)
+    stored = (builder.store.load_json(RUNTIME_CHOICES) or {}).get(
+        choice_key(recipe, builder.key(recipe), builder.context))
+    try:
+        placement = dataclasses.replace(Placement.from_dict(stored), how=STORED)
+    except (KeyError, TypeError):
+        return None
+    if (placement.runtime in usable and placement.batch_runtime in usable
+            and placement.batch_size == BATCH and placement.threads == threads):
+        return placement
+    return None
+
+
+def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
+           runs: int = 10, warmup: int = 2,
+           on_state: Callable[[State], object] = lambda state: None) -> Variant:
+    """``recipe``'s variant running where ``plan`` puts it, or (``auto`` with no stored
+    choice) on the fastest candidate here at batch 1 and, for batches, the fastest at batch
+    ``BATCH``, measured now and stored. Only what runs is built: a variant placed on ONNX
+    Runtime or OpenVINO alone is never compiled for Inductor."""
+    placement = plan(recipe, builder, runtime)
+    if placement is None:
+        return _measured(builder.variant(recipe, on_state), builder, runs=runs,
+                         warmup=warmup, on_state=on_state)
+    runs_on = {placement.runtime, placement.batch_runtime}
+    variant = builder.variant(recipe, on_state, compiled=INDUCTOR in runs_on)
+    if placement.how == EAGER:
+        return dataclasses.replace(variant, placement=placement)
+    single = _model(variant, placement.runtime, builder, on_state)
+    model = single if placement.batch_runtime == placement.runtime else ByBatch(
+        single, lambda: _model(variant, placement.batch_runtime, builder))
+    return dataclasses.replace(variant, model=model, placement=placement)
+
+
+def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
+              on_state: Callable[[State], object]) -> Variant:
+    on_state(State.CHOOSING)
+    context = builder.context
+    runners = {r: _model(variant, r, builder, on_state) for r in candidates(variant.recipe)}
     # the caller keeps other timings away meanwhile (the server holds its measurement slot)
-    medians = _medians(runners, _example(variant, 1), runs=runs, warmup=warmup)
-    per_batch = _medians(runners, _example(variant, BATCH), runs=max(3, runs // 2), warmup=1)
+    medians = _medians(runners, _example(variant, 1), context, runs=runs, warmup=warmup)
+    per_batch = _medians(runners, _example(variant, BATCH), context, runs=max(3, runs // 2),
+                         warmup=1)
     chosen = min(medians, key=medians.get)
     batched = batch_runtime(per_batch, chosen)
-    record = {"runtime": chosen, "medians_ms": medians, "runs": runs, "threads": threads,
-              "batch_runtime": batched, "batch_size": BATCH, "batch_medians_ms": per_batch,
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with builder.store.lock(RUNTIME_CHOICES):  # other processes may record theirs meanwhile
-        choices = builder.store.load_json(RUNTIME_CHOICES) or {}
-        builder.store.save_json(RUNTIME_CHOICES, {**choices, key: record})
-    log.info("%s runs on %s (median ms at batch 1: %s) and batches on %s (per batch of %d: %s)",
-             variant.name, chosen, ", ".join(f"{r} {ms:.1f}" for r, ms in medians.items()),
-             batched, BATCH, ", ".join(f"{r} {ms:.1f}" for r, ms in per_batch.items()))
+    placement = Placement(chosen, batched, context.threads, MEASURED, asked=AUTO,
+                          medians_ms=medians, batch_size=BATCH, batch_medians_ms=per_batch,
+                          runs=runs,
+                          measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    key = choice_key(variant.recipe, variant.artifact, context)
+    # other processes may record theirs meanwhile
+    builder.store.update_json(RUNTIME_CHOICES, lambda choices: {
+        **choices, key: placement.to_dict()})
+    log.info("%s runs on %s (median ms at batch 1, %d threads: %s) and batches on %s (per "
+             "batch of %d: %s)", variant.name, chosen, context.threads,
+             ", ".join(f"{r} {ms:.1f}" for r, ms in medians.items()), batched, BATCH,
+             ", ".join(f"{r} {ms:.1f}" for r, ms in per_batch.items()))
     single, batch_model = runners[chosen], runners[batched]  # the others are let go
     model = single if batched == chosen else ByBatch(single, lambda: batch_model)
-    return _on(variant, chosen, record, model)
+    return dataclasses.replace(variant, model=model, placement=placement)
 
 
 def batch_runtime(per_batch: dict[str, float], single: str) -> str:
@@ -178,10 +212,10 @@ def _example(variant: Variant, batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def _medians(runners: dict[str, nn.Module], example: torch.Tensor, *, runs: int,
-             warmup: int) -> dict[str, float]:
+def _medians(runners: dict[str, nn.Module], example: torch.Tensor, context: RunContext, *,
+             runs: int, warmup: int) -> dict[str, float]:
     timed = time_models({r: (m, example) for r, m in runners.items()}, runs=runs,
-                        warmup=warmup)
+                        warmup=warmup, threads=context.threads)
     return {r: latency.median for r, (latency, _) in timed.items()}
 
 
@@ -194,63 +228,59 @@ def missing_runtimes_note() -> str | None:
             f"(pip install 'leanvgg[export]' lets leanvgg measure them and pick the fastest).")
 
 
-def _on(variant: Variant, runtime: str, choice: dict | None,
-        model: nn.Module | None = None) -> Variant:
-    batches = (choice or {}).get("batch_runtime", runtime)
-    return dataclasses.replace(variant, model=model if model is not None else variant.model,
-                               facts={**variant.facts, "runtime": runtime,
-                                      "batch_runtime": batches, "runtime_choice": choice})
-
-
-def _model(variant: Variant, runtime: str, builder: Builder) -> nn.Module:
-    """The variant on ``runtime``: its package for Inductor, else converted for the runtime
-    (from the cache, or made and stored once)."""
+def _model(variant: Variant, runtime: str, builder: Builder,
+           on_state: Callable[[State], object] = lambda state: None) -> nn.Module:
+    """The variant on ``runtime`` for the builder's thread count: its package for Inductor,
+    else converted for the runtime (from the cache, or made and stored once) and called once."""
     if runtime == INDUCTOR:
         return variant.model
-    threads = torch.get_num_threads()
+    threads = builder.context.threads
+    recipe = variant.recipe
     if runtime == ONNXRUNTIME:
-        path = _converted(variant, builder, ".onnx", lambda target: write_onnx(
-            float_model(variant, builder), variant.input_size, target,
-            calibration=calibration_of(variant)))
-        return Foreign(onnxruntime_runner(path, threads), runtime)
-    made: dict = {}
-
-    def ir() -> object:  # converted (and quantized) once for both of its files
-        if "model" not in made:
-            made["model"] = openvino_model(float_model(variant, builder), variant.input_size,
-                                           calibration=calibration_of(variant))
-        return made["model"]
-
-    def write(suffix: str) -> Callable[[Path], None]:
-        def to(target: Path) -> None:
+        paths = _converted(variant, builder, runtime, (".onnx",), on_state,
+                           lambda targets: write_onnx(builder.float_model(recipe),
+                                                      variant.input_size, targets[".onnx"],
+                                                      calibration=calibration_of(recipe)))
+        model = Foreign(onnxruntime_runner(paths[".onnx"], threads), runtime)
+    else:
+        def write(targets: dict[str, Path]) -> None:  # converted (and quantized) once
+            ir = openvino_model(builder.float_model(recipe), variant.input_size,
+                                calibration=calibration_of(recipe))
             with tempfile.TemporaryDirectory(prefix="leanvgg-ir-") as folder:
-                write_openvino(ir(), Path(folder) / "model.xml")
-                shutil.copyfile(Path(folder) / f"model{suffix}", target)
-        return to
+                write_openvino(ir, Path(folder) / "model.xml")
+                for suffix, target in targets.items():
+                    shutil.copyfile(Path(folder) / f"model{suffix}", target)
 
-    xml = _converted(variant, builder, ".xml", write(".xml"))
-    weights = _converted(variant, builder, ".bin", write(".bin"))
-    core = require("openvino").Core()
-    return Foreign(openvino_runner(core.read_model(str(xml), str(weights)), threads), runtime)
+        paths = _converted(variant, builder, runtime, (".xml", ".bin"), on_state, write)
+        core = require("openvino").Core()
+        model = Foreign(openvino_runner(core.read_model(str(paths[".xml"]),
+                                                        str(paths[".bin"])), threads), runtime)
+    warm_up(model, variant.input_size, threads)
+    return model
 
 
-def _converted(variant: Variant, builder: Builder, suffix: str,
-               write: Callable[[Path], None]) -> Path:
-    """A converted model file in the store, keyed by the variant's weights, the suffix and
-    the converting libraries' versions; made under the entry's lock when missing."""
-    versions = machine_facts(1)["versions"]
+def _converted(variant: Variant, builder: Builder, runtime: str, suffixes: tuple[str, ...],
+               on_state: Callable[[State], object],
+               write: Callable[[dict[str, Path]], None]) -> dict[str, Path]:
+    """A converted model in the store (one entry, however many files: OpenVINO's .xml and
+    .bin), keyed by the variant's weights, the format, the input size and the converting
+    libraries' versions; made by ``write`` (one path per suffix) under the entry's lock when
+    missing."""
     key = artifact_key(variant.artifact, {
-        "op": "convert", "suffix": suffix, "input_size": variant.input_size,
-        "versions": {k: versions[k] for k in ("onnx", "onnxruntime", "openvino", "nncf")}})
-    found = builder.store.load_file(key, suffix)
+        "op": "convert", "format": FORMAT_OF[runtime], "input_size": variant.input_size,
+        "context": builder.context.on(runtime).key("runtime", "versions")})
+    found = builder.store.load_files(key, suffixes)
     if found is None:
         with builder.store.lock(key):
-            found = builder.store.load_file(key, suffix)
+            found = builder.store.load_files(key, suffixes)
             if found is None:
+                on_state(State.CONVERTING)
                 log.info("Converting %s for %s (one-off, then kept in the cache)",
-                         variant.name, suffix)
-                builder.store.save_file(key, suffix, write, {
-                    "recipe": variant.name, "artifact": variant.artifact,
-                    "converted": suffix, "input_size": variant.input_size})
-                found = builder.store.load_file(key, suffix)
+                         variant.name, runtime)
+                builder.store.save_files(
+                    key, suffixes, write,
+                    {"recipe": variant.name, "artifact": variant.artifact,
+                     "converted": FORMAT_OF[runtime], "input_size": variant.input_size,
+                     "context": builder.context.on(runtime).record()})
+                found = builder.store.load_files(key, suffixes)
     return found[0]

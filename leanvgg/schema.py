@@ -17,7 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from leanvgg.measure import Latency, machine_facts
+from leanvgg.machine import machine_facts
+from leanvgg.measure import Latency
 from leanvgg.store import write_atomic
 
 SCHEMA_VERSION = 1
@@ -112,6 +113,11 @@ JSON_SCHEMA = {
                 "properties": {
                     "name": {"type": "string"},
                     "latency_ms": _LATENCY,
+                    "speedup": {"type": ["number", "null"]},  # null: no like figure to divide
+                    "context": {"type": "object", "required": ["runtime", "threads", "batch"],
+                                "properties": {"runtime": {"type": "string"},
+                                               "threads": {"type": "integer", "minimum": 1},
+                                               "batch": {"type": "integer", "minimum": 1}}},
                     "throughput": {  # null: not measured (batch 1 only)
                         "type": ["object", "null"],
                         "required": ["batch_size", "images_per_s", "latency_ms"],

@@ -7,6 +7,7 @@ upload then runs every variant once for its predictions. The web app is a thin l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leanvgg.builder import profile_key, stored_profile
+from leanvgg.facts import State
 from leanvgg.compare import ONE_PASS, Comparison, ComparisonResult, Settings, VariantResult
 from leanvgg.images import DEFAULT_LIMITS, Batches, ImageLimits, check
 from leanvgg.measure import Latency, Profile, using_threads
@@ -61,7 +63,7 @@ class VariantStatus:
     """Where a variant is on its way to ready, and why it failed if it did."""
 
     name: str
-    state: str  # queued, building, compiling, ready or failed
+    state: State
     reason: str | None = None
 
 
@@ -95,6 +97,19 @@ class Ticket:
             self.leave()
 
 
+def _on_threads(variant_set: VariantSet, threads: int) -> VariantSet:
+    """``variant_set`` for running on ``threads``: eager variants run on any count (their
+    context says the one they will run on); compiled ones only on the count they were made
+    for (ValueError otherwise)."""
+    if variant_set.threads not in (None, threads):
+        raise ValueError(f"The variants were made for {variant_set.threads} threads, not "
+                         f"{threads}: build them with threads={threads}.")
+    return dataclasses.replace(variant_set, variants={
+        name: dataclasses.replace(v, context=dataclasses.replace(v.context, threads=threads),
+                                  placement=dataclasses.replace(v.where, threads=threads))
+        for name, v in variant_set.variants.items()})
+
+
 class ComparisonService:
     """Owns the variants and the single measurement slot that keeps timings honest."""
 
@@ -118,6 +133,8 @@ class ComparisonService:
         self.store = store
         self.calibration = calibration
         self.runtime = runtime
+        if variant_set is not None and settings.threads:
+            variant_set = _on_threads(variant_set, settings.threads)
         if max_queue < 1:
             raise ValueError(f"Invalid max_queue {max_queue}: at least 1 comparison must fit.")
         self.max_queue = max_queue  # comparisons admitted at once: one measuring, the rest waiting
@@ -127,7 +144,7 @@ class ComparisonService:
         self._baseline: Baseline | None = variant_set.baseline if variant_set else None
         self._ready: dict[str, Variant] = dict(variant_set.variants) if variant_set else {}
         self._states: dict[str, VariantStatus] = {
-            name: VariantStatus(name, "ready") for name in self._ready}
+            name: VariantStatus(name, State.READY) for name in self._ready}
         self._order: list[str] = list(self._ready)
         self._profiles: dict[str, Profile] = {}
         self._profile_store: Store | None = store
@@ -175,15 +192,14 @@ class ComparisonService:
         """Whether a variant is still being loaded, built or compiled."""
         with self._lock:
             return self._baseline is None and self._failure is None or any(
-                s.state in ("queued", "building", "compiling", "choosing runtime")
-                for s in self._states.values())
+                not s.state.settled for s in self._states.values())
 
     def _warm_up(self) -> None:
         try:
             store = self.store if self.store is not None else Store()
             baseline = load_baseline(self.weights)
             builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
-                                     measuring=self._slot)
+                                     threads=self.settings.threads, measuring=self._slot)
             names = builder.resolve(self.names)
         except Exception as err:  # reported by status() and every request, not lost in a thread
             log.exception("Warm-up failed")
@@ -191,7 +207,7 @@ class ComparisonService:
             return
         with self._lock:
             self._order = names
-            self._states = {name: VariantStatus(name, "queued") for name in names}
+            self._states = {name: VariantStatus(name, State.QUEUED) for name in names}
             self._baseline = baseline
         self._load_profiles(store)
         for name in names:
@@ -201,17 +217,17 @@ class ComparisonService:
                 variant = builder.prepare(name, lambda state, name=name: self._set(name, state))
             except Exception as err:  # one variant's failure never takes the others down
                 log.exception("Variant %s failed", name)
-                self._set(name, "failed", f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                self._set(name, State.FAILED, f"{type(err).__name__}: {str(err).splitlines()[0]}"
                           if str(err) else type(err).__name__)
                 continue
             with self._lock:
                 self._ready[name] = variant
-            self._set(name, "ready")
+            self._set(name, State.READY)
             log.info("Ready: %s", name)
 
-    def _set(self, name: str, state: str, reason: str | None = None) -> None:
+    def _set(self, name: str, state: State, reason: str | None = None) -> None:
         with self._lock:
-            self._states[name] = VariantStatus(name, state, reason)
+            self._states[name] = VariantStatus(name, State(state), reason)
 
     # --- what the app shows --------------------------------------------------------------------
 
@@ -219,7 +235,7 @@ class ComparisonService:
         """``ready`` (all), ``degraded`` (baseline ready, some failed), ``warming up`` or
         ``failed`` (the baseline is not available), with each variant's state."""
         with self._lock:
-            states = {name: s.state for name, s in self._states.items()}
+            states = {name: s.state.value for name, s in self._states.items()}
             loaded = self._baseline is not None
             serving = "baseline" in self._ready  # comparisons need it for their speedups
         if self._failure is not None or states.get("baseline") == "failed":
@@ -281,12 +297,13 @@ class ComparisonService:
 
     def compare(self, data: bytes, *, runs: int | None = None, batch_size: int = 1,
                 disconnected: Callable[[], bool] = lambda: False) -> Queued:
-        """The whole comparison of an upload (see ``admit`` and ``measure``)."""
-        for event, payload in self.measure(self.admit(data), runs=runs, batch_size=batch_size,
-                                           disconnected=disconnected):
-            if event == "done":
-                return payload
-        raise AssertionError("measure() always ends with 'done'")
+        """The whole comparison of an upload (see ``admit`` and ``measurement``)."""
+        with self.measurement(self.admit(data), runs=runs, batch_size=batch_size,
+                              disconnected=disconnected) as events:
+            for event, payload in events:
+                if event == "done":
+                    return payload
+        raise AssertionError("measurement() always ends with 'done'")
 
     def admit(self, data: bytes) -> Ticket:
         """Check the headers, admit, then decode (a few at a time) to tensors.
@@ -314,14 +331,18 @@ class ComparisonService:
                      for s in self.variant_statuses() if s.name not in variant_set.variants}
         return Ticket(batches, variant_set, not_ready, self._leave)
 
-    def measure(self, ticket: Ticket, *, runs: int | None = None, batch_size: int = 1,
-                disconnected: Callable[[], bool] = lambda: False
-                ) -> Iterator[tuple[str, VariantResult | Queued]]:
-        """Wait for the slot, then yield ``("row", VariantResult)`` per variant as it is
-        computed and ``("done", Queued)``. ``runs``: measure latency here with that many passes
-        (after the usual warm-up) instead of using the profiles. ``batch_size`` above 1: the
-        done result's rows also carry throughput, batches of that many copies of the image
-        timed after the rows (one warm-up batch, then ``runs`` or one timed batch each).
+    @contextlib.contextmanager
+    def measurement(self, ticket: Ticket, *, runs: int | None = None, batch_size: int = 1,
+                    disconnected: Callable[[], bool] = lambda: False
+                    ) -> Iterator[Iterator[tuple[str, VariantResult | Queued]]]:
+        """Hold the measurement slot for the block (waiting for it first) and give the
+        comparison's events: ``("row", VariantResult)`` per variant as it is computed, then
+        ``("done", Queued)``. The slot and the ticket's place are given back when the block
+        ends, however it ends (a client that stops reading included), never later.
+        ``runs``: measure latency here with that many passes (after the usual warm-up)
+        instead of using the profiles. ``batch_size`` above 1: the done result's rows also
+        carry throughput, batches of that many copies of the image timed after the rows (one
+        warm-up batch, then ``runs`` or one timed batch each).
 
         Raises Busy after ``queue_timeout_s`` in the queue and Abandoned when ``disconnected``
         says the client has gone (checked before anything is measured).
@@ -334,22 +355,32 @@ class ComparisonService:
                 waited_ms = (time.perf_counter() - ticket.queued_at) * 1e3
                 if disconnected():
                     raise Abandoned("The client went away before its comparison started.")
-                settings = (dataclasses.replace(self.settings, runs=runs) if runs
-                            else dataclasses.replace(ONE_PASS, threads=self.settings.threads))
-                comparison = Comparison(ticket.batches, ticket.variant_set,
-                                        dataclasses.replace(settings, batch_size=batch_size),
-                                        profiles=None if runs else self.profiles())
-                rows = []
-                for row in comparison.rows():
-                    rows.append(row)
-                    yield "row", row
-                if batch_size > 1:
-                    rows = comparison.with_throughput(rows)
-                yield "done", Queued(comparison.result(rows, ticket.not_ready), waited_ms)
+                events = self._events(ticket, runs, batch_size, waited_ms)
+                try:
+                    yield events
+                finally:
+                    events.close()  # its thread count and inference mode are undone now
             finally:
                 self._slot.release()
         finally:
             ticket.release()
+
+    def _events(self, ticket: Ticket, runs: int | None, batch_size: int, waited_ms: float
+                ) -> Iterator[tuple[str, VariantResult | Queued]]:
+        # without a profile, a row's latency is this request's pass(es), with their count (every
+        # runner had its warm-up call when it was loaded)
+        settings = (dataclasses.replace(self.settings, runs=runs) if runs
+                    else dataclasses.replace(ONE_PASS, threads=self.settings.threads))
+        comparison = Comparison(ticket.batches, ticket.variant_set,
+                                dataclasses.replace(settings, batch_size=batch_size),
+                                profiles=None if runs else self.profiles())
+        rows = []
+        for row in comparison.rows():
+            rows.append(row)
+            yield "row", row
+        if batch_size > 1:
+            rows = comparison.with_throughput(rows)
+        yield "done", Queued(comparison.result(rows, ticket.not_ready), waited_ms)
 
     def _leave(self) -> None:
         with self._admitted_lock:
@@ -357,15 +388,12 @@ class ComparisonService:
 
     # --- latency profiles --------------------------------------------------------------------
 
-    def _threads_used(self) -> int:
-        return self.settings.threads or torch.get_num_threads()
-
     def _load_profiles(self, store: Store) -> None:
         self._profile_store = store
         self._stored_profiles = store.load_json(PROFILES) or {}
 
     def _stored_profile(self, variant: Variant) -> Profile | None:
-        return stored_profile(self._stored_profiles, variant, self._threads_used())
+        return stored_profile(self._stored_profiles, variant)
 
     def _stale(self, variant: Variant) -> bool:
         with self._lock:
@@ -404,7 +432,8 @@ class ComparisonService:
         jobs = {name: (v.model, torch.zeros(1, 3, v.input_size, v.input_size))
                 for name, v in variants.items()}
         samples: dict[str, list[float]] = {name: [] for name in jobs}
-        threads = self._threads_used()
+        # every variant was made for one thread count (the builder's context)
+        threads = next(iter(variants.values())).context.threads
         log.info("Measuring latency profiles: %s", ", ".join(jobs))
         passes = [(name, False) for name in jobs for _ in range(self.settings.warmup)]
         passes += [(name, True) for _ in range(self.settings.runs) for name in jobs]
@@ -425,12 +454,10 @@ class ComparisonService:
         with self._lock:
             self._profiles.update(profiles)
         store = self._profile_store
-        if store is not None:
-            stored = store.load_json(PROFILES) or {}
-            stored.update({profile_key(variants[name], threads): p.to_dict()
-                           for name, p in profiles.items()})
-            store.save_json(PROFILES, stored)
-            self._stored_profiles = stored
+        if store is not None:  # other servers on this cache may store theirs meanwhile
+            self._stored_profiles = store.update_json(PROFILES, lambda stored: {
+                **stored, **{profile_key(variants[name]): p.to_dict()
+                             for name, p in profiles.items()}})
         log.info("Latency profiles measured (%d passes each).", self.settings.runs)
         return profiles
 

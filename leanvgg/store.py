@@ -68,6 +68,13 @@ def _manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _entry_digest(digests: dict[str, str]) -> str:
+    """An entry's content hash: its one file's sha256, or (several files) the hash of theirs."""
+    if len(digests) == 1:
+        return next(iter(digests.values()))
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
 def _check_digest(manifest: dict, digest: str) -> None:
     if manifest["sha256"] != digest:
         raise ValueError("content hash does not match its manifest")
@@ -139,7 +146,7 @@ class Store:
             with path.open("wb") as f:
                 torch.save(state_dict, f)
 
-        return self._commit(key, ".pt", write, manifest)
+        return self.save_file(key, ".pt", write, manifest)
 
     def save_file(self, key: str, suffix: str, write: Callable[[Path], object],
                   manifest: dict) -> dict:
@@ -147,27 +154,41 @@ class Store:
 
         Its temporary file keeps the real suffix last: writers such as AOTInductor insist on it.
         """
-        return self._commit(key, suffix, write, manifest, temp_suffix=f".tmp{suffix}")
+        return self.save_files(key, (suffix,), lambda paths: write(paths[suffix]), manifest)
 
-    def _commit(self, key: str, suffix: str, write: Callable[[Path], object], manifest: dict,
-                *, temp_suffix: str = ".tmp") -> dict:
-        """Write the data to a temporary file, hash it, then rename data and manifest in."""
+    def save_files(self, key: str, suffixes: tuple[str, ...],
+                   write: Callable[[dict[str, Path]], object], manifest: dict) -> dict:
+        """Store one entry made of several files (OpenVINO's .xml and .bin): ``write`` fills a
+        temporary path per suffix; every file is hashed into the one manifest, and the entry is
+        loaded, listed and removed as one."""
         self.sweep()
-        data_path, manifest_path = self._paths(key, suffix)
-        data_tmp = _write_temp(data_path, write, suffix=temp_suffix)
+        temps: dict[str, Path] = {}
         try:
-            with open(data_tmp, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            manifest = {**manifest, "key": key, "sha256": digest,
-                        "bytes": os.path.getsize(data_tmp)}
+            for suffix in suffixes:
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}{suffix}.",
+                                           suffix=f".tmp{suffix}")
+                os.close(fd)
+                temps[suffix] = Path(tmp)
+            write(temps)
+            digests = {}
+            for suffix, tmp in temps.items():
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                    f.seek(0)
+                    digests[suffix] = hashlib.file_digest(f, "sha256").hexdigest()
+            manifest = {**manifest, "key": key, "sha256": _entry_digest(digests),
+                        "bytes": sum(os.path.getsize(t) for t in temps.values()),
+                        **({"files": digests} if len(suffixes) > 1 else {})}
             manifest["manifest_sha256"] = _manifest_digest(manifest)
             text = json.dumps(manifest, indent=2).encode()
-            manifest_tmp = _write_temp(manifest_path, lambda path: path.write_bytes(text))
+            manifest_tmp = _write_temp(self._paths(key)[1], lambda path: path.write_bytes(text))
         except BaseException:
-            os.unlink(data_tmp)
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
             raise
-        os.replace(data_tmp, data_path)
-        os.replace(manifest_tmp, manifest_path)
+        for suffix, tmp in temps.items():
+            os.replace(tmp, self._paths(key, suffix)[0])
+        os.replace(manifest_tmp, self._paths(key)[1])
         return manifest
 
     def entries(self) -> list[Entry]:
@@ -228,8 +249,8 @@ class Store:
         ``validate`` checks the caller's own manifest fields; whatever it raises marks the entry
         as corrupt.
         """
-        def read(path: Path, manifest: dict) -> dict:
-            with path.open("rb") as f:
+        def read(paths: dict[str, Path], manifest: dict) -> dict:
+            with paths[".pt"].open("rb") as f:
                 _check_digest(manifest, hashlib.file_digest(f, "sha256").hexdigest())
                 with warnings.catch_warnings():
                     # Emitted by torch itself when it restores quantized tensors; not actionable.
@@ -239,23 +260,36 @@ class Store:
                     return torch.load(f"/proc/self/fd/{f.fileno()}", map_location="cpu",
                                       weights_only=True, mmap=True)
 
-        return self._load(key, ".pt", read, validate)
+        return self._load(key, (".pt",), read, validate)
 
     def load_file(self, key: str, suffix: str, validate: Callable[[dict], object] | None = None,
                   ) -> tuple[Path, dict] | None:
         """``(path, manifest)`` of a file stored by ``save_file`` whose hash checks out, or None
         (absent or corrupt, logged). The folder is private (``private_root``), so the file
         cannot be swapped between this check and its use by anyone but this user."""
-        def check(path: Path, manifest: dict) -> Path:
-            with path.open("rb") as f:
-                _check_digest(manifest, hashlib.file_digest(f, "sha256").hexdigest())
-            return path
+        found = self.load_files(key, (suffix,), validate)
+        return None if found is None else (found[0][suffix], found[1])
 
-        return self._load(key, suffix, check, validate)
+    def load_files(self, key: str, suffixes: tuple[str, ...],
+                   validate: Callable[[dict], object] | None = None,
+                   ) -> tuple[dict[str, Path], dict] | None:
+        """``({suffix: path}, manifest)`` of an entry stored by ``save_files``, every file's
+        hash checked, or None (absent or corrupt, logged)."""
+        def check(paths: dict[str, Path], manifest: dict) -> dict[str, Path]:
+            digests = {}
+            for suffix, path in paths.items():
+                with path.open("rb") as f:
+                    digests[suffix] = hashlib.file_digest(f, "sha256").hexdigest()
+            _check_digest(manifest, _entry_digest(digests))
+            return paths
 
-    def _load(self, key: str, suffix: str, read: Callable[[Path, dict], object],
+        return self._load(key, suffixes, check, validate)
+
+    def _load(self, key: str, suffixes: tuple[str, ...],
+              read: Callable[[dict[str, Path], dict], object],
               validate: Callable[[dict], object] | None):
-        data_path, manifest_path = self._paths(key, suffix)
+        paths = {suffix: self._paths(key, suffix)[0] for suffix in suffixes}
+        data_path, manifest_path = paths[suffixes[0]], self._paths(key)[1]
         if not data_path.exists() and not manifest_path.exists():
             return None
         try:
@@ -271,7 +305,7 @@ class Store:
                 raise ValueError("the manifest belongs to another entry")
             if validate is not None:
                 validate(manifest)
-            content = read(data_path, manifest)
+            content = read(paths, manifest)
         except Exception as err:  # any damage means the same thing: rebuild it
             log.warning("Cache entry %s is corrupt or incomplete (%s); rebuilding it.",
                         data_path, err)
@@ -285,6 +319,14 @@ class Store:
     def save_json(self, name: str, document: dict) -> None:
         """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""
         write_atomic(self.document(name), json.dumps(document, indent=2).encode())
+
+    def update_json(self, name: str, change: Callable[[dict], dict]) -> dict:
+        """``change`` the document (``{}`` when absent) and write the result, under the
+        document's lock: other processes and threads updating it meanwhile lose nothing."""
+        with self.lock(f"{name}.report"):
+            document = change(self.load_json(name) or {})
+            self.save_json(name, document)
+        return document
 
     def load_json(self, name: str) -> dict | None:
         """The document saved under ``name``, or None when absent or unreadable (logged)."""

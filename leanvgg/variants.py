@@ -16,11 +16,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from leanvgg.builder import Builder, Variant
+from leanvgg.builder import Builder, Variant, evaluation_key
+from leanvgg.context import RunContext
+from leanvgg.facts import State
 from leanvgg.distributed import rank_zero_first
 from leanvgg.models import Baseline
 from leanvgg.recipes import RECIPES, QuantizeStaticInt8, Recipe, tuned_recipe
-from leanvgg.runtime import native_bf16
+from leanvgg.machine import native_bf16
 from leanvgg.runtimes import AUTO, CHOICES, INDUCTOR, missing_runtimes_note, select
 from leanvgg.store import EVALUATION, TUNED, Store
 
@@ -38,6 +40,13 @@ class VariantSet:
     variants: dict[str, Variant]
     # what built them (its cache): exporting a variant reuses its artifacts and packages
     builder: Builder | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def threads(self) -> int | None:
+        """The thread count the compiled variants were made for (their packages and runtime
+        sessions run on it); None when every variant is eager (it runs on any count)."""
+        counts = {v.context.threads for v in self.variants.values() if v.runtime != "pytorch"}
+        return counts.pop() if len(counts) == 1 else None
 
 
 def default_names(registry: Mapping[str, Recipe] = RECIPES) -> list[str]:
@@ -93,13 +102,15 @@ def register_tuned(baseline: Baseline, config: dict, store: Store) -> Recipe:
 
 def build_variants(baseline: Baseline, names: Iterable[str] | None = None, *,
                    store: Store | None = None, progress: bool = True,
-                   calibration: str | None = None, runtime: str = INDUCTOR) -> VariantSet:
-    """Every requested variant, from the cache when a valid entry exists, else built and stored.
+                   calibration: str | None = None, runtime: str = INDUCTOR,
+                   threads: int | None = None) -> VariantSet:
+    """Every requested variant, from the cache when a valid entry exists, else built and stored,
+    each made for running on ``threads`` threads (None: PyTorch's current setting).
 
     Recipes that produce the same weights (baseline and res160) share one model in memory.
     """
     builder = VariantBuilder(baseline, store if store is not None else Store(), calibration,
-                             runtime=runtime)
+                             runtime=runtime, threads=threads)
     names = builder.resolve(names)
     with rank_zero_first():  # under torchrun the other ranks then load what rank 0 built
         variants = {name: builder.prepare(name)
@@ -112,10 +123,12 @@ class VariantBuilder:
     """Prepares named variants one at a time (the dashboard shows each as it becomes ready)."""
 
     def __init__(self, baseline: Baseline, store: Store, calibration: str | None = None, *,
-                 runtime: str = INDUCTOR,
+                 runtime: str = INDUCTOR, threads: int | None = None,
                  measuring: AbstractContextManager = contextlib.nullcontext()) -> None:
         """``runtime``: where compiled variants run (``leanvgg.runtimes``: inductor, auto,
-        onnxruntime, openvino); ``measuring``: held while a variant is prepared (the server's
+        onnxruntime, openvino); ``threads``: the thread count every runtime is set up for and
+        every figure holds for (None: PyTorch's current setting, read once here);
+        ``measuring``: held while a variant is prepared (the server's
         measurement slot), so that no comparison runs meanwhile: building, compiling and
         converting go through ``torch.export``, whose tracing is not thread-safe (a request
         running beside it had its tensors traced and failed), and choosing a runtime times
@@ -126,7 +139,7 @@ class VariantBuilder:
         self.store = store
         self.registry = registry_for(baseline, store, calibration)
         self.accuracy = store.load_json(EVALUATION) or {}
-        self.builder = Builder(baseline, store)
+        self.builder = Builder(baseline, store, RunContext.here(threads))
         self.runtime = runtime
         self.measuring = measuring
         note = missing_runtimes_note() if runtime == AUTO else None
@@ -142,16 +155,15 @@ class VariantBuilder:
                                "first.")
         return resolve_names(names, self.registry)
 
-    def prepare(self, name: str, on_state: Callable[[str], object] = lambda state: None
+    def prepare(self, name: str, on_state: Callable[[State], object] = lambda state: None
                 ) -> Variant:
-        """The ready variant, with the latest evaluation of these very weights if any."""
+        """The ready variant, with the latest evaluation of these very weights on the runtime
+        it runs on, if any."""
         with self.measuring:
-            variant = select(self.builder.variant(self.registry[name], on_state),
-                             self.builder, self.runtime, on_state=on_state)
-        measured = self.accuracy.get(name)
-        if measured and measured.get("artifact") == variant.artifact:
-            return dataclasses.replace(variant, facts={**variant.facts, "accuracy": measured})
-        return variant
+            variant = select(self.registry[name], self.builder, self.runtime,
+                             on_state=on_state)
+        measured = self.accuracy.get(evaluation_key(variant))
+        return dataclasses.replace(variant, accuracy=measured) if measured else variant
 
 
 def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Tensor, *,

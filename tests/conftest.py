@@ -53,7 +53,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def variant_set(baseline, cache_dir):
     """Every default variant built once from random weights into a session-wide cache."""
-    return build_variants(baseline, store=Store(cache_dir), progress=False)
+    return build_variants(baseline, store=Store(cache_dir), progress=False, threads=1)
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torchvision.datasets.cifar as tv_cifar  # noqa: E402
 
 from leanvgg import cli  # noqa: E402
+from leanvgg.context import RunContext  # noqa: E402
 from leanvgg.data import cifar10, group_index_tensor  # noqa: E402
 from leanvgg.distributed import distributed_context  # noqa: E402
 from leanvgg.evaluate import Labelled, evaluate, image_folder  # noqa: E402
@@ -32,8 +33,8 @@ from tiny import tiny_baseline  # noqa: E402
 
 def run_evaluate(out: Path, folder: str, mapping: str) -> None:
     labelled = image_folder(folder, json.loads(Path(mapping).read_text()))
-    voters = {"baseline": Variant(RECIPES["baseline"], ChannelVoter(), {}, "a"),
-              "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), {}, "b")}
+    voters = {"baseline": Variant(RECIPES["baseline"], ChannelVoter(), {}, "a", RunContext(threads=1)),
+              "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), {}, "b", RunContext(threads=1))}
     results = evaluate(VariantSet(tiny_baseline(), voters), labelled, batch_size=2,
                        progress=False)
     rank, _ = distributed_context()

@@ -17,7 +17,8 @@ from hostile import png_header
 
 VARIANT_KEYS = {"name", "description", "input_size", "size_mb", "params", "params_total", "macs",
                 "latency_ms", "speedup", "top3", "fine_tuned", "steps", "article", "preparation_s",
-                "latency_source", "image_ms", "profile", "runtime", "runtime_choice"}
+                "latency_source", "image_ms", "profile", "runtime", "placement", "threads",
+                "context", "speedup_note"}
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, cap
     assert main(["evaluate", "--weights", "random", "--dataset", "folder", "--data", str(folder),
                  "--mapping", str(tmp_path / "mapping.json"), "--variants", "pruned"]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[1].startswith("baseline") and "(4 images)" in table
+    assert table.splitlines()[1].startswith("baseline") and "(4 images, on pytorch)" in table
 
     assert main(["compare", str(photo_path), "--weights", "random", "--runs", "1", "--warmup",
                  "0", "--variants", "pruned_quantized,pruned", "--json"]) == 0
@@ -209,6 +210,20 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path, photo_path):
     shared.chmod(0o777)
     assert "writable by other users" in _one_line_error(
         _leanvgg("compare", str(photo_path), "--weights", "random", home=shared))
+
+
+def test_an_output_that_cannot_be_written_exits_2_before_any_work(tmp_path, photo_path):
+    """An unwritable --output or export --out used to end in a traceback after the work."""
+    home, a_file = tmp_path / "home", tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    assert "is not a folder" in _one_line_error(_leanvgg(
+        "compare", str(photo_path), "--weights", "random", "--output",
+        str(a_file / "report.json"), home=home))
+    assert "cannot write" in _one_line_error(_leanvgg(
+        "export", "baseline", "--weights", "random", "--out", "/proc/leanvgg-out", home=home))
+    assert "it is a folder" in _one_line_error(_leanvgg(
+        "tune", "--max-drop", "1", "--output", str(tmp_path), home=home))
+    assert not home.exists() or not any(home.glob("*.pt"))  # nothing was built
 
 
 def test_finetune_subset_larger_than_the_data_exits_2(tmp_path, tiny_cifar_files, capsys):

@@ -56,7 +56,8 @@ def test_evaluate_under_torchrun_counts_exactly_what_one_process_counts(tmp_path
     # and the hand count (tests/test_evaluate.py): 6 of 7 right, the swapped voter 3 of 7
     assert voters["baseline"]["top1"] == 6 / 7 and voters["baseline"]["images"] == 7
     assert voters["quantized"]["agreement"] == 3 / 7
-    assert set(report) == {"baseline", "quantized", "res160"}
+    assert {row["variant"] for row in report.values()} == {"baseline", "quantized", "res160"}
+    assert all(row["runtime"] == "pytorch" for row in report.values())
     assert all(row["images"] == 7 for row in report.values())
 
 

@@ -5,6 +5,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from leanvgg.builder import evaluation_key
+from leanvgg.context import RunContext
 from leanvgg.evaluate import (MappingError, evaluate, image_folder, load_mapping, save_report)
 from leanvgg.recipes import RECIPES
 from leanvgg.store import EVALUATION, Store
@@ -48,9 +50,9 @@ def colour_folder(tmp_path):
 def test_accuracy_and_agreement_equal_the_hand_count(colour_folder):
     labelled = image_folder(colour_folder / "set", load_mapping(colour_folder / "mapping.json"))
     variants = {
-        "baseline": Variant(RECIPES["baseline"], ChannelVoter(), {}, "a"),
+        "baseline": Variant(RECIPES["baseline"], ChannelVoter(), {}, "a", RunContext(threads=1)),
         # green and blue swapped: right on the 3 reds only
-        "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), {}, "b"),
+        "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), {}, "b", RunContext(threads=1)),
     }
     results = evaluate(VariantSet(tiny_baseline(), variants), labelled, batch_size=3,
                        progress=False)
@@ -71,9 +73,17 @@ def test_reports_reach_compare_only_for_the_weights_they_measured(colour_folder,
     shown = build_variants(baseline, ["baseline", "quantized"], store=store, progress=False)
     accuracy = shown.variants["quantized"].summary().accuracy
     assert accuracy["images"] == 7 and accuracy["dataset"] == "set" and 0 <= accuracy["top1"] <= 1
-    stale = store.load_json(EVALUATION)
-    stale["quantized"]["artifact"] = "weights that are no longer cached"
-    store.save_json(EVALUATION, stale)
+    assert accuracy["runtime"] == "pytorch"  # what ran it, as its record says
+    stored = store.load_json(EVALUATION)
+    key = evaluation_key(shown.variants["quantized"])
+    assert stored[key]["variant"] == "quantized"
+    # the same figures filed under other weights, or under another runtime: never shown
+    artifact = shown.variants["quantized"].artifact
+    elsewhere = {k.replace(artifact, "weights-no-longer-cached"): v for k, v in stored.items()
+                 if k == key}
+    elsewhere |= {k.replace("runtime=pytorch", "runtime=openvino"): v
+                  for k, v in stored.items() if k == key}
+    store.save_json(EVALUATION, {k: v for k, v in stored.items() if k != key} | elsewhere)
     again = build_variants(baseline, ["baseline", "quantized"], store=store, progress=False)
     assert again.variants["quantized"].summary().accuracy is None
     assert again.variants["baseline"].summary().accuracy["images"] == 7
@@ -89,3 +99,28 @@ def test_bad_mappings_are_named(colour_folder):
     (colour_folder / "bad.json").write_text("[1, 2]")
     with pytest.raises(MappingError, match="JSON object"):
         load_mapping(colour_folder / "bad.json")
+
+
+def test_accuracy_is_of_the_runtime_that_serves(colour_folder, tmp_path):
+    """An INT8 variant served by OpenVINO runs NNCF's own quantization: its accuracy is
+    measured there and shown only where it runs there (it used to be Inductor's figure)."""
+    from leanvgg.runtimes import installed
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed (leanvgg[export])")
+    baseline, store = tiny_baseline(), Store(tmp_path / "cache")
+    names = ["baseline", "int8_static"]
+    served = build_variants(baseline, names, store=store, progress=False, runtime="openvino",
+                            threads=1)
+    labelled = image_folder(colour_folder / "set", MAPPING)
+    results = evaluate(served, labelled, progress=False)
+    assert results["int8_static"].runtime == "openvino"
+    assert results["baseline"].runtime == "pytorch"
+    save_report(store, results)
+    again = build_variants(baseline, names, store=store, progress=False, runtime="openvino",
+                           threads=1)
+    assert again.variants["int8_static"].summary().accuracy["runtime"] == "openvino"
+    on_inductor = build_variants(baseline, names, store=store, progress=False,
+                                 runtime="inductor", threads=1)
+    assert on_inductor.variants["int8_static"].summary().accuracy is None  # measured elsewhere
+    assert on_inductor.variants["baseline"].summary().accuracy["images"] == 7

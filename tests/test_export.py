@@ -14,7 +14,6 @@ import leanvgg
 from leanvgg import cli, portable
 from leanvgg.builder import Builder
 from leanvgg.data import CALIBRATION_PHOTOS
-from leanvgg.export import float_model
 from leanvgg.images import decode, read_file
 from leanvgg.models import Baseline, from_layout
 from leanvgg.store import Store
@@ -50,24 +49,30 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
+# Everything below is read from model.json: the settings leanvgg ran the format with and the
+# preprocessing; nothing of the recipe is restated here.
 spec_path, fmt = Path(sys.argv[1]), sys.argv[2]
 spec = json.loads(spec_path.read_text())
 pre, entry = spec["preprocessing"], spec["formats"][fmt]
 file = str(spec_path.parent / entry["files"][0])
+settings = entry["settings"]
 if fmt == "pt2":
+    torch.set_num_threads(settings["torch.set_num_threads"])
     package = torch._inductor.aoti_load_package(file)
     run = lambda x: package(x).numpy()
 elif fmt == "onnx":
     import onnxruntime
-    session = onnxruntime.InferenceSession(file, providers=["CPUExecutionProvider"])
-    run = lambda x: session.run(None, {"input": x.numpy()})[0]
+    options = onnxruntime.SessionOptions()
+    for name, value in settings.items():
+        setattr(options, name, value)
+    session = onnxruntime.InferenceSession(file, options, providers=["CPUExecutionProvider"])
+    run = lambda x: session.run(None, {entry["input_name"]: x.numpy()})[0]
 else:
     import openvino
-    hint = {"INFERENCE_PRECISION_HINT": "f32"}
-    compiled = openvino.Core().compile_model(file, "CPU", hint)
+    compiled = openvino.Core().compile_model(file, "CPU", settings)
     run = lambda x: compiled(x.numpy())[0]
 transform = v2.Compose([
-    v2.Resize(pre["resize_shorter_side"], interpolation=InterpolationMode.BILINEAR,
+    v2.Resize(pre["resize_shorter_side"], interpolation=InterpolationMode(pre["interpolation"]),
               antialias=pre["antialias"]),
     v2.CenterCrop(pre["centre_crop"]), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
     v2.Normalize(pre["mean"], pre["std"])])
@@ -158,8 +163,8 @@ def test_an_export_runs_without_leanvgg_and_agrees_with_it(exported, name, fmt):
     if (name, fmt) in BOUNDS:
         assert worst <= BOUNDS[name, fmt] * spread, (worst, spread)
     else:  # the FP32 model both quantizations start from (pruned, at the variant's size)
-        float_variant = dataclasses.replace(variants[name], model=float_model(
-            variants[name], Builder(decisive_baseline(), Store(exported[2]))))
+        float_variant = dataclasses.replace(variants[name], model=Builder(
+            decisive_baseline(), Store(exported[2])).float_model(variants[name].recipe))
         fp32 = _leanvgg_logits(float_variant)
         theirs_error, ours_error = _distance(theirs, fp32), _distance(ours, fp32)
         print(f"  from FP32: {fmt} {theirs_error:.3g}, leanvgg {ours_error:.3g}, "
@@ -230,8 +235,21 @@ def test_model_json_says_how_to_feed_it_and_what_it_is(exported):
     assert spec["machine"]["capability"]
     assert spec["versions"]["onnxruntime"] and spec["machine"]["flags"]
     assert set(spec["formats"]) == set(FORMATS)
-    assert spec["formats"]["pt2"]["run"] == ("torch._inductor.aoti_load_package("
+    threads = torch.get_num_threads()  # what the export (and so its packages) was made for
+    assert spec["formats"]["pt2"]["run"] == (f"torch.set_num_threads({threads}); "
+                                             "torch._inductor.aoti_load_package("
                                              "'int8_static.pt2')(x)")
+    # what leanvgg runs each format with, literally (the runner above follows it)
+    assert spec["formats"]["openvino"]["settings"] == {
+        "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32"}
+    assert spec["formats"]["onnx"]["settings"] == {"intra_op_num_threads": threads,
+                                                   "inter_op_num_threads": 1}
+    assert {fmt: entry["runtime"] for fmt, entry in spec["formats"].items()} == {
+        "pt2": "inductor", "onnx": "onnxruntime", "openvino": "openvino",
+        "safetensors": "pytorch"}
+    assert spec["accuracy"] == {fmt: None for fmt in FORMATS}  # nothing was evaluated
+    assert spec["preprocessing"]["interpolation"] == "bilinear"
     assert spec["formats"]["openvino"]["files"] == ["int8_static.xml", "int8_static.bin"]
     assert "separate quantization" in spec["formats"]["onnx"]["quantization"]
 

@@ -78,12 +78,15 @@ def test_every_conv_and_linear_has_int8_weights_and_int8_activations(float_model
 
 def test_packaged_int8_runs_onednn_int8_convolutions(int8, calibration, tmp_path):
     path = tmp_path / "int8.pt2"
-    runtime.package(int8, 64, path)
+    runtime.package(int8, 64, path, threads=2)
     with zipfile.ZipFile(path) as archive:
-        source = "\n".join(archive.read(name).decode() for name in archive.namelist()
-                            if name.endswith("wrapper.cpp"))
+        sources = {name: archive.read(name).decode() for name in archive.namelist()
+                   if name.endswith(".cpp")}
+    source = "\n".join(text for name, text in sources.items() if name.endswith("wrapper.cpp"))
     # fused INT8 oneDNN convolutions (freezing folded the quantize/dequantize pairs), one per conv
     assert source.count("qconv") >= 16
+    # the thread count is written into the generated code: a package holds for one count
+    assert "num_threads(2)" in "\n".join(sources.values()), list(sources)
     packaged = runtime.load_package(path, 64)
     with torch.inference_mode():  # batch 3 runs as one batch through the same package
         batched = packaged(calibration[:3])
@@ -196,7 +199,8 @@ def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, ph
 def test_no_recompilation_when_requests_run(tmp_path, photo):
     from leanvgg.images import Picture
 
-    built = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
+    built = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False,
+                           threads=1)
     picture = Picture(photo.crop((0, 0, 300, 300)), photo.width, photo.height)
     counters = torch._dynamo.utils.counters
     before = dict(counters["stats"])

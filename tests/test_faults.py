@@ -51,16 +51,16 @@ def test_sigkill_at_any_moment_of_a_write_leaves_a_consistent_entry(tmp_path):
                                  stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "writing"
         time.sleep(delay)
-        temporaries = list(tmp_path.glob(".*.tmp"))
+        temporaries = list(tmp_path.glob(".*.tmp*"))
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
         killed_mid_write += bool(temporaries)
         _consistent(store)  # the previous or a later complete generation, never a mixture
     assert killed_mid_write >= 1  # at least one kill landed inside a write
-    leftovers = list(tmp_path.glob(".*.tmp"))
+    leftovers = list(tmp_path.glob(".*.tmp*"))
     assert sorted(store.sweep(older_than_s=0)) == sorted(leftovers)
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact.json", "artifact.pt"]
     _consistent(store)
 

@@ -91,6 +91,19 @@ def test_the_throughput_scenario_is_measured_on_request_and_bounded(server, phot
     assert status == 400 and "Invalid batch" in body["error"]
 
 
+@pytest.mark.parametrize("value", ["²", "٣", "9" * 5000, "+3", " 3", "3.0"])
+def test_a_count_is_ascii_digits_or_a_400(server, photo_path, value):
+    """'²' passed str.isdigit() and then failed int(), and int() refuses 5,000 digits: both
+    answered 500."""
+    port, _ = server
+    from urllib.parse import quote
+
+    status, body = _post_image_to(port, f"/api/compare?runs={quote(value)}",
+                                  photo_path.read_bytes())
+    assert status == 400 and body["error"].startswith("Invalid runs")
+    assert len(body["error"]) < 120  # a 5,000-digit value is not echoed whole
+
+
 def test_a_body_above_the_bound_is_refused_before_it_is_read(server):
     port, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

@@ -10,7 +10,7 @@ import load_test  # noqa: E402
 def test_short_load_serves_everything_without_5xx(variant_set, cache_dir):
     # two variants, one of them compiled, keep the server's warm-up short
     result = load_test.run(clients=6, seconds=15, home=str(cache_dir),
-                           variants="res160,int8_static")
+                           variants="res160,int8_static", threads=1)  # as the cache's
     assert result["dropped"] == 0 and result["server_errors"] == 0
     statuses = result["by_status"]
     assert statuses.get("photo 200", 0) >= 1

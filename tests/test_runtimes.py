@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from leanvgg import context as context_module
 from leanvgg import runtimes
+from leanvgg.measure import Latency
 from leanvgg.images import decode, read_file
 from leanvgg.store import RUNTIME_CHOICES, Store
 from leanvgg.variants import build_variants
@@ -20,9 +22,9 @@ NAMES = ["baseline", "int8_static"]
 FROM_FP32 = {"onnxruntime": 1.5, "openvino": 8.0}
 
 
-def _build(home, runtime="auto"):
+def _build(home, runtime="auto", threads=None):
     return build_variants(decisive_baseline(), NAMES, store=Store(home), progress=False,
-                          runtime=runtime).variants
+                          runtime=runtime, threads=threads).variants
 
 
 def _logits(variant) -> torch.Tensor:
@@ -46,23 +48,44 @@ def timings(monkeypatch):
     return calls
 
 
-def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, timings):
+# Known costs (median ms) the fake timer gives each runtime: ONNX Runtime is fastest for one
+# image; for batches Inductor is, and ONNX Runtime is more than 2 % slower there.
+COSTS = {1: {"inductor": 30.0, "onnxruntime": 20.0, "openvino": 25.0},
+         runtimes.BATCH: {"inductor": 100.0, "onnxruntime": 150.0, "openvino": 101.0}}
+
+
+@pytest.fixture
+def known_costs(monkeypatch):
+    """The runtime choice's round-robins time every runner at its known cost; returns the
+    (runtimes, batch sizes) of each round-robin."""
+    calls = []
+
+    def timed(jobs, **kwargs):
+        batch = {b.shape[0] for _, b in jobs.values()}
+        calls.append((sorted(jobs), batch))
+        size, = batch
+        return {r: (Latency.from_seconds([COSTS[size][r] / 1e3] * 3), None) for r in jobs}
+
+    monkeypatch.setattr(runtimes, "time_models", timed)
+    return calls
+
+
+def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, known_costs):
     first = _build(tmp_path)["int8_static"]
     every = ["inductor", "onnxruntime", "openvino"]
-    assert timings == [(every, {1}), (every, {runtimes.BATCH})]  # single images, then batches
-    choice = first.summary().runtime_choice
-    assert first.summary().runtime == choice["runtime"] == min(choice["medians_ms"],
-                                                               key=choice["medians_ms"].get)
-    per_batch = choice["batch_medians_ms"]
-    assert first.summary().batch_runtime == choice["batch_runtime"] == runtimes.batch_runtime(
-        per_batch, choice["runtime"])
-    assert per_batch[choice["batch_runtime"]] <= 1.02 * min(per_batch.values())
+    assert known_costs == [(every, {1}), (every, {runtimes.BATCH})]  # images, then batches
+    facts = first.summary()
+    assert (facts.runtime, facts.batch_runtime) == ("onnxruntime", "inductor")
+    assert facts.placement["how"] == "measured" and facts.placement["medians_ms"] == COSTS[1]
+    assert facts.placement["batch_medians_ms"] == COSTS[runtimes.BATCH]
+    assert isinstance(first.model, runtimes.ByBatch)
     assert _build(tmp_path)["baseline"].summary().runtime == "pytorch"  # eager: no choice
     second = _build(tmp_path)["int8_static"]  # a later start: nothing measured again
-    assert len(timings) == 2 and second.summary().runtime == first.summary().runtime
-    assert second.summary().batch_runtime == first.summary().batch_runtime
+    assert len(known_costs) == 2 and second.summary().placement["how"] == "stored"
+    assert (second.summary().runtime, second.summary().batch_runtime) == \
+        ("onnxruntime", "inductor")
     stored = Store(tmp_path).load_json(RUNTIME_CHOICES)
-    assert len(stored) == 1 and next(iter(stored.values()))["runtime"] == choice["runtime"]
+    assert len(stored) == 1 and next(iter(stored.values()))["runtime"] == "onnxruntime"
 
 
 def test_single_images_and_batches_each_run_on_their_chosen_runtime(tmp_path, timings):
@@ -99,22 +122,21 @@ def test_batches_stay_on_the_single_image_runtime_unless_another_is_clearly_fast
         "inductor"
 
 
-@pytest.mark.parametrize("change", ["cpu flags", "library version"])
-def test_a_new_cpu_or_library_version_measures_again(tmp_path, timings, monkeypatch, change):
+@pytest.mark.parametrize("change", ["cpu flags", "library version", "threads"])
+def test_a_new_cpu_library_version_or_thread_count_measures_again(tmp_path, known_costs,
+                                                                 monkeypatch, change):
     _build(tmp_path)
+    threads = None
     if change == "cpu flags":
-        key = runtimes.machine_key()
-        monkeypatch.setattr(runtimes, "machine_key", lambda: {**key, "cpu_flags": "another"})
+        monkeypatch.setattr(context_module, "flags_hash", lambda: "another")
+    elif change == "library version":
+        versions = context_module.library_versions()
+        monkeypatch.setattr(context_module, "library_versions",
+                            lambda: {**versions, "onnxruntime": "99.0"})
     else:
-        facts = runtimes.machine_facts
-
-        def newer(threads):
-            found = facts(threads)
-            return {**found, "versions": {**found["versions"], "onnxruntime": "99.0"}}
-
-        monkeypatch.setattr(runtimes, "machine_facts", newer)
-    _build(tmp_path)
-    assert len(timings) == 4  # batch 1 and batch 8, twice
+        threads = 1 if torch.get_num_threads() != 1 else 2
+    _build(tmp_path, threads=threads)
+    assert len(known_costs) == 4  # batch 1 and batch 8, twice
     assert len(Store(tmp_path).load_json(RUNTIME_CHOICES)) == 2  # the old choice is kept
 
 
@@ -150,7 +172,8 @@ def test_without_the_runtimes_everything_runs_on_inductor_with_one_log_line(
     with caplog.at_level(logging.WARNING):
         pinned = _build(tmp_path / "pinned", "openvino")["int8_static"]
     assert pinned.summary().runtime == "inductor"
-    assert pinned.summary().runtime_choice["asked"] == "openvino"
+    assert pinned.summary().placement["asked"] == "openvino"
+    assert pinned.summary().placement["how"] == "fallback"
     assert [r.getMessage() for r in caplog.records if r.name.startswith("leanvgg")] == [
         "int8_static runs on inductor: openvino is not installed "
         "(pip install 'leanvgg[export]')"]

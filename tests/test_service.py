@@ -222,3 +222,57 @@ def test_a_stream_closed_before_it_started_gives_its_place_back(tiny_set, photo)
     response.close()  # the client went away before reading anything
     assert service._admitted == 0 and calls == []
     assert service.compare(encode(photo, "PNG")).result.variants  # the queue is free again
+
+
+def test_an_error_after_the_stream_started_ends_it_with_an_error_event(tiny_set, photo,
+                                                                      monkeypatch):
+    """The 200 is sent with the first line: a failure later used to cut the stream short."""
+    service = ComparisonService(settings=PROFILE, variant_set=tiny_set)
+    real_rows = service_module.Comparison.rows
+
+    def failing(self, **kwargs):
+        for row in real_rows(self, **kwargs):
+            yield row
+            raise RuntimeError("a variant failed mid-comparison")
+
+    monkeypatch.setattr(service_module.Comparison, "rows", failing)
+    server = make_server(service, port=0)
+    with running(server):
+        body, content_type = multipart(encode(photo, "PNG"))
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
+        connection.request("POST", "/api/compare/stream", body, {"Content-Type": content_type})
+        response = connection.getresponse()
+        events = [json.loads(line) for line in iter(response.readline, b"")]
+        connection.close()
+    assert response.status == 200
+    assert [e["event"] for e in events] == ["start", "row", "error"]
+    assert events[-1]["status"] == 500 and "server log" in events[-1]["error"]
+    assert not service._slot.locked() and service._admitted == 0
+
+
+def test_the_slot_is_given_back_when_the_measurement_block_ends(tiny_set, photo):
+    """It used to be held by a generator until that generator was collected."""
+    service = ComparisonService(settings=PROFILE, variant_set=tiny_set)
+    ticket = service.admit(encode(photo, "PNG"))
+    with service.measurement(ticket) as events:
+        event, _ = next(events)  # one row read, then the reader stops
+        assert event == "row" and service._slot.locked()
+    assert not service._slot.locked() and service._admitted == 0
+    assert events.gi_frame is None  # closed at once (its thread setting undone), not collected
+
+
+def test_profiles_from_several_writers_are_all_kept(tmp_path):
+    """Profiles and evaluations were read, changed and written without a lock: two servers on
+    one cache lost each other's."""
+    store = Store(tmp_path)
+
+    def write(i):
+        for j in range(10):
+            store.update_json(PROFILES, lambda doc, k=f"{i}-{j}": {**doc, k: j})
+
+    workers = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(store.load_json(PROFILES)) == 60

@@ -186,8 +186,28 @@ def test_an_interrupted_search_resumes_where_it_stopped(cifar_root, tmp_path, mo
 
 
 def test_the_time_budget_stops_the_search(cifar_root, tmp_path, tiny_cifar_files):
+    """A budget spent before anything was measured still measures the reference (every drop
+    is counted against it): the search ends with it alone, and its report reads (this raised
+    a TypeError when the reference was left unmeasured)."""
     result = _search(_validation(cifar_root), tmp_path / "tune.json", FP32_SPACE, budget_s=0.0)
-    assert not result.complete and result.candidates == {}
+    assert not result.complete and list(result.candidates) == [FP32_SPACE.baseline.key]
+    assert result.chosen == FP32_SPACE.baseline.key  # nothing else to choose, and in budget
+    assert FP32_SPACE.baseline.key in tune_report.format_front(result)
+    tune_report.summarize(tune_report.from_document(
+        json.loads((tmp_path / "tune.json").read_text())))
+
+
+def test_the_drop_is_measured_against_the_unpruned_model_whatever_the_ratios(
+        cifar_root, tmp_path, tiny_cifar_files):
+    """Without 0 among --prune-ratios, the reference is still the unpruned FP32 model (it was
+    the least pruned candidate, so drops were measured against a pruned model)."""
+    space = Space(resolutions=(32,), prune_ratios=(0.5,), precisions=("fp32",))
+    assert space.baseline == Candidate(0.0, "fp32", 32)
+    assert space.grid(fine_tune=False)[0] == space.baseline
+    result = _search(_validation(cifar_root), tmp_path / "tune.json", space)
+    reference = result.candidates[space.baseline.key]
+    assert reference["prune_ratio"] == 0.0 and reference["agreement"] == 1.0
+    assert set(result.candidates) == {space.baseline.key, "prune0.5-fp32-32px"}
 
 
 def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
@@ -325,3 +345,26 @@ def test_the_budget_warning_fires_when_the_subset_cannot_resolve_it(cifar_root, 
     assert "20 validation images" in caplog.text
     assert tune._budget_warnings(100 * (high - low) / 2 + 0.01, accuracy, 20) == []
     assert len(tune._budget_warnings(0.5, 0.9, 50_000)) == 0  # ImageNet's 50,000 resolve it
+
+
+def test_the_tuned_variant_runs_where_tune_measured_it(tmp_path):
+    """tune measures accuracy and latency on Inductor (PT2E INT8): its budget holds there, not
+    for another runtime's own quantization, so ``tuned`` is pinned to Inductor whatever
+    --runtime says, and says why."""
+    from leanvgg.builder import Builder
+    from leanvgg.recipes import tuned_recipe
+    from leanvgg.runtimes import plan
+    from tiny import tiny_baseline
+
+    config = {"candidate": {"prune_ratio": 0.0, "precision": "int8", "resolution": 64},
+              "max_drop": 1.0, "layers": [], "multiple_of": 1}
+    recipe = tuned_recipe(config)
+    assert recipe.runtime == "inductor"
+    fp32 = tuned_recipe({**config, "candidate": {**config["candidate"], "precision": "fp32"}})
+    assert fp32.runtime is None  # eager: PyTorch, as measured
+    builder = Builder(tiny_baseline(), Store(tmp_path))
+    for asked in ("auto", "openvino", "onnxruntime"):
+        placement = plan(recipe, builder, asked)
+        assert (placement.runtime, placement.batch_runtime, placement.how) == \
+            ("inductor", "inductor", "pinned")
+        assert "measured on inductor" in placement.reason and placement.asked == asked

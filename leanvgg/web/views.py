@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from urllib.parse import urlsplit
 
 from flask import (Blueprint, Response, current_app, jsonify, render_template, request,
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("leanvgg", __name__)
 MAX_RUNS = 100  # ?runs=N: timed passes per variant in one request
 MAX_BATCH = 16  # ?batch=N: images per batch of the throughput scenario (memory grows with N)
+_COUNT = re.compile(r"[0-9]{1,6}")
 
 # The page loads only its own files; nothing external, nothing inline.
 _SECURITY_HEADERS = {
@@ -100,7 +102,8 @@ def variants():
     profiles = service.profiles()
     rows = []
     for state in service.variant_statuses():
-        row = {"name": state.name, "state": state.state, "reason": state.reason}
+        row = {"name": state.name, "state": state.state, "settled": state.state.settled,
+               "reason": state.reason}
         if state.name in ready:
             profile = profiles.get(state.name)
             row.update(ready[state.name].summary().to_dict(),
@@ -140,8 +143,11 @@ def _count(name: str, maximum: int) -> int | None:
     value = request.args.get(name)
     if value is None:
         return None
-    if not value.isdigit() or not 1 <= int(value) <= maximum:
-        raise BadRequest(f"Invalid {name} {value!r}: an integer in 1..{maximum}.")
+    # ASCII digits only, and few of them: str.isdigit() also admits '²' (which int() refuses)
+    # and int() of thousands of digits is refused by Python itself
+    if not _COUNT.fullmatch(value) or not 1 <= int(value) <= maximum:
+        shown = value if len(value) <= 20 else value[:20] + "…"
+        raise BadRequest(f"Invalid {name} {shown!r}: an integer in 1..{maximum}.")
     return int(value)
 
 
@@ -218,16 +224,21 @@ def compare_stream():
         yield line({"event": "start", "variants": list(ticket.variant_set.variants),
                     "not_ready": ticket.not_ready})
         try:
-            for event, payload in service.measure(ticket, runs=runs, batch_size=batch,
-                                                  disconnected=disconnected):
-                if event == "row":
-                    yield line({"event": "row", "row": payload.to_dict()})
-                else:
-                    yield line({"event": "done", "result": payload.to_dict()})
+            with service.measurement(ticket, runs=runs, batch_size=batch,
+                                     disconnected=disconnected) as measured:
+                for event, payload in measured:
+                    if event == "row":
+                        yield line({"event": "row", "row": payload.to_dict()})
+                    else:
+                        yield line({"event": "done", "result": payload.to_dict()})
         except Abandoned:
             log.info("Dropped a comparison whose client had gone.")
         except Busy as err:
             yield line({"event": "error", "status": 503, "error": str(err)})
+        except Exception:  # the 200 is sent: end the stream with an event, not a cut
+            log.exception("Comparison failed while streaming")
+            yield line({"event": "error", "status": 500,
+                        "error": "Internal error; the server log has the details."})
 
     response = Response(stream_with_context(events()), mimetype="application/x-ndjson",
                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

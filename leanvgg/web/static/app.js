@@ -134,22 +134,30 @@ const fmt = {
   int: (v) => v.toLocaleString("en-US"),
   gmacs: (v) => (v / 1e9).toFixed(2),
   ms: (v) => v.toFixed(1),
-  x: (v) => `${v.toFixed(2)}×`,
+  x: (v) => (v === null ? "—" : `${v.toFixed(2)}×`),
   pct: (v) => (v === null ? "—" : `${(100 * v).toFixed(1)}%`),
 };
 
 // Columns after the name and the top-3: how to read a value, how to print it, and whether lower
 // is better (null: no "best").
+// A latency from this request's passes is shown with its count; a p90 needs passes to have one.
+const passes = (n) => `${n} pass${n === 1 ? "" : "es"}`;
+const fromRequest = (v) => v.latency_source === "request";
 const COLUMNS = [
-  { get: (v) => v.latency_ms.median, show: fmt.ms, lower: true },
-  { get: (v) => v.latency_ms.p90, show: fmt.ms, lower: true },
+  { get: (v) => v.latency_ms.median,
+    show: (ms, v) => (fromRequest(v) ? `${fmt.ms(ms)} (${passes(v.latency_ms.count)})` : fmt.ms(ms)),
+    lower: true },
+  { get: (v) => (fromRequest(v) && v.latency_ms.count < 10 ? null : v.latency_ms.p90),
+    show: (ms) => (ms === null ? "—" : fmt.ms(ms)), lower: true },
+  // null where the baseline's latency and this variant's are not of the same kind
   { get: (v) => v.speedup, show: fmt.x, lower: false },
   { get: (v) => v.image_ms, show: fmt.ms, lower: null },
   { get: (v) => v.size_mb, show: fmt.mb, lower: true },
   { get: (v) => v.params, show: fmt.int, lower: true },
   { get: (v) => v.macs, show: fmt.gmacs, lower: true },
   { get: (v) => v.input_size, show: String, lower: null },
-  // accuracy from the latest `leanvgg evaluate` of these very weights; "—" when none
+  // accuracy from the latest `leanvgg evaluate` of these very weights on the runtime that runs
+  // them here; "—" when none was measured there
   { get: (v) => (v.accuracy ? v.accuracy.top1 : null), show: fmt.pct, lower: false },
   // one-off preparation (calibration when built, compilation once, loading at start)
   { get: oneOff, show: (s) => (s === null ? "—" : s.toFixed(1)), lower: null },
@@ -182,30 +190,34 @@ function addRow(variant, best) {
     ? ` (batches on ${variant.batch_runtime})` : "";
   tag.textContent = `${origin} · runs on ${variant.runtime}${batches} · ` +
     (variant.fine_tuned === false ? "not fine-tuned" : variant.description);
-  const choice = variant.runtime_choice;
+  const place = variant.placement;
   const medians = (label, values) => `\n${label}: ` + Object.entries(values)
     .map(([r, ms]) => `${r} ${ms.toFixed(1)}`).join(", ");
-  tag.title = variant.description + (choice && choice.medians_ms
-    ? medians("runtime measured on this machine (median ms, 1 image)", choice.medians_ms) +
-      (choice.batch_medians_ms
-        ? medians(`and per batch of ${choice.batch_size}`, choice.batch_medians_ms) : "")
-    : choice && choice.fallback ? `\n${choice.asked} not used: ${choice.fallback}` : "");
+  tag.title = variant.description + `\n${place.threads} threads; runtime ${place.how}` +
+    (place.medians_ms
+      ? medians("measured on this machine (median ms, 1 image)", place.medians_ms) +
+        (place.batch_medians_ms
+          ? medians(`and per batch of ${place.batch_size}`, place.batch_medians_ms) : "")
+      : "") + (place.reason ? `\n${place.reason}` : "");
   name.appendChild(tag);
   cell(row, variant.top3.map((p) => `${p.label} ${(100 * p.prob).toFixed(1)}%`).join(" · "));
   COLUMNS.forEach((col, i) => {
     const value = col.get(variant);
     const isBest = best && best[i] !== null && value === best[i];
-    const td = cell(row, col.show(value), isBest ? "best" : "");
+    const td = cell(row, col.show(value, variant), isBest ? "best" : "");
     if (col.get === COLUMNS[0].get) {
       const p = variant.profile;
       td.title = p ? `profile: ${p.count} passes, p10–p90 ${fmt.ms(p.p10)}–${fmt.ms(p.p90)} ms, ` +
-        `measured ${Math.round(p.age_s)} s ago` : "this request's passes (no profile yet)";
+        `measured ${Math.round(p.age_s)} s ago` : `this request's ${passes(variant.latency_ms.count)} ` +
+        "(no profile yet)";
     }
+    if (col.get === COLUMNS[2].get && variant.speedup_note) td.title = variant.speedup_note;
     if (col.show === fmt.pct && variant.accuracy) {
       const a = variant.accuracy;
       // 95 % Wilson intervals (absent from reports made before they were recorded)
       const ci = (range) => (range ? ` (95 % CI ${fmt.pct(range[0])}–${fmt.pct(range[1])})` : "");
-      td.title = `${a.dataset}, ${a.images} images: top-1 ${fmt.pct(a.top1)}${ci(a.top1_ci)}, ` +
+      td.title = `${a.dataset}, ${a.images} images, on ${a.runtime}: ` +
+        `top-1 ${fmt.pct(a.top1)}${ci(a.top1_ci)}, ` +
         `top-3 ${fmt.pct(a.top3)}${ci(a.top3_ci)}, ` +
         `agrees with baseline ${fmt.pct(a.agreement)}${ci(a.agreement_ci)}`;
     }
