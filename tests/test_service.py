@@ -150,21 +150,27 @@ def test_profiles_are_measured_apart_and_never_during_a_comparison(tiny_set, tmp
     assert calls == []  # nothing measured again
 
 
-def test_the_stream_delivers_each_row_as_soon_as_it_is_computed(tiny_set, photo):
-    service = ComparisonService(settings=PROFILE,
-                                variant_set=_recorded(tiny_set, [], {"res160": 1.0}))
+def _stream(service, photo) -> tuple[http.client.HTTPResponse, list[tuple[float, dict]]]:
+    """Post the photo to the real server's stream; its response and each event as it came."""
     server = make_server(service, port=0)
     with running(server):
         body, content_type = multipart(encode(photo, "PNG"))
         connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
         connection.request("POST", "/api/compare/stream", body, {"Content-Type": content_type})
         response = connection.getresponse()
-        assert response.status == 200
-        assert response.getheader("Content-Type") == "application/x-ndjson"
         events = []
         while line := response.readline():
             events.append((time.perf_counter(), json.loads(line)))
         connection.close()
+    return response, events
+
+
+def test_the_stream_delivers_each_row_as_soon_as_it_is_computed(tiny_set, photo):
+    service = ComparisonService(settings=PROFILE,
+                                variant_set=_recorded(tiny_set, [], {"res160": 1.0}))
+    response, events = _stream(service, photo)
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "application/x-ndjson"
     kinds = [event["event"] for _, event in events]
     assert kinds == ["start", "row", "row", "done"]
     assert [event["row"]["name"] for _, event in events if event["event"] == "row"] == \
@@ -236,14 +242,8 @@ def test_an_error_after_the_stream_started_ends_it_with_an_error_event(tiny_set,
             raise RuntimeError("a variant failed mid-comparison")
 
     monkeypatch.setattr(service_module.Comparison, "rows", failing)
-    server = make_server(service, port=0)
-    with running(server):
-        body, content_type = multipart(encode(photo, "PNG"))
-        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
-        connection.request("POST", "/api/compare/stream", body, {"Content-Type": content_type})
-        response = connection.getresponse()
-        events = [json.loads(line) for line in iter(response.readline, b"")]
-        connection.close()
+    response, timed = _stream(service, photo)
+    events = [event for _, event in timed]
     assert response.status == 200
     assert [e["event"] for e in events] == ["start", "row", "error"]
     assert events[-1]["status"] == 500 and "server log" in events[-1]["error"]
