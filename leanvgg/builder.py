@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from leanvgg.capabilities import precision_step
 from leanvgg.context import INDUCTOR, PYTORCH, RunContext
 from leanvgg.data import calibration_batch
 from leanvgg.distributed import barrier, distributed_context, rank_zero_first
-from leanvgg.facts import AS_BUILT, Placement, State
+from leanvgg.facts import AS_BUILT, Placement, State, VariantFacts
 from leanvgg.finetune import finetune
 from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_params,
                              state_dict_bytes, using_threads)
@@ -35,38 +35,6 @@ from leanvgg.store import Store
 log = logging.getLogger(__name__)
 
 PACKAGE_SUFFIX = ".pt2"
-
-
-@dataclass(frozen=True)
-class VariantFacts:
-    """A variant's static facts, as the CLI, the JSON API and the dashboard show them."""
-
-    name: str
-    description: str
-    input_size: int
-    size_mb: float
-    params: int  # non-zero
-    params_total: int
-    macs: int
-    fine_tuned: bool | None  # None: nothing was pruned, so there is nothing to recover
-    finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
-    # the latest evaluation of these very weights on the runtime that runs them here (its
-    # record names the runtime); None when none was measured there
-    accuracy: dict | None
-    steps: list[dict]
-    article: bool  # one of the article's five variants
-    # where it runs: pytorch (eager), inductor, onnxruntime or openvino (leanvgg.runtimes), one
-    # image at a time and in batches, with the thread count and how it was decided
-    runtime: str
-    batch_runtime: str
-    threads: int
-    placement: dict
-    # one-off costs, apart from steady-state latency: calibration when it was built,
-    # compilation when its package was made, loading (incl. the first call) here
-    preparation_s: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

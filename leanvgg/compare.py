@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from PIL import Image
 
-from leanvgg.builder import VariantFacts
 from leanvgg.context import PYTORCH
+from leanvgg.facts import VariantFacts
 from leanvgg.images import Batches, Picture
 from leanvgg.machine import machine_facts
 from leanvgg.measure import (Latency, Prediction, Profile, time_models,

@@ -1,5 +1,6 @@
-"""Where a variant runs, as one typed value (the JSON rows, the dashboard and model.json are
-made from it)."""
+"""What is shown of a variant, as typed values: where it runs (``Placement``), its state on the
+way to ready (``State``) and its facts as the CLI, the JSON API and the dashboard show them
+(``VariantFacts``)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,35 @@ class State(str, Enum):
     @property
     def settled(self) -> bool:
         return self in (State.READY, State.FAILED)
+
+
+@dataclass(frozen=True)
+class VariantFacts:
+    """A variant's static facts, as the CLI, the JSON API and the dashboard show them."""
+
+    name: str
+    description: str
+    input_size: int
+    size_mb: float
+    params: int  # non-zero
+    params_total: int
+    macs: int
+    fine_tuned: bool | None  # None: nothing was pruned, so there is nothing to recover
+    finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
+    # the latest evaluation of these very weights on the runtime that runs them here (its
+    # record names the runtime); None when none was measured there
+    accuracy: dict | None
+    steps: list[dict]
+    article: bool  # one of the article's five variants
+    # where it runs: pytorch (eager), inductor, onnxruntime or openvino (leanvgg.runtimes), one
+    # image at a time and in batches, with the thread count and how it was decided
+    runtime: str
+    batch_runtime: str
+    threads: int
+    placement: dict
+    # one-off costs, apart from steady-state latency: calibration when it was built,
+    # compilation when its package was made, loading (incl. the first call) here
+    preparation_s: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
