@@ -13,6 +13,7 @@ from leanvgg.recipes import CastBf16, QuantizeDynamicInt8, QuantizeStaticInt8, R
 FP32, INT8_STATIC, INT8_DYNAMIC, BF16 = "fp32", "int8_static", "int8_dynamic", "bf16"
 FORMATS = ("pt2", "onnx", "openvino", "safetensors")
 FORMAT_OF = {INDUCTOR: "pt2", ONNXRUNTIME: "onnx", OPENVINO: "openvino"}  # what each runs
+RUNTIME_OF = {fmt: runtime for runtime, fmt in FORMAT_OF.items()}  # what runs each format
 
 _DYNAMIC = ("{name} cannot be {done} {target}: torch.ao's packed dynamic INT8 Linears go "
             "through neither torch.export nor ONNX/OpenVINO conversion. Export it as "

@@ -21,11 +21,12 @@ import torch
 
 from leanvgg.builder import Builder, Variant, calibration_of, evaluation_key, stored_profile
 from leanvgg.capabilities import BF16, INT8_DYNAMIC, INT8_STATIC, export_refusal
-from leanvgg.capabilities import precision_of
-from leanvgg.context import INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH
+from leanvgg.capabilities import RUNTIME_OF, precision_of
+from leanvgg.context import PYTORCH
 from leanvgg.facts import PINNED, Placement
 from leanvgg.images import WORK_SIDE, transform
-from leanvgg.interop import INPUT, openvino_config, openvino_model, write_onnx, write_openvino
+from leanvgg.interop import (INPUT, onnxruntime_settings, openvino_config, openvino_model,
+                             write_onnx, write_openvino)
 from leanvgg.machine import machine_facts
 from leanvgg.measure import Profile
 from leanvgg.models import layout_of
@@ -101,7 +102,8 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
     path, entry = _WRITERS[fmt](variant, out, builder)
     model_json = out / f"{variant.name}.model.json"
     formats = _described_formats(model_json, variant.artifact)
-    runtime = _runtime_of(variant, fmt)
+    # safetensors: leanvgg.load's eager module, on PyTorch
+    runtime = RUNTIME_OF.get(fmt, PYTORCH)
     evaluations = builder.store.load_json(EVALUATION) or {}
     formats[fmt] = {"files": [p.name for p in _files(path)], **entry, "runtime": runtime,
                     "accuracy": evaluations.get(evaluation_key(_on(variant, runtime)))}
@@ -137,12 +139,6 @@ def _readable(path: Path) -> None:
     except (OSError, ValueError):
         pass
     path.chmod(0o666 & ~umask)
-
-
-def _runtime_of(variant: Variant, fmt: str) -> str:
-    """The runtime a format runs on: pt2 on Inductor, onnx on ONNX Runtime, openvino on
-    OpenVINO, safetensors (``leanvgg.load``'s eager module) on PyTorch."""
-    return {"pt2": INDUCTOR, "onnx": ONNXRUNTIME, "openvino": OPENVINO}.get(fmt, PYTORCH)
 
 
 def _on(variant: Variant, runtime: str) -> Variant:
@@ -185,10 +181,9 @@ def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     calibration = calibration_of(variant.recipe)
     write_onnx(builder.float_model(variant.recipe), variant.input_size, path,
                calibration=calibration)
-    threads = builder.context.threads
-    settings = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-    return path, {"run": "options = onnxruntime.SessionOptions(); options.intra_op_num_threads"
-                         f" = {threads}; options.inter_op_num_threads = 1; "
+    settings = onnxruntime_settings(builder.context.threads)
+    options = "".join(f"options.{name} = {value}; " for name, value in settings.items())
+    return path, {"run": f"options = onnxruntime.SessionOptions(); {options}"
                          f"onnxruntime.InferenceSession({path.name!r}, options, providers="
                          f"['CPUExecutionProvider']).run(None, {{{INPUT!r}: x.numpy()}})[0]",
                   "settings": settings, "input_name": INPUT, "batch": "any",
@@ -251,6 +246,7 @@ def _described_formats(model_json: Path, artifact: str) -> dict:
 def describe(variant: Variant, formats: dict, profile: Profile | None, layout: dict) -> dict:
     """``model.json``: how to feed it, what it is, what was measured, with which versions."""
     facts = variant.facts
+    machine = machine_facts(variant.context.threads)
     return {
         "model_json_version": MODEL_JSON_VERSION,
         "variant": variant.name,
@@ -271,6 +267,6 @@ def describe(variant: Variant, formats: dict, profile: Profile | None, layout: d
         # per format too (formats[…].accuracy): each measured on the runtime that runs it
         "accuracy": {fmt: entry.get("accuracy") for fmt, entry in formats.items()},
         "latency_profile": profile.to_dict() if profile else None,
-        "machine": machine_facts(variant.context.threads),
-        "versions": machine_facts(variant.context.threads)["versions"],
+        "machine": machine,
+        "versions": machine["versions"],
     }

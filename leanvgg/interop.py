@@ -146,12 +146,18 @@ class Runner:
         return self.run(batch)
 
 
+def onnxruntime_settings(threads: int) -> dict:
+    """The session options leanvgg runs ONNX Runtime with (model.json repeats them):
+    ``threads`` intra-op threads and one inter-op thread."""
+    return {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+
+
 def onnxruntime_runner(path: Path, threads: int) -> Runner:
-    """Runs the ONNX file on ``threads`` intra-op threads (and one inter-op thread)."""
+    """Runs the ONNX file with ``onnxruntime_settings(threads)``."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    for name, value in onnxruntime_settings(threads).items():
+        setattr(options, name, value)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     read = session.get_session_options()
     return Runner(lambda batch: session.run(None, {INPUT: batch.contiguous().numpy()})[0],
