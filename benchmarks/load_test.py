@@ -67,9 +67,11 @@ def _rss_mb(pid: int) -> float:
 
 
 def run(*, clients: int, seconds: float, runs: int = 1, home: str | None = None,
-        variants: str | None = None, threads: int | None = None) -> dict:
+        variants: str | None = None, threads: int | None = None,
+        runtime: str | None = None) -> dict:
     """``variants``: the server's --variants (default: every default variant); ``threads``:
-    its --threads (default: PyTorch's; packages are made per thread count)."""
+    its --threads (default: PyTorch's; packages are made per thread count); ``runtime``: its
+    --runtime (default auto)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -78,7 +80,8 @@ def run(*, clients: int, seconds: float, runs: int = 1, home: str | None = None,
         [sys.executable, "-m", "leanvgg", "serve", "--weights", "random", "--port", str(port),
          "--runs", str(runs), "--warmup", "0",
          *(["--variants", variants] if variants else []),
-         *(["--threads", str(threads)] if threads else [])],
+         *(["--threads", str(threads)] if threads else []),
+         *(["--runtime", runtime] if runtime else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -451,13 +451,13 @@ class ComparisonService:
         now = time.time()
         profiles = {name: Profile(Latency.from_seconds(s), now, threads)
                     for name, s in samples.items()}
-        with self._lock:
-            self._profiles.update(profiles)
         store = self._profile_store
         if store is not None:  # other servers on this cache may store theirs meanwhile
             self._stored_profiles = store.update_json(PROFILES, lambda stored: {
                 **stored, **{profile_key(variants[name]): p.to_dict()
                              for name, p in profiles.items()}})
+        with self._lock:  # served once stored: a profile shown is one a restart finds
+            self._profiles.update(profiles)
         log.info("Latency profiles measured (%d passes each).", self.settings.runs)
         return profiles
 
