@@ -9,33 +9,26 @@ very cache entry the ``tuned`` variant loads.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 from torchvision.models import VGG
 
 from leanvgg.capabilities import precision_step
 from leanvgg.context import INDUCTOR, PYTORCH, RunContext
 from leanvgg.data import calibration_batch
-from leanvgg.distributed import barrier, distributed_context, rank_zero_first
 from leanvgg.facts import AS_BUILT, Placement, State, VariantFacts
-from leanvgg.finetune import finetune
 from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_params,
-                             state_dict_bytes, using_threads)
+                             state_dict_bytes)
 from leanvgg.models import Baseline, from_layout, layout_of
-from leanvgg.recipes import FineTune, QuantizeStaticInt8, Recipe, artifact_key
-from leanvgg.runtime import MAX_BATCH, load_package, package
+from leanvgg.packages import Packages
+from leanvgg.recipes import QuantizeStaticInt8, Recipe, artifact_key
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
-
-PACKAGE_SUFFIX = ".pt2"
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -102,9 +95,10 @@ class Variant:
 class Builder:
     """Models after any number of a recipe's steps, from memory, the store, or built.
 
-    A compiled recipe's model is an AOTInductor package in the store, keyed by its weights'
-    key, its input size and ``context`` (threads, CPU, torch): once made, a later process loads
-    it (and its facts) without compiling anything or even loading the eager weights.
+    A compiled recipe's model is an AOTInductor package (``leanvgg.packages``) made for
+    ``context``: once made, a later process loads it (and its facts) without compiling anything
+    or even loading the eager weights. Fine-tuning (a non-automatic step) is made through
+    ``make`` by ``leanvgg.finetune.fine_tune_step``.
     """
 
     def __init__(self, baseline: Baseline, store: Store,
@@ -113,6 +107,7 @@ class Builder:
         self.store = store
         self.context = context if context is not None else RunContext.here()
         self.memo: dict[str, tuple[nn.Module, dict]] = {}
+        self.packages = Packages(store, self.context)
 
     def variant(self, recipe: Recipe, on_state: Callable[[State], object] = lambda state: None,
                 *, compiled: bool = True) -> Variant:
@@ -203,35 +198,7 @@ class Builder:
 
     def package_file(self, recipe: Recipe) -> Path | None:
         """The cached, verified package of a compiled recipe on this machine, if made."""
-        entry = self.store.load_file(self._package_key(self.key(recipe), recipe),
-                                     PACKAGE_SUFFIX, validate=_check_package_manifest)
-        return entry[0] if entry is not None else None
-
-    def fine_tune(self, recipe: Recipe, dataset: Dataset, membership: torch.Tensor, *,
-                  replace: bool = False, **train) -> tuple[nn.Module, dict, str]:
-        """The artifact of the recipe's FineTune step: trained on ``dataset`` when missing
-        (always, with ``replace``), stored, returned with its facts and key.
-
-        Under torchrun rank 0 first builds the model training starts from (the others load it),
-        every rank trains (DistributedDataParallel), rank 0 stores the result, and all return
-        once it is stored.
-        """
-        position = next((i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune)),
-                        None)
-        if position is None:
-            raise ValueError(f"Invalid variant {recipe.name!r}: its recipe has no fine-tuning "
-                             "step.")
-        with rank_zero_first():
-            self.artifact(recipe, position)
-
-        def train_it(model: nn.Module, _facts: dict) -> tuple[nn.Module, dict]:
-            trained, stats = finetune(model, dataset, membership, **train)
-            return trained, {"fine_tuned": True, "finetune": stats.to_dict()}
-
-        made = self.make(recipe, position, train_it, replace=replace,
-                         write=distributed_context()[0] == 0)
-        barrier()
-        return made
+        return self.packages.file(self.key(recipe), recipe.input_size)
 
     def forget(self) -> None:
         """Drop every model held in memory but the baseline (they reload from the store)."""
@@ -241,47 +208,11 @@ class Builder:
     def _packaged(self, recipe: Recipe, on_state: Callable[[State], object]
                   ) -> tuple[nn.Module, dict, str]:
         key = self.key(recipe)
-        found = self._load_package(recipe, key)
-        if found is not None:
-            return found
-        model, facts, key = self.artifact(recipe, len(recipe.steps))
-        package_key = self._package_key(key, recipe)
-        with self.store.lock(package_key):  # another process may be compiling it right now
-            found = self._load_package(recipe, key)
-            if found is not None:
-                return found
-            on_state(State.COMPILING)
-            log.info("Compiling %s for %d threads (one-off, then kept in the cache)",
-                     recipe.name, self.context.threads)
-            facts = {**facts, "macs": count_macs(model, recipe.input_size)}
-            start = time.perf_counter()
-            self.store.save_file(
-                package_key, PACKAGE_SUFFIX,
-                lambda path: package(model, recipe.input_size, path,
-                                     threads=self.context.threads),
-                {"recipe": recipe.name, "artifact": key,
-                 "context": self.context.on(INDUCTOR).record(),
-                 "input_size": recipe.input_size, "facts": facts})
-            compile_s = time.perf_counter() - start
-        model, facts, key = self._load_package(recipe, key)
-        return model, {**facts, "compile_s": compile_s}, key
-
-    def _load_package(self, recipe: Recipe, key: str) -> tuple[nn.Module, dict, str] | None:
-        entry = self.store.load_file(self._package_key(key, recipe), PACKAGE_SUFFIX,
-                                     validate=_check_package_manifest)
-        if entry is None:
-            return None
-        path, manifest = entry
-        start = time.perf_counter()
-        model = load_package(path, recipe.input_size)
-        warm_up(model, recipe.input_size, self.context.threads)
-        log.info("Loaded %s's compiled package from the cache.", recipe.name)
-        return model, {**manifest["facts"], "load_s": time.perf_counter() - start}, key
-
-    def _package_key(self, key: str, recipe: Recipe) -> str:
-        return artifact_key(key, {"op": "aoti_package", "input_size": recipe.input_size,
-                                  "batch": f"1..{MAX_BATCH}", "context": self.context.on(
-                                      INDUCTOR).key("runtime", "threads", "cpu", "versions")})
+        found = self.packages.load(recipe, key)
+        if found is None:
+            model, facts, key = self.artifact(recipe, len(recipe.steps))
+            found = self.packages.make(recipe, model, facts, key, on_state)
+        return (*found, key)
 
     def _load(self, recipe: Recipe, n_steps: int, key: str) -> tuple[nn.Module, dict] | None:
         entry = self.store.load(key, validate=_check_manifest)
@@ -314,13 +245,6 @@ class Builder:
         })
         self.memo[key] = model, {**facts, "size_bytes": manifest["bytes"]}
         return self.memo[key]
-
-
-def warm_up(model: nn.Module, input_size: int, threads: int) -> None:
-    """One untimed call on ``threads``: the first call of any runner prepares its kernels (and
-    memory), which is not a request's cost."""
-    with torch.inference_mode(), using_threads(threads):
-        model(torch.zeros(1, 3, input_size, input_size))
 
 
 def calibration_of(recipe: Recipe) -> torch.Tensor | None:
@@ -371,13 +295,6 @@ def _check_manifest(manifest: dict) -> None:
             and isinstance(layout.get("batch_norm"), bool)
             and isinstance(layout.get("ranks", {}), dict)):
         raise ValueError("the manifest lacks a valid 'layout'")
-
-
-def _check_package_manifest(manifest: dict) -> None:
-    facts = manifest.get("facts")
-    if not (isinstance(facts, dict) and all(isinstance(facts.get(k), int) for k in (
-            "size_bytes", "params", "params_total", "macs"))):
-        raise ValueError("the package's manifest lacks its facts")
 
 
 def _param_facts(model: nn.Module) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.distributed
 
+from leanvgg import cache
 from leanvgg.compare import ComparisonResult, Settings, compare
 from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
 from leanvgg.distributed import distributed_context
@@ -34,7 +35,8 @@ from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES
 from leanvgg.machine import native_bf16
-from leanvgg.store import SEARCH, SEARCH_PLOT, TUNED, CacheError, Store
+from leanvgg.documents import SEARCH, SEARCH_PLOT, TUNED
+from leanvgg.store import CacheError, Store
 from leanvgg.tune import Space, search
 from leanvgg.tune_report import format_front, plot_front, tuned_config
 from leanvgg.variants import NotTuned, build_variants, finetune_variant, register_tuned, resolve_names
@@ -525,7 +527,7 @@ def _tune(args: argparse.Namespace) -> int:
                                   "finetune_subset": args.finetune_subset})
     except KeyboardInterrupt:
         print(f"leanvgg: interrupted; finished candidates are kept in "
-              f"{store.document(SEARCH)}; run the same command again to resume.",
+              f"{store.documents.path(SEARCH)}; run the same command again to resume.",
               file=sys.stderr)
         return 130
     if rank == 0:
@@ -540,8 +542,8 @@ def _tune(args: argparse.Namespace) -> int:
             print(f"Registered {result.chosen} as 'tuned' (the cache entry measured above): "
                   "'leanvgg compare' and the dashboard now show it.")
         if output is not None:
-            _write_output(output, json.loads(store.document(SEARCH).read_text()))
-        print(f"Report: {store.document(SEARCH)}\nPlot: {plot_path}")
+            _write_output(output, json.loads(store.documents.path(SEARCH).read_text()))
+        print(f"Report: {store.documents.path(SEARCH)}\nPlot: {plot_path}")
         for warning in result.warnings:
             print(f"leanvgg: WARNING: {warning}", file=sys.stderr)
     if world_size > 1:
@@ -573,7 +575,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     store = Store()
-    entries = store.entries()
+    entries = cache.entries(store)
     if args.action == "list":
         print(f"{'variant':<44}{'key':<22}{'kind':<9}{'MB':>9}{'age':>8}  built from")
         for e in entries:
@@ -588,7 +590,7 @@ def _cache(args: argparse.Namespace) -> int:
     cutoff = None if args.older_than is None else time.time() - 86400 * args.older_than
     doomed = [e for e in entries if cutoff is None or e.modified < cutoff]
     for entry in doomed:
-        store.remove(entry)
+        cache.remove(store, entry)
     print(f"Removed {len(doomed)} of {len(entries)} entries "
           f"({sum(e.bytes for e in doomed) / 2**20:.1f} MB) from {store.root}; they are rebuilt "
           "when needed (fine-tuned weights only by 'leanvgg finetune' or 'leanvgg tune').")

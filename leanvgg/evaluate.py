@@ -25,7 +25,8 @@ from leanvgg.data import (DataUnavailable, cifar10, group_index_tensor, group_pr
 from leanvgg.distributed import distributed_context
 from leanvgg.images import preprocess
 from leanvgg.stats import wilson
-from leanvgg.store import EVALUATION, Store
+from leanvgg.documents import EVALUATION
+from leanvgg.store import Store
 from leanvgg.variants import VariantSet
 
 
@@ -213,6 +214,6 @@ def save_report(store: Store, results: dict[str, Accuracy]) -> None:
     """Record the figures beside the cached variants, under the document's lock (other
     variants' and runtimes' figures are kept); ``build_variants`` shows them where the variant
     runs on the weights and runtime they describe."""
-    store.update_json(EVALUATION, lambda stored: {
+    store.documents.update(EVALUATION, lambda stored: {
         **stored, **{accuracy.key: {"variant": name, **asdict(accuracy)}
                      for name, accuracy in results.items()}})

@@ -33,7 +33,8 @@ from leanvgg.models import layout_of
 from leanvgg.portable import save as save_safetensors
 from leanvgg.recipes import Recipe
 from leanvgg.runtime import MAX_BATCH, package
-from leanvgg.store import EVALUATION, PROFILES, write_atomic
+from leanvgg.documents import EVALUATION, PROFILES
+from leanvgg.files import write_atomic
 
 MODEL_JSON_VERSION = 3
 
@@ -104,7 +105,7 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
     formats = _described_formats(model_json, variant.artifact)
     # safetensors: leanvgg.load's eager module, on PyTorch
     runtime = RUNTIME_OF.get(fmt, PYTORCH)
-    evaluations = builder.store.load_json(EVALUATION) or {}
+    evaluations = builder.store.documents.load(EVALUATION) or {}
     formats[fmt] = {"files": [p.name for p in _files(path)], **entry, "runtime": runtime,
                     "accuracy": evaluations.get(evaluation_key(_on(variant, runtime)))}
     layout = layout_of(builder.float_model(variant.recipe))
@@ -120,7 +121,7 @@ def export_each(variants: Iterable[Variant], formats: Sequence[str], out: Path, 
     """Every variant in every format (``export``), each model.json with the variant's stored
     latency profile on this machine; variants are used as the iterable yields them, so a
     caller may prepare them one at a time. Check the formats first (``check``)."""
-    profiles = builder.store.load_json(PROFILES) or {}
+    profiles = builder.store.documents.load(PROFILES) or {}
     for variant in variants:
         profile = stored_profile(profiles, variant)
         for fmt in formats:

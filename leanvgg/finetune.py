@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from leanvgg.distributed import distributed_context
+from leanvgg.distributed import barrier, distributed_context, rank_zero_first
+from leanvgg.recipes import FineTune, Recipe
+
+if TYPE_CHECKING:
+    from leanvgg.builder import Builder
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +117,28 @@ def _global_mean(values: list[float], world_size: int) -> float:
         dist.all_reduce(mean)
         mean /= world_size
     return float(mean)
+
+
+def fine_tune_step(builder: Builder, recipe: Recipe, dataset: Dataset, membership: torch.Tensor,
+                   *, replace: bool = False, **train) -> tuple[nn.Module, dict, str]:
+    """The artifact of the recipe's FineTune step: trained on ``dataset`` when missing (always,
+    with ``replace``), stored by ``builder``, returned with its facts and key.
+
+    Under torchrun rank 0 first builds the model training starts from (the others load it),
+    every rank trains (DistributedDataParallel), rank 0 stores the result, and all return once
+    it is stored.
+    """
+    position = next((i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune)), None)
+    if position is None:
+        raise ValueError(f"Invalid variant {recipe.name!r}: its recipe has no fine-tuning step.")
+    with rank_zero_first():
+        builder.artifact(recipe, position)
+
+    def train_it(model: nn.Module, _facts: dict) -> tuple[nn.Module, dict]:
+        trained, stats = finetune(model, dataset, membership, **train)
+        return trained, {"fine_tuned": True, "finetune": stats.to_dict()}
+
+    made = builder.make(recipe, position, train_it, replace=replace,
+                        write=distributed_context()[0] == 0)
+    barrier()
+    return made

@@ -175,6 +175,13 @@ def using_threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+def warm_up(model: nn.Module, input_size: int, threads: int) -> None:
+    """One untimed call on ``threads``: the first call of any runner prepares its kernels (and
+    memory), which is not a request's cost."""
+    with torch.inference_mode(), using_threads(threads):
+        model(torch.zeros(1, 3, input_size, input_size))
+
+
 def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
                 warmup: int, progress: bool = False, threads: int | None = None
                 ) -> dict[str, tuple[Latency, torch.Tensor]]:

@@ -33,16 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanvgg.builder import Builder, Variant, calibration_of, warm_up
+from leanvgg.builder import Builder, Variant, calibration_of
 from leanvgg.capabilities import FORMAT_OF, runtime_refusal
 from leanvgg.context import AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH, RUNTIMES, RunContext
 from leanvgg.facts import EAGER, FALLBACK, MEASURED, ONLY, PINNED, STORED, Placement, State
 from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
                              openvino_model, openvino_runner, require, write_onnx,
                              write_openvino)
-from leanvgg.measure import time_models
+from leanvgg.measure import time_models, warm_up
 from leanvgg.recipes import Recipe, artifact_key
-from leanvgg.store import RUNTIME_CHOICES
+from leanvgg.documents import RUNTIME_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def plan(recipe: Recipe, builder: Builder, runtime: str = AUTO) -> Placement | N
         return Placement(INDUCTOR, INDUCTOR, threads, FALLBACK, asked=runtime, reason=why)
     if runtime != AUTO:
         return Placement(runtime, runtime, threads, PINNED, asked=runtime)
-    stored = (builder.store.load_json(RUNTIME_CHOICES) or {}).get(
+    stored = (builder.store.documents.load(RUNTIME_CHOICES) or {}).get(
         choice_key(recipe, builder.key(recipe), builder.context))
     try:
         placement = dataclasses.replace(Placement.from_dict(stored), how=STORED)
@@ -189,7 +189,7 @@ def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
                           measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     key = choice_key(variant.recipe, variant.artifact, context)
     # other processes may record theirs meanwhile
-    builder.store.update_json(RUNTIME_CHOICES, lambda choices: {
+    builder.store.documents.update(RUNTIME_CHOICES, lambda choices: {
         **choices, key: placement.to_dict()})
     log.info("%s runs on %s (median ms at batch 1, %d threads: %s) and batches on %s (per "
              "batch of %d: %s)", variant.name, chosen, context.threads,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from leanvgg.machine import machine_facts
 from leanvgg.measure import Latency
-from leanvgg.store import write_atomic
+from leanvgg.files import write_atomic
 
 SCHEMA_VERSION = 1
 

@@ -1,4 +1,7 @@
-"""The on-disk variant cache: atomic writes, content hashes, and nothing loaded unverified."""
+"""The on-disk variant cache: atomic writes, content hashes, and nothing loaded unverified.
+
+The documents beside the entries are ``leanvgg.documents``'s (``Store.documents``); listing and
+removing entries is ``leanvgg.cache``'s."""
 
 from __future__ import annotations
 
@@ -9,14 +12,15 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from leanvgg.documents import Documents
+from leanvgg.files import flush, new_temp, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -30,32 +34,6 @@ def default_root() -> Path:
 STALE_TEMP_SECONDS = 3600
 # What every manifest holds, with its type; an entry missing one is treated as corrupt.
 MANIFEST_FIELDS = {"key": str, "sha256": str, "bytes": int, "manifest_sha256": str}
-
-
-# An entry's data file, by suffix: what kind of thing it is.
-DATA_KINDS = {".pt": "weights", ".pt2": "package", ".onnx": "converted", ".xml": "converted",
-              ".bin": "converted"}
-
-# The documents kept beside the artifacts (``<root>/<name>.report.json``), named here only.
-EVALUATION = "evaluation"  # ``leanvgg evaluate``'s latest figures, per variant and artifact
-TUNED = "tuned"  # ``leanvgg tune``'s latest choice, registered as the ``tuned`` variant
-SEARCH = "tune"  # ``leanvgg tune``'s latest search: every candidate (its resume file)
-PROFILES = "profiles"  # the server's latency profiles, per variant and machine
-RUNTIME_CHOICES = "runtimes"  # the runtime measured fastest per variant, CPU and versions
-SEARCH_PLOT = "tune.png"  # the latest search's Pareto plot
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One cache entry as ``leanvgg cache list`` shows it."""
-
-    key: str
-    recipe: str  # the recipe that built it ("?" when the manifest is unreadable)
-    kind: str  # "weights" (a state dict), "package" (compiled code) or "converted" (ONNX, IR)
-    bytes: int  # data and manifest together
-    modified: float  # when it was written (seconds since the epoch)
-    built_from: str  # the step applied and the entry it was applied to, or what was compiled
-    paths: tuple[Path, ...]
 
 
 class CacheError(Exception):
@@ -73,6 +51,11 @@ def _entry_digest(digests: dict[str, str]) -> str:
     if len(digests) == 1:
         return next(iter(digests.values()))
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_digest(manifest: dict, digest: str) -> None:
@@ -113,6 +96,7 @@ class Store:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = private_root(Path(root) if root is not None else default_root())
+        self.documents = Documents(self.root, self.lock)  # evaluations, profiles, choices...
 
     def _paths(self, key: str, suffix: str = ".pt") -> tuple[Path, Path]:
         return self.root / f"{key}{suffix}", self.root / f"{key}.json"
@@ -165,23 +149,18 @@ class Store:
         temps: dict[str, Path] = {}
         try:
             for suffix in suffixes:
-                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}{suffix}.",
-                                           suffix=f".tmp{suffix}")
-                os.close(fd)
-                temps[suffix] = Path(tmp)
+                temps[suffix] = new_temp(self._paths(key, suffix)[0], f".tmp{suffix}")
             write(temps)
             digests = {}
             for suffix, tmp in temps.items():
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                    f.seek(0)
-                    digests[suffix] = hashlib.file_digest(f, "sha256").hexdigest()
+                flush(tmp)
+                digests[suffix] = _file_digest(tmp)
             manifest = {**manifest, "key": key, "sha256": _entry_digest(digests),
                         "bytes": sum(os.path.getsize(t) for t in temps.values()),
                         **({"files": digests} if len(suffixes) > 1 else {})}
             manifest["manifest_sha256"] = _manifest_digest(manifest)
             text = json.dumps(manifest, indent=2).encode()
-            manifest_tmp = _write_temp(self._paths(key)[1], lambda path: path.write_bytes(text))
+            manifest_tmp = write_temp(self._paths(key)[1], lambda path: path.write_bytes(text))
         except BaseException:
             for tmp in temps.values():
                 tmp.unlink(missing_ok=True)
@@ -190,39 +169,6 @@ class Store:
             os.replace(tmp, self._paths(key, suffix)[0])
         os.replace(manifest_tmp, self._paths(key)[1])
         return manifest
-
-    def entries(self) -> list[Entry]:
-        """Every entry (artifacts and compiled packages; not the documents), newest first."""
-        found = []
-        for manifest_path in self.root.glob("*.json"):
-            if manifest_path.name.endswith(".report.json"):
-                continue  # a document (evaluation, tuned choice, search, profiles)
-            key = manifest_path.stem
-            data = [p for p in self.root.glob(f"{key}.*") if p.suffix in DATA_KINDS]
-            try:
-                manifest = json.loads(manifest_path.read_text())
-                recipe = str(manifest.get("recipe", "?"))
-                if "step" in manifest:
-                    step = manifest["step"] or {}
-                    built_from = f"{step.get('op', '?')} on {str(manifest.get('previous'))[:8]}"
-                else:
-                    made = "converted" if "converted" in manifest else "compiled"
-                    built_from = f"{made} from {str(manifest.get('artifact'))[:8]}"
-            except (OSError, ValueError, AttributeError):
-                recipe, built_from = "?", "unreadable manifest"
-            paths = (manifest_path, *data)
-            kinds = {DATA_KINDS[p.suffix] for p in data}
-            found.append(Entry(key, recipe, kinds.pop() if len(kinds) == 1 else "?",
-                               sum(_size(p) for p in paths), _mtime(manifest_path), built_from,
-                               paths))
-        return sorted(found, key=lambda e: -e.modified)
-
-    def remove(self, entry: Entry) -> None:
-        """Delete an entry, under its lock (never under a builder's feet). The empty lock file
-        stays: deleting it could let two processes hold two locks on one key."""
-        with self.lock(entry.key):
-            for path in entry.paths:
-                path.unlink(missing_ok=True)
 
     def sweep(self, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
         """Delete temporary files that killed writers left behind; returns what was removed."""
@@ -276,11 +222,8 @@ class Store:
         """``({suffix: path}, manifest)`` of an entry stored by ``save_files``, every file's
         hash checked, or None (absent or corrupt, logged)."""
         def check(paths: dict[str, Path], manifest: dict) -> dict[str, Path]:
-            digests = {}
-            for suffix, path in paths.items():
-                with path.open("rb") as f:
-                    digests[suffix] = hashlib.file_digest(f, "sha256").hexdigest()
-            _check_digest(manifest, _entry_digest(digests))
+            _check_digest(manifest, _entry_digest(
+                {suffix: _file_digest(path) for suffix, path in paths.items()}))
             return paths
 
         return self._load(key, suffixes, check, validate)
@@ -311,64 +254,3 @@ class Store:
                         data_path, err)
             return None
         return content, manifest
-
-    def document(self, name: str) -> Path:
-        """Where the document ``name`` (EVALUATION, TUNED, SEARCH, PROFILES) lives."""
-        return self.root / f"{name}.report.json"
-
-    def save_json(self, name: str, document: dict) -> None:
-        """A small JSON document (e.g. an evaluation report) beside the artifacts, atomically."""
-        write_atomic(self.document(name), json.dumps(document, indent=2).encode())
-
-    def update_json(self, name: str, change: Callable[[dict], dict]) -> dict:
-        """``change`` the document (``{}`` when absent) and write the result, under the
-        document's lock: other processes and threads updating it meanwhile lose nothing."""
-        with self.lock(f"{name}.report"):
-            document = change(self.load_json(name) or {})
-            self.save_json(name, document)
-        return document
-
-    def load_json(self, name: str) -> dict | None:
-        """The document saved under ``name``, or None when absent or unreadable (logged)."""
-        path = self.document(name)
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            log.warning("Ignoring unreadable %s (%s).", path, err)
-            return None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once: readers see the old or the new file, whole."""
-    os.replace(_write_temp(path, lambda tmp: tmp.write_bytes(data)), path)
-
-
-def _write_temp(path: Path, write: Callable[[Path], object], *, suffix: str = ".tmp") -> str:
-    """Have ``write`` fill a hidden temporary file beside ``path`` (given by its path), then
-    flush it to disk; the file is removed if writing fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp

@@ -31,13 +31,15 @@ from tqdm.auto import tqdm
 from leanvgg.builder import Builder, Variant
 from leanvgg.distributed import distributed_context, from_rank_zero, rank_zero_first
 from leanvgg.evaluate import Labelled, count
+from leanvgg.finetune import fine_tune_step
 from leanvgg.measure import Latency, time_models
 from leanvgg.models import Baseline
 from leanvgg.prune import VGG19_DEEP_CONVS, prune_filters
 from leanvgg.recipes import PRECISIONS, Candidate, FineTune, QuantizeStaticInt8, Recipe
 from leanvgg.stats import half_width, wilson
 from leanvgg.schema import write as write_report
-from leanvgg.store import SEARCH, Store
+from leanvgg.documents import SEARCH
+from leanvgg.store import Store
 from leanvgg.tune_report import (REPORT_FORMAT, TuneResult, candidate_of, choose,
                                    from_document, result_of, summarize, to_document)
 
@@ -133,7 +135,7 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
     """
     started = time.monotonic()
     store = store if store is not None else Store()
-    report = report if report is not None else store.document(SEARCH)
+    report = report if report is not None else store.documents.path(SEARCH)
     rank, _ = distributed_context()
     native = max(space.resolutions)
     spec = (FineTune(data=train.name, lr=finetune_lr, epochs=finetune_epochs, input_size=native)
@@ -265,8 +267,8 @@ def _measure(candidate: Candidate, recipe: Recipe, builder: Builder, validation:
     start = time.perf_counter()
     if candidate.fine_tuned:  # trained once per structure; later candidates load it
         step = next(s for s in recipe.steps if isinstance(s, FineTune))
-        builder.fine_tune(recipe, train.dataset(step.input_size), train.membership, lr=step.lr,
-                          epochs=step.epochs, seed=step.seed, progress=False)
+        fine_tune_step(builder, recipe, train.dataset(step.input_size), train.membership,
+                       lr=step.lr, epochs=step.epochs, seed=step.seed, progress=False)
     with rank_zero_first():  # rank 0 builds and compiles; the others load what it stored
         variant = builder.variant(recipe)
     prepare_s = time.perf_counter() - start

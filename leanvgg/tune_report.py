@@ -13,7 +13,7 @@ from pathlib import Path
 
 from leanvgg.recipes import Candidate
 from leanvgg.schema import SCHEMA_VERSION, document
-from leanvgg.store import write_atomic
+from leanvgg.files import write_atomic
 
 # 3: intervals, classifier compression, candidates built by the one builder; 4: the report
 # schema (leanvgg.schema), candidates as its results

@@ -20,11 +20,13 @@ from leanvgg.builder import Builder, Variant, evaluation_key
 from leanvgg.context import RunContext
 from leanvgg.facts import State
 from leanvgg.distributed import rank_zero_first
+from leanvgg.finetune import fine_tune_step
 from leanvgg.models import Baseline
 from leanvgg.recipes import RECIPES, QuantizeStaticInt8, Recipe, tuned_recipe
 from leanvgg.machine import native_bf16
 from leanvgg.runtimes import AUTO, CHOICES, INDUCTOR, missing_runtimes_note, select
-from leanvgg.store import EVALUATION, TUNED, Store
+from leanvgg.documents import EVALUATION, TUNED
+from leanvgg.store import Store
 
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def registry_for(baseline: Baseline, store: Store,
         dataclasses.replace(step, calibration=str(Path(calibration).resolve()))
         if calibration is not None and isinstance(step, QuantizeStaticInt8) else step
         for step in recipe.steps)) for name, recipe in RECIPES.items()}
-    config = store.load_json(TUNED)
+    config = store.documents.load(TUNED)
     if config is not None and config.get("weights") == baseline.weights_id:
         try:
             registry[TUNED] = tuned_recipe(config)
@@ -96,7 +98,7 @@ def register_tuned(baseline: Baseline, config: dict, store: Store) -> Recipe:
     """
     config = {**config, "weights": baseline.weights_id}
     recipe = tuned_recipe(config)
-    store.save_json(TUNED, config)
+    store.documents.save(TUNED, config)
     return recipe
 
 
@@ -138,7 +140,7 @@ class VariantBuilder:
         self.baseline = baseline
         self.store = store
         self.registry = registry_for(baseline, store, calibration)
-        self.accuracy = store.load_json(EVALUATION) or {}
+        self.accuracy = store.documents.load(EVALUATION) or {}
         self.builder = Builder(baseline, store, RunContext.here(threads))
         self.runtime = runtime
         self.measuring = measuring
@@ -177,5 +179,5 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
     """
     recipe = RECIPES[resolve_names([name])[0]]
     builder = Builder(baseline, store if store is not None else Store())
-    model, facts, _ = builder.fine_tune(recipe, dataset, membership, replace=True, **train)
+    model, facts, _ = fine_tune_step(builder, recipe, dataset, membership, replace=True, **train)
     return model, facts

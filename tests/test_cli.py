@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode
+from leanvgg import cache
 from leanvgg.cli import main
 from leanvgg.recipes import RECIPES
 from leanvgg.variants import default_names
@@ -247,7 +248,8 @@ def test_serve_on_a_taken_port_exits_2_at_once(tmp_path):
 
 
 def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
-    from leanvgg.store import EVALUATION, Store
+    from leanvgg.documents import EVALUATION
+    from leanvgg.store import Store
     from leanvgg.variants import build_variants
     from tiny import tiny_baseline
 
@@ -256,21 +258,22 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
     store = Store(home)
     built = build_variants(tiny_baseline(), ["baseline", "quantized", "pruned"], store=store,
                            progress=False)
-    store.save_json(EVALUATION, {"note": "a document, not an entry"})
+    store.documents.save(EVALUATION, {"note": "a document, not an entry"})
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
     for name in ("quantized", "pruned"):
         assert built.variants[name].artifact in out
     assert "2 entries" in out and "quantize_dynamic_int8 on" in out and "prune on" in out
 
-    old = next(e for e in store.entries() if e.key == built.variants["quantized"].artifact)
+    old = next(e for e in cache.entries(store) if e.key == built.variants["quantized"].artifact)
     for path in old.paths:  # written ten days ago
         os.utime(path, (time.time() - 10 * 86400,) * 2)
     assert main(["cache", "clear", "--older-than", "7"]) == 0
     assert "Removed 1 of 2 entries" in capsys.readouterr().out
-    assert [e.key for e in store.entries()] == [built.variants["pruned"].artifact]
+    assert [e.key for e in cache.entries(store)] == [built.variants["pruned"].artifact]
     assert main(["cache", "clear"]) == 0
-    assert store.entries() == [] and store.load_json(EVALUATION) is not None  # reports kept
+    assert cache.entries(store) == []
+    assert store.documents.load(EVALUATION) is not None  # the documents are kept
     assert main(["cache", "clear", "--older-than", "-1"]) == 2
     assert "at least 0 days" in capsys.readouterr().err
     # a cleared cache rebuilds on demand

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanvgg import cli, runtimes
+from leanvgg import cache, cli, runtimes
 from leanvgg.builder import Builder, Variant, profile_key
 from leanvgg.compare import Settings, compare
 from leanvgg.context import RunContext
@@ -75,10 +75,11 @@ def test_packages_are_made_and_keyed_for_their_thread_count(tmp_path):
     one = Builder(decisive_baseline(), store, RunContext.here(1))
     two = Builder(decisive_baseline(), store, RunContext.here(2))
     recipe = RECIPES["int8_static"]
-    assert one._package_key(one.key(recipe), recipe) != two._package_key(two.key(recipe), recipe)
+    artifact = one.key(recipe)
+    assert one.packages.key(artifact, 224) != two.packages.key(artifact, 224)
     for builder in (one, two):
         builder.variant(recipe)
-    packages = [e for e in store.entries() if e.kind == "package"]
+    packages = [e for e in cache.entries(store) if e.kind == "package"]
     assert len(packages) == 2
     threads = {json.loads(next(p for p in e.paths if p.suffix == ".json").read_text())[
         "context"]["threads"] for e in packages}
@@ -151,10 +152,10 @@ def test_a_variant_on_another_runtime_is_never_compiled_for_inductor(tmp_path):
     variants = build_variants(decisive_baseline(), ["baseline", "int8_static"], store=store,
                               progress=False, runtime="openvino", threads=1)
     assert variants.variants["int8_static"].runtime == "openvino"
-    kinds = [e.kind for e in store.entries()]
+    kinds = [e.kind for e in cache.entries(store)]
     assert "package" not in kinds
     # the IR's .xml and .bin are one entry (they used to be two, listed and removed apart)
-    converted = [e for e in store.entries() if e.kind == "converted"]
+    converted = [e for e in cache.entries(store) if e.kind == "converted"]
     assert len(converted) == 1
     assert {p.suffix for p in converted[0].paths} == {".xml", ".bin", ".json"}
 

@@ -9,7 +9,8 @@ from leanvgg.builder import evaluation_key
 from leanvgg.context import RunContext
 from leanvgg.evaluate import (MappingError, evaluate, image_folder, load_mapping, save_report)
 from leanvgg.recipes import RECIPES
-from leanvgg.store import EVALUATION, Store
+from leanvgg.documents import EVALUATION
+from leanvgg.store import Store
 from leanvgg.variants import Variant, VariantSet, build_variants
 from tiny import tiny_baseline
 
@@ -74,7 +75,7 @@ def test_reports_reach_compare_only_for_the_weights_they_measured(colour_folder,
     accuracy = shown.variants["quantized"].summary().accuracy
     assert accuracy["images"] == 7 and accuracy["dataset"] == "set" and 0 <= accuracy["top1"] <= 1
     assert accuracy["runtime"] == "pytorch"  # what ran it, as its record says
-    stored = store.load_json(EVALUATION)
+    stored = store.documents.load(EVALUATION)
     key = evaluation_key(shown.variants["quantized"])
     assert stored[key]["variant"] == "quantized"
     # the same figures filed under other weights, or under another runtime: never shown
@@ -83,7 +84,7 @@ def test_reports_reach_compare_only_for_the_weights_they_measured(colour_folder,
                  if k == key}
     elsewhere |= {k.replace("runtime=pytorch", "runtime=openvino"): v
                   for k, v in stored.items() if k == key}
-    store.save_json(EVALUATION, {k: v for k, v in stored.items() if k != key} | elsewhere)
+    store.documents.save(EVALUATION, {k: v for k, v in stored.items() if k != key} | elsewhere)
     again = build_variants(baseline, ["baseline", "quantized"], store=store, progress=False)
     assert again.variants["quantized"].summary().accuracy is None
     assert again.variants["baseline"].summary().accuracy["images"] == 7

@@ -12,7 +12,8 @@ from leanvgg import context as context_module
 from leanvgg import runtimes
 from leanvgg.measure import Latency
 from leanvgg.images import decode, read_file
-from leanvgg.store import RUNTIME_CHOICES, Store
+from leanvgg.documents import RUNTIME_CHOICES
+from leanvgg.store import Store
 from leanvgg.variants import build_variants
 from test_export import PHOTOS, decisive_baseline
 
@@ -84,7 +85,7 @@ def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, known_cos
     assert len(known_costs) == 2 and second.summary().placement["how"] == "stored"
     assert (second.summary().runtime, second.summary().batch_runtime) == \
         ("onnxruntime", "inductor")
-    stored = Store(tmp_path).load_json(RUNTIME_CHOICES)
+    stored = Store(tmp_path).documents.load(RUNTIME_CHOICES)
     assert len(stored) == 1 and next(iter(stored.values()))["runtime"] == "onnxruntime"
 
 
@@ -92,8 +93,8 @@ def test_single_images_and_batches_each_run_on_their_chosen_runtime(tmp_path, ti
     _build(tmp_path)
     # a machine where ONNX Runtime was measured fastest for one image, OpenVINO for batches
     store = Store(tmp_path)
-    (key, record), = store.load_json(RUNTIME_CHOICES).items()
-    store.save_json(RUNTIME_CHOICES, {key: {**record, "runtime": "onnxruntime",
+    (key, record), = store.documents.load(RUNTIME_CHOICES).items()
+    store.documents.save(RUNTIME_CHOICES, {key: {**record, "runtime": "onnxruntime",
                                             "batch_runtime": "openvino"}})
     variant = _build(tmp_path)["int8_static"]
     assert len(timings) == 2  # the stored choice was used as it is
@@ -137,7 +138,7 @@ def test_a_new_cpu_library_version_or_thread_count_measures_again(tmp_path, know
         threads = 1 if torch.get_num_threads() != 1 else 2
     _build(tmp_path, threads=threads)
     assert len(known_costs) == 4  # batch 1 and batch 8, twice
-    assert len(Store(tmp_path).load_json(RUNTIME_CHOICES)) == 2  # the old choice is kept
+    assert len(Store(tmp_path).documents.load(RUNTIME_CHOICES)) == 2  # the old choice is kept
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

@@ -14,10 +14,12 @@ from torch import nn
 from conftest import encode, multipart, running
 from leanvgg import builder as builder_module
 from leanvgg import service as service_module
+from leanvgg.service import pool as pool_module
 from leanvgg import variants as variants_module
 from leanvgg.compare import Settings
 from leanvgg.service import ComparisonService
-from leanvgg.store import PROFILES, Store
+from leanvgg.documents import PROFILES
+from leanvgg.store import Store
 from leanvgg.variants import VariantSet, build_variants
 from leanvgg.web import create_app, make_server
 from tiny import tiny_baseline
@@ -58,7 +60,7 @@ def test_one_failing_variant_leaves_the_others_serving(tmp_path, monkeypatch, ph
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found (g++)")
 
-    monkeypatch.setattr(service_module, "load_baseline", lambda weights: tiny_baseline())
+    monkeypatch.setattr(pool_module, "load_baseline", lambda weights: tiny_baseline())
     monkeypatch.setattr(builder_module, "package", no_compiler)
     service = ComparisonService(names=["baseline", "res160", "int8_static"], settings=PROFILE,
                                 store=Store(tmp_path))
@@ -89,7 +91,7 @@ def test_variants_become_usable_one_by_one(tmp_path, monkeypatch, photo):
             release.wait(30)
         return real_prepare(self, name, on_state)
 
-    monkeypatch.setattr(service_module, "load_baseline", lambda weights: tiny_baseline())
+    monkeypatch.setattr(pool_module, "load_baseline", lambda weights: tiny_baseline())
     monkeypatch.setattr(variants_module.VariantBuilder, "prepare", slow_prepare)
     service = ComparisonService(names=["baseline", "res160"], settings=PROFILE,
                                 store=Store(tmp_path))
@@ -128,7 +130,7 @@ def test_profiles_are_measured_apart_and_never_during_a_comparison(tiny_set, tmp
         assert all(end <= r_start or start >= r_end for r_start, r_end in requested)
     profiles = service.profiles()
     assert profiles["res160"].latency.count == 40 and profiles["res160"].latency.median >= 10
-    stored = store.load_json(PROFILES)
+    stored = store.documents.load(PROFILES)
     assert len(stored) == 2 and all(p["count"] == 40 for p in stored.values())
     # an upload now runs each variant once and reports the profile beside its own pass
     before = len(calls)
@@ -186,19 +188,19 @@ def test_a_disconnected_clients_request_is_never_measured(tiny_set, photo):
     server = make_server(service, port=0)
     body, content_type = multipart(encode(photo, "PNG"))
     with running(server):
-        with service._slot:  # another comparison is being measured
+        with service.queue.slot:  # another comparison is being measured
             sock = socket.create_connection(("127.0.0.1", server.effective_port))
             sock.sendall(f"POST /api/compare HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
                          .encode() + body)
             deadline = time.monotonic() + 10
-            while service._admitted == 0:  # admitted and decoded, waiting for the slot
+            while service.queue.admitted == 0:  # admitted and decoded, waiting for the slot
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             sock.close()  # the user closed the tab
             time.sleep(0.5)  # waitress notices the closed connection
         deadline = time.monotonic() + 10
-        while service._admitted:
+        while service.queue.admitted:
             assert time.monotonic() < deadline
             time.sleep(0.01)
     assert calls == []
@@ -207,14 +209,14 @@ def test_a_disconnected_clients_request_is_never_measured(tiny_set, photo):
 def test_a_request_waits_at_most_the_queue_timeout(tiny_set, photo):
     service = ComparisonService(settings=PROFILE, variant_set=tiny_set, queue_timeout_s=0.3)
     client = create_app(service, {"TESTING": True}).test_client()
-    with service._slot:
+    with service.queue.slot:
         started = time.monotonic()
         response = client.post("/api/compare", data={"image": (io.BytesIO(encode(photo, "PNG")),
                                                                 "a.png")})
     assert response.status_code == 503 and "Waited 0.3 s" in response.json["error"]
     assert int(response.headers["Retry-After"]) >= 1
     assert time.monotonic() - started < 5
-    assert service._admitted == 0
+    assert service.queue.admitted == 0
 
 
 def test_a_stream_closed_before_it_started_gives_its_place_back(tiny_set, photo):
@@ -224,9 +226,9 @@ def test_a_stream_closed_before_it_started_gives_its_place_back(tiny_set, photo)
     client = create_app(service, {"TESTING": True}).test_client()
     response = client.post("/api/compare/stream", buffered=False,
                            data={"image": (io.BytesIO(encode(photo, "PNG")), "a.png")})
-    assert response.status_code == 200 and service._admitted == 1
+    assert response.status_code == 200 and service.queue.admitted == 1
     response.close()  # the client went away before reading anything
-    assert service._admitted == 0 and calls == []
+    assert service.queue.admitted == 0 and calls == []
     assert service.compare(encode(photo, "PNG")).result.variants  # the queue is free again
 
 
@@ -247,7 +249,7 @@ def test_an_error_after_the_stream_started_ends_it_with_an_error_event(tiny_set,
     assert response.status == 200
     assert [e["event"] for e in events] == ["start", "row", "error"]
     assert events[-1]["status"] == 500 and "server log" in events[-1]["error"]
-    assert not service._slot.locked() and service._admitted == 0
+    assert not service.queue.slot.locked() and service.queue.admitted == 0
 
 
 def test_the_slot_is_given_back_when_the_measurement_block_ends(tiny_set, photo):
@@ -256,8 +258,8 @@ def test_the_slot_is_given_back_when_the_measurement_block_ends(tiny_set, photo)
     ticket = service.admit(encode(photo, "PNG"))
     with service.measurement(ticket) as events:
         event, _ = next(events)  # one row read, then the reader stops
-        assert event == "row" and service._slot.locked()
-    assert not service._slot.locked() and service._admitted == 0
+        assert event == "row" and service.queue.slot.locked()
+    assert not service.queue.slot.locked() and service.queue.admitted == 0
     assert events.gi_frame is None  # closed at once (its thread setting undone), not collected
 
 
@@ -268,11 +270,11 @@ def test_profiles_from_several_writers_are_all_kept(tmp_path):
 
     def write(i):
         for j in range(10):
-            store.update_json(PROFILES, lambda doc, k=f"{i}-{j}": {**doc, k: j})
+            store.documents.update(PROFILES, lambda doc, k=f"{i}-{j}": {**doc, k: j})
 
     workers = [threading.Thread(target=write, args=(i,)) for i in range(6)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    assert len(store.load_json(PROFILES)) == 60
+    assert len(store.documents.load(PROFILES)) == 60

@@ -238,7 +238,7 @@ def test_uploads_are_decoded_only_once_admitted(tiny_service, photo, monkeypatch
                         lambda self: decoded.append(self.image.size) or real_decode(self))
     client = create_app(tight, {"TESTING": True}).test_client()
     data = encode(photo, "PNG")
-    with tight._slot:  # the measurement slot is busy: the first upload is admitted and waits
+    with tight.queue.slot:  # the measurement slot is busy: the first upload is admitted and waits
         first = threading.Thread(target=client.post, args=("/api/compare",),
                                  kwargs={"data": {"image": (io.BytesIO(data), "a.png")}})
         first.start()

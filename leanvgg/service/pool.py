@@ -1,0 +1,146 @@
+"""The variants on their way to ready, each with its state (queued, building, compiling, ready
+or failed and why)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from leanvgg.facts import State
+from leanvgg.models import Baseline, load_baseline
+from leanvgg.store import Store
+from leanvgg.variants import Variant, VariantBuilder, VariantSet
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """The baseline is still being loaded (or failed to); the message says which."""
+
+
+@dataclass(frozen=True)
+class VariantStatus:
+    """Where a variant is on its way to ready, and why it failed if it did."""
+
+    name: str
+    state: State
+    reason: str | None = None
+
+
+class VariantPool:
+    """The variants on their way to ready: built (or loaded) one at a time, each with its
+    state; one variant's failure never takes the others down."""
+
+    def __init__(self, *, weights: str, names: list[str] | None, store: Store | None,
+                 calibration: str | None, runtime: str, threads: int | None,
+                 measuring: threading.Lock, variant_set: VariantSet | None = None) -> None:
+        self.weights = weights
+        self.names = names
+        self.store = store
+        self.calibration = calibration
+        self.runtime = runtime
+        self.threads = threads
+        self.measuring = measuring  # held while choosing a runtime measures candidates
+        self._lock = threading.Lock()  # guards the dictionaries below
+        self._baseline: Baseline | None = variant_set.baseline if variant_set else None
+        self._ready: dict[str, Variant] = dict(variant_set.variants) if variant_set else {}
+        self._states: dict[str, VariantStatus] = {
+            name: VariantStatus(name, State.READY) for name in self._ready}
+        self._order: list[str] = list(self._ready)
+        self.failure: str | None = None
+
+    @property
+    def built(self) -> bool:
+        """Whether the variants were handed over ready (nothing to build)."""
+        return self._baseline is not None
+
+    def build(self, stop: threading.Event, on_store: Callable[[Store], object]) -> None:
+        """Load the baseline, then build every variant in registry order until ``stop``;
+        ``on_store`` hears the store once it is open (before the first variant)."""
+        try:
+            store = self.store if self.store is not None else Store()
+            baseline = load_baseline(self.weights)
+            builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
+                                     threads=self.threads, measuring=self.measuring)
+            names = builder.resolve(self.names)
+        except Exception as err:  # reported by status() and every request, not lost in a thread
+            log.exception("Warm-up failed")
+            self.failure = f"Loading the variants failed: {err}"
+            return
+        with self._lock:
+            self._order = names
+            self._states = {name: VariantStatus(name, State.QUEUED) for name in names}
+            self._baseline = baseline
+        on_store(store)
+        for name in names:
+            if stop.is_set():
+                return
+            try:
+                variant = builder.prepare(name, lambda state, name=name: self._set(name, state))
+            except Exception as err:  # one variant's failure never takes the others down
+                log.exception("Variant %s failed", name)
+                self._set(name, State.FAILED, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                          if str(err) else type(err).__name__)
+                continue
+            with self._lock:
+                self._ready[name] = variant
+            self._set(name, State.READY)
+            log.info("Ready: %s", name)
+
+    def _set(self, name: str, state: State, reason: str | None = None) -> None:
+        with self._lock:
+            self._states[name] = VariantStatus(name, State(state), reason)
+
+    def warming_up(self) -> bool:
+        """Whether a variant is still being loaded, built or compiled."""
+        with self._lock:
+            return self._baseline is None and self.failure is None or any(
+                not s.state.settled for s in self._states.values())
+
+    def status(self) -> dict:
+        """``ready`` (all), ``degraded`` (baseline ready, some failed), ``warming up`` or
+        ``failed`` (the baseline is not available), with each variant's state."""
+        with self._lock:
+            states = {name: s.state.value for name, s in self._states.items()}
+            loaded = self._baseline is not None
+            serving = "baseline" in self._ready  # comparisons need it for their speedups
+        if self.failure is not None or states.get("baseline") == "failed":
+            state = "failed"
+        elif loaded and all(s == "ready" for s in states.values()):
+            state = "ready"
+        elif loaded and all(s in ("ready", "failed") for s in states.values()):
+            state = "degraded"
+        else:
+            state = "warming up"
+        return {"status": state, "serving": serving,
+                "variants": states, **({"error": self.failure} if self.failure else {})}
+
+    def weights_info(self) -> dict:
+        """Where the baseline's weights came from, once it is loaded (else every field None)."""
+        baseline = self._baseline
+        return {"weights": baseline.weights if baseline else None,
+                "predictions_meaningful": baseline.meaningful if baseline else None,
+                "note": baseline.note if baseline else None}
+
+    def statuses(self) -> list[VariantStatus]:
+        with self._lock:
+            return [self._states[name] for name in self._order if name in self._states]
+
+    def baseline(self) -> Baseline:
+        if self._baseline is None:
+            raise NotReady(self.failure or "Warming up: the baseline is still loading.")
+        return self._baseline
+
+    def variant_set(self) -> VariantSet:
+        """The variants ready now, in registry order (baseline first)."""
+        baseline = self.baseline()
+        with self._lock:
+            ready = {name: self._ready[name] for name in self._order if name in self._ready}
+            baseline_state = self._states.get("baseline")
+        if "baseline" not in ready and baseline_state is not None:
+            raise NotReady(f"The baseline is {baseline_state.state}"
+                           + (f": {baseline_state.reason}" if baseline_state.reason else
+                              "; the variants are still loading."))
+        return VariantSet(baseline, ready)
