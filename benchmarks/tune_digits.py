@@ -31,7 +31,7 @@ from leanvgg.machine import native_bf16
 from leanvgg.schema import write as write_report
 from leanvgg.store import Store, default_root
 from leanvgg.tune import Space, search
-from leanvgg.tune_report import format_front, plot_front
+from leanvgg.tune_report import Measured, Record, format_front, plot_front
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -87,9 +87,10 @@ def main() -> None:
     print(classifier_table(result.candidates))
 
 
-def classifier_table(candidates: dict[str, dict]) -> str:
+def classifier_table(candidates: dict[str, Record]) -> str:
     """What classifier compression buys and costs, INT8 and FP32 side by side (measured rows)."""
-    rows = [r for r in candidates.values() if "accuracy" in r]
+    rows = [{**r.to_dict(), "latency_ms": {"median": r.median_ms}} for r in candidates.values()
+            if isinstance(r, Measured)]
     rows.sort(key=lambda r: (r["precision"], r["prune_ratio"], r["neuron_ratio"],
                              -r["rank"] if r["rank"] else -10**9, r["fine_tuned"]))
     header = (f"{'precision':<10}{'filters':>8}{'neurons':>8}{'rank':>6}{'tuned':>6}"

@@ -130,6 +130,13 @@ class Latency:
         return {**asdict(self), "samples": list(self.samples)}
 
     @classmethod
+    def from_dict(cls, data: dict) -> Latency:
+        """The latency ``to_dict`` gave (KeyError or TypeError when a field is missing)."""
+        return cls(**{f: data[f] for f in ("median", "p90", "min", "p10", "mean", "stdev",
+                                           "count", "p99", "max")},
+                   samples=tuple(data["samples"]))
+
+    @classmethod
     def from_seconds(cls, samples: list[float]) -> Latency:
         raw = tuple(s * 1e3 for s in samples)
         ms = sorted(raw)
@@ -157,9 +164,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict) -> Profile:
-        fields = {k: data[k] for k in ("median", "p90", "min", "p10", "mean", "stdev", "count",
-                                       "p99", "max")}
-        return cls(Latency(**fields, samples=tuple(data["samples"])), calendar.timegm(
+        return cls(Latency.from_dict(data), calendar.timegm(
             time.strptime(data["measured_at"], "%Y-%m-%dT%H:%M:%SZ")), data["threads"])
 
 

@@ -40,8 +40,9 @@ from leanvgg.stats import half_width, wilson
 from leanvgg.schema import write as write_report
 from leanvgg.documents import SEARCH
 from leanvgg.store import Store
-from leanvgg.tune_report import (REPORT_FORMAT, TuneResult, candidate_of, choose,
-                                   from_document, result_of, summarize, to_document)
+from leanvgg.tune_report import (REPORT_FORMAT, Measured, Record, Skipped, TuneResult, choose,
+                                 from_document, records_of, result_of, summarize,
+                                 to_document)
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +190,13 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
                      sum(c.key not in state["candidates"] for c in grid))
             break
         chosen_layers = _layers_for(candidate.prune_ratio, state, layers, max_drop)
-        reason = _skip_reason(candidate, state["candidates"],
-                              state["candidates"].get(state["baseline_key"]), max_drop)
+        records = records_of(state)
+        reason = _skip_reason(candidate, records, records.get(state["baseline_key"]), max_drop)
         if reason is None and candidate.prune_ratio > 0 and not chosen_layers:
             reason = "no layer can be pruned this much within the budget (sensitivity)"
-        record = {**asdict(candidate), "skipped": reason}
-        if reason is None:
+        if reason is not None:
+            record: Record = Skipped(candidate, reason)
+        else:
             recipe = candidate.recipe(f"tune:{candidate.key}", "a leanvgg tune candidate",
                                       layers=chosen_layers, multiple_of=multiple_of,
                                       finetune=spec, calibration=calibration)
@@ -202,15 +204,15 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
                 record = _measure(candidate, recipe, builder, validation, train, reference,
                                   latency, runs, warmup)
             except ValueError as err:  # a step that does not apply (a rank beyond the layer's)
-                record["skipped"] = str(err)
+                record = Skipped(candidate, str(err))
             builder.forget()  # every model is in the store; keep memory flat
-        state["candidates"][candidate.key] = record
+        state["candidates"][candidate.key] = record.to_dict()
+        records[candidate.key] = record
         _save(report, state, rank)
         bar.update()
-        best = choose(state["candidates"], state["baseline_key"], max_drop)
+        best = choose(records, state["baseline_key"], max_drop)
         if best:
-            bar.set_postfix(best=f"{best} "
-                                 f"{state['candidates'][best]['latency_ms']['median']:.1f} ms")
+            bar.set_postfix(best=f"{best} {records[best].median_ms:.1f} ms")
     bar.close()
     return result_of(state, complete)
 
@@ -226,17 +228,17 @@ def _budget_warnings(max_drop: float, accuracy: float, images: int) -> list[str]
             "from ones beyond it. Use more images (--subset) or a larger --max-drop."]
 
 
-def _skip_reason(candidate: Candidate, done: dict[str, dict], baseline: dict | None,
+def _skip_reason(candidate: Candidate, done: dict[str, Record], baseline: Record | None,
                  max_drop: float) -> str | None:
     """Skip what a measured candidate that should be at least as accurate already failed:
     same precision and training, no more compression of any kind, no smaller input."""
-    if baseline is None:
+    if not isinstance(baseline, Measured):
         return None
     for key, record in done.items():
-        if "accuracy" not in record:
+        if not isinstance(record, Measured):
             continue
-        other = candidate_of(record)
-        drop = 100 * (baseline["accuracy"] - record["accuracy"])
+        other = record.candidate
+        drop = record.drop(baseline)
         if (drop > max_drop and other.precision == candidate.precision
                 and other.fine_tuned == candidate.fine_tuned
                 and other.prune_ratio <= candidate.prune_ratio
@@ -262,7 +264,7 @@ def _layers_for(ratio: float, state: dict, layers: Sequence[int], max_drop: floa
 def _measure(candidate: Candidate, recipe: Recipe, builder: Builder, validation: Labelled,
              train: Labelled | None, reference: Callable[[], torch.Tensor],
              latency: Callable[[Variant, torch.Tensor, int, int], Latency], runs: int,
-             warmup: int) -> dict:
+             warmup: int) -> Measured:
     """Build (and train) one candidate through the builder, then count and time it."""
     start = time.perf_counter()
     if candidate.fine_tuned:  # trained once per structure; later candidates load it
@@ -276,16 +278,14 @@ def _measure(candidate: Candidate, recipe: Recipe, builder: Builder, validation:
     dataset = validation.dataset(size)
     counts, _ = count(variant.model, dataset, validation.membership, reference=reference(),
                       batch_size=32)
-    timed = from_rank_zero(lambda: latency(variant, dataset[0][0][None], runs, warmup).to_dict())
+    timed = Latency.from_dict(from_rank_zero(  # the dict crosses processes under torchrun
+        lambda: latency(variant, dataset[0][0][None], runs, warmup).to_dict()))
     n = counts.images
-    return {**asdict(candidate),
-            "accuracy": counts.top1 / n, "accuracy_ci": list(wilson(counts.top1, n)),
-            "top3": counts.top3 / n, "top3_ci": list(wilson(counts.top3, n)),
-            "agreement": counts.agree / n, "agreement_ci": list(wilson(counts.agree, n)),
-            "images": n, "latency_ms": timed,
-            "size_mb": variant.facts["size_bytes"] / 2**20, "params": variant.facts["params"],
-            "macs": variant.facts["macs"], "prepare_s": prepare_s,
-            "artifact": variant.artifact, "steps": [s.to_json() for s in recipe.steps]}
+    return Measured(candidate, counts.top1 / n, wilson(counts.top1, n), counts.top3 / n,
+                    wilson(counts.top3, n), counts.agree / n, wilson(counts.agree, n), n, timed,
+                    variant.facts["size_bytes"] / 2**20, variant.facts["params"],
+                    variant.facts["macs"], prepare_s, variant.artifact,
+                    tuple(s.to_json() for s in recipe.steps))
 
 
 def _load(report: Path, model_id: str, settings: dict, space: Space) -> dict:

@@ -12,7 +12,8 @@ from leanvgg.recipes import Candidate
 from leanvgg.stats import wilson
 from leanvgg.store import Store
 from leanvgg.tune import Space, search
-from leanvgg.tune_report import pareto_front
+from leanvgg.measure import Latency
+from leanvgg.tune_report import Measured, pareto_front
 from tiny import tiny_baseline, write_cifar
 
 SPACE = Space(resolutions=(64, 32), prune_ratios=(0.0, 0.5), precisions=("fp32", "int8"))
@@ -50,28 +51,45 @@ def _search(validation, report, space=SPACE, **kwargs):
 
 
 def _dominates(a, b):
-    faster = a["latency_ms"]["median"] <= b["latency_ms"]["median"]
-    return faster and a["accuracy"] >= b["accuracy"] and (
-        a["latency_ms"]["median"] < b["latency_ms"]["median"] or a["accuracy"] > b["accuracy"])
+    return a.median_ms <= b.median_ms and a.accuracy >= b.accuracy and (
+        a.median_ms < b.median_ms or a.accuracy > b.accuracy)
+
+
+def _record(ms, p10, p90, accuracy, size_mb=100.0, **candidate):
+    """A measured record with the figures a test cares about (the rest filler)."""
+    return Measured(Candidate(**{"prune_ratio": 0.0, "precision": "fp32", "resolution": 224,
+                                 **candidate}),
+                    accuracy, (accuracy, accuracy), accuracy, (accuracy, accuracy), 1.0,
+                    (1.0, 1.0), 100, Latency(median=ms, p90=p90, min=p10, p10=p10), size_mb,
+                    0, 0, 0.0, "key", ())
 
 
 def test_pareto_front_keeps_exactly_the_undominated():
-    points = [{"latency_ms": {"median": ms}, "accuracy": acc, "name": name} for name, ms, acc in
-              [("a", 10, 0.90), ("b", 5, 0.80), ("c", 7, 0.85), ("d", 8, 0.70), ("e", 12, 0.90)]]
-    assert [p["name"] for p in pareto_front(points)] == ["b", "c", "a"]
+    points = {name: _record(ms, ms, ms, acc, resolution=size) for name, ms, acc, size in
+              [("a", 10, 0.90, 224), ("b", 5, 0.80, 192), ("c", 7, 0.85, 160),
+               ("d", 8, 0.70, 128), ("e", 12, 0.90, 96)]}
+    names = {r.key: name for name, r in points.items()}
+    assert [names[p.key] for p in pareto_front(list(points.values()))] == ["b", "c", "a"]
+
+
+def test_a_record_survives_its_json_round_trip():
+    record = _record(10, 9, 11, 0.8, precision="int8", neuron_ratio=0.5, rank=64)
+    assert tune_report.record_of(json.loads(json.dumps(record.to_dict()))) == record
+    skipped = tune_report.Skipped(Candidate(0.3, "int8", 128), "dominated")
+    assert tune_report.record_of(json.loads(json.dumps(skipped.to_dict()))) == skipped
 
 
 def test_a_candidate_is_skipped_when_a_safer_one_already_broke_the_budget():
-    base = {"accuracy": 0.9}
-    failed = {"prune_ratio": 0.1, "precision": "int8", "resolution": 160, "fine_tuned": False,
-              "accuracy": 0.8}
+    base = _record(10, 10, 10, 0.9)
+    failed = _record(10, 10, 10, 0.8, prune_ratio=0.1, precision="int8", resolution=160)
     done = {"failed": failed}
     assert "dominated" in tune._skip_reason(Candidate(0.3, "int8", 128), done, base, 1.0)
     assert tune._skip_reason(Candidate(0.3, "int8", 192), done, base, 1.0) is None  # larger
     assert tune._skip_reason(Candidate(0.3, "fp32", 128), done, base, 1.0) is None  # other kind
     assert tune._skip_reason(Candidate(0.3, "int8", 128), done, base, 20.0) is None  # in budget
     # classifier compression: more of it is dominated, less of it is not
-    done = {"failed": {**failed, "neuron_ratio": 0.5, "rank": 256}}
+    done = {"failed": _record(10, 10, 10, 0.8, prune_ratio=0.1, precision="int8",
+                              resolution=160, neuron_ratio=0.5, rank=256)}
     assert "dominated" in tune._skip_reason(Candidate(0.3, "int8", 128, neuron_ratio=0.75,
                                                       rank=128), done, base, 1.0)
     assert tune._skip_reason(Candidate(0.3, "int8", 128, neuron_ratio=0.5), done, base,
@@ -82,7 +100,7 @@ def test_a_candidate_is_skipped_when_a_safer_one_already_broke_the_budget():
 
 def test_search_front_and_choice(searched):
     result, _ = searched
-    measured = {k: r for k, r in result.candidates.items() if "accuracy" in r}
+    measured = result.measured()
     assert len(measured) == len(result.candidates) == 8 and result.complete
     front = [measured[k] for k in result.front]
     for point in front:
@@ -91,17 +109,17 @@ def test_search_front_and_choice(searched):
         if key not in result.front:
             assert any(_dominates(point, record) for point in front)
     # a 100-point budget admits everything: the choice is simply the fastest candidate
-    fastest = min(measured.values(), key=lambda r: r["latency_ms"]["median"])
+    fastest = min(measured.values(), key=lambda r: r.median_ms)
     assert tune_report.ties(measured[result.chosen], fastest)
     assert set(result.sensitivity) == {str(layer) for layer in LAYERS}
     int8 = measured["prune0-int8-64px"]
-    assert int8["size_mb"] < 0.35 * measured["prune0-fp32-64px"]["size_mb"]
-    assert measured["prune0.5-fp32-64px"]["macs"] < measured["prune0-fp32-64px"]["macs"]
+    assert int8.size_mb < 0.35 * measured["prune0-fp32-64px"].size_mb
+    assert measured["prune0.5-fp32-64px"].macs < measured["prune0-fp32-64px"].macs
     for record in measured.values():  # every accuracy with its count and interval
-        low, high = record["accuracy_ci"]
-        assert record["images"] == 30 and low <= record["accuracy"] <= high
-        assert record["agreement_ci"][0] <= record["agreement"] <= record["agreement_ci"][1]
-    assert measured[SPACE.baseline.key]["agreement"] == 1.0
+        low, high = record.accuracy_ci
+        assert record.images == 30 and low <= record.accuracy <= high
+        assert record.agreement_ci[0] <= record.agreement <= record.agreement_ci[1]
+    assert measured[SPACE.baseline.key].agreement == 1.0
     summary = tune_report.summarize(tune_report.from_document(
         json.loads(searched[1].read_text())))
     assert summary["chosen"] == result.chosen and summary["front"] == result.front
@@ -119,23 +137,16 @@ def test_the_report_follows_the_report_schema(searched):
 
 def test_the_choice_respects_the_budget(searched):
     result, _ = searched
-    base = result.baseline["accuracy"]
+    base = result.baseline
     for max_drop in (0.0, 5.0, 20.0):
         key = tune_report.choose(result.candidates, SPACE.baseline.key, max_drop)
         chosen = result.candidates[key]
-        assert 100 * (base - chosen["accuracy"]) <= max_drop
-        faster = [r for r in result.candidates.values()
-                  if r["latency_ms"]["median"] < chosen["latency_ms"]["median"]]
+        assert chosen.drop(base) <= max_drop
+        faster = [r for r in result.measured().values() if r.median_ms < chosen.median_ms]
         # a faster candidate within the budget may only be a latency tie, and no more accurate
-        assert all(100 * (base - r["accuracy"]) > max_drop
-                   or (tune_report.ties(r, chosen) and r["accuracy"] <= chosen["accuracy"])
+        assert all(r.drop(base) > max_drop
+                   or (tune_report.ties(r, chosen) and r.accuracy <= chosen.accuracy)
                    for r in faster)
-
-
-def _record(ms, p10, p90, accuracy, size_mb, **candidate):
-    return {**{"prune_ratio": 0.0, "precision": "fp32", "resolution": 224, **candidate},
-            "accuracy": accuracy, "size_mb": size_mb,
-            "latency_ms": {"median": ms, "p10": p10, "p90": p90}}
 
 
 def test_latency_ties_are_broken_by_accuracy_then_size():
@@ -182,7 +193,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(cifar_root, tmp_path, mo
     interrupt = False
     result = _search(validation, report, FP32_SPACE)
     assert len(calls) == 2 and not set(calls) & set(first)  # only the unfinished ones
-    assert all("accuracy" in r for r in result.candidates.values())
+    assert all(isinstance(r, Measured) for r in result.candidates.values())
 
 
 def test_the_time_budget_stops_the_search(cifar_root, tmp_path, tiny_cifar_files):
@@ -206,7 +217,7 @@ def test_the_drop_is_measured_against_the_unpruned_model_whatever_the_ratios(
     assert space.grid(fine_tune=False)[0] == space.baseline
     result = _search(_validation(cifar_root), tmp_path / "tune.json", space)
     reference = result.candidates[space.baseline.key]
-    assert reference["prune_ratio"] == 0.0 and reference["agreement"] == 1.0
+    assert reference.candidate.prune_ratio == 0.0 and reference.agreement == 1.0
     assert set(result.candidates) == {space.baseline.key, "prune0.5-fp32-32px"}
 
 
@@ -241,7 +252,7 @@ def test_tune_command_registers_the_choice_for_compare_and_the_dashboard(
     chosen = config["candidate"]
     assert tuned.input_size == chosen["resolution"] and "leanvgg tune" in tuned.recipe.description
     record = _candidates(home / "tune.report.json")[config["key"]]
-    assert tuned.artifact == record["artifact"] == config["artifact"]  # the entry measured
+    assert tuned.artifact == record.artifact == config["artifact"]  # the entry measured
 
     service = ComparisonService(settings=Settings(runs=1, warmup=0), variant_set=variant_set,
                                 store=Store(home))
@@ -279,7 +290,7 @@ def test_a_report_made_with_other_settings_is_kept_aside_not_resumed(searched, c
 
 
 def _candidates(report) -> dict:
-    return tune_report.from_document(json.loads(report.read_text()))["candidates"]
+    return tune_report.records_of(tune_report.from_document(json.loads(report.read_text())))
 
 
 @pytest.mark.parametrize("document", [{"format": 2}, {"candidates": []}, {"space": 3}, []])
@@ -302,7 +313,7 @@ def test_the_tuned_variant_is_the_cache_entry_the_search_built_and_trained(
     """No second build, no second fine-tune, no second compilation: the same entries."""
     import dataclasses
 
-    from leanvgg import builder, recipes
+    from leanvgg import finetune, packages, recipes
     from leanvgg.tune_report import tuned_config
     from leanvgg.variants import build_variants, register_tuned
 
@@ -314,22 +325,23 @@ def test_the_tuned_variant_is_the_cache_entry_the_search_built_and_trained(
     result = _search(validation, report, space, train=train, finetune_lr=1e-3)
     key = "prune0.5-int8-32px-finetuned"
     record = result.candidates[key]
-    assert record["fine_tuned"] and {"op": "finetune"}.items() <= record["steps"][1].items()
-    assert record["steps"][1]["data"] == "tiny-train"
+    assert record.candidate.fine_tuned
+    assert {"op": "finetune"}.items() <= record.steps[1].items()
+    assert record.steps[1]["data"] == "tiny-train"
 
     def rebuilt(*args, **kwargs):
         raise AssertionError("built again")
 
-    monkeypatch.setattr(builder, "finetune", rebuilt)
-    monkeypatch.setattr(builder, "package", rebuilt)
+    monkeypatch.setattr(finetune, "finetune", rebuilt)
+    monkeypatch.setattr(packages, "package", rebuilt)
     for step in (recipes.Prune, recipes.QuantizeStaticInt8):
         monkeypatch.setattr(step, "apply", rebuilt)
     store = Store(tmp_path / "cache")
     baseline = tiny_baseline()
     register_tuned(baseline, tuned_config(dataclasses.replace(result, chosen=key)), store)
     tuned = build_variants(baseline, ["tuned"], store=store, progress=False).variants["tuned"]
-    assert tuned.artifact == record["artifact"] and tuned.facts["fine_tuned"] is True
-    assert tuned.facts["size_bytes"] / 2**20 == pytest.approx(record["size_mb"])
+    assert tuned.artifact == record.artifact and tuned.facts["fine_tuned"] is True
+    assert tuned.facts["size_bytes"] / 2**20 == pytest.approx(record.size_mb)
     with torch.inference_mode():
         assert tuned.model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
 
