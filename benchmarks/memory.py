@@ -45,7 +45,7 @@ def runtime_floor_mb() -> dict[str, float]:
 
 def unique_weights_mb(variants: dict) -> float:
     """The loaded variants' weights, each artifact counted once (baseline and res160 share)."""
-    sizes = {v.artifact + ("-compiled" if v.recipe.compiled else ""): v.facts["size_bytes"]
+    sizes = {v.artifact + ("-compiled" if v.recipe.compiled else ""): v.facts.size_bytes
              for v in variants.values()}
     return sum(sizes.values()) / 2**20
 

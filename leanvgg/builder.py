@@ -20,7 +20,7 @@ from torchvision.models import VGG
 from leanvgg.capabilities import precision_step
 from leanvgg.context import INDUCTOR, PYTORCH, RunContext
 from leanvgg.data import calibration_batch
-from leanvgg.facts import AS_BUILT, Placement, State, VariantFacts
+from leanvgg.facts import AS_BUILT, Accuracy, ArtifactFacts, Placement, State, VariantFacts
 from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_params,
                              state_dict_bytes)
 from leanvgg.models import Baseline, from_layout, layout_of
@@ -36,11 +36,11 @@ class Variant:
 
     recipe: Recipe
     model: nn.Module
-    facts: dict  # as stored in the manifest: size_bytes, params, macs, pruning report, ...
+    facts: ArtifactFacts  # what belongs to its weights (size, params, MACs, step reports)
     artifact: str  # the cache key of its weights
     context: RunContext  # the threads (and machine) it was made for
     placement: Placement | None = None  # where it runs (leanvgg.runtimes); None: as built
-    accuracy: dict | None = None  # its evaluation on the runtime it runs on, if any
+    accuracy: Accuracy | None = None  # its evaluation on the runtime it runs on, if any
 
     @property
     def name(self) -> str:
@@ -74,12 +74,12 @@ class Variant:
             name=self.name,
             description=self.recipe.description,
             input_size=self.input_size,
-            size_mb=self.facts["size_bytes"] / 2**20,
-            params=self.facts["params"],
-            params_total=self.facts["params_total"],
-            macs=self.facts["macs"],
-            fine_tuned=self.facts.get("fine_tuned"),
-            finetune=self.facts.get("finetune"),
+            size_mb=self.facts.size_mb,
+            params=self.facts.params,
+            params_total=self.facts.params_total,
+            macs=self.facts.macs,
+            fine_tuned=self.facts.fine_tuned,
+            finetune=self.facts.finetune,
             accuracy=self.accuracy,
             steps=[step.to_json() for step in self.recipe.steps],
             article=self.recipe.article,
@@ -87,8 +87,7 @@ class Variant:
             batch_runtime=self.where.batch_runtime,
             threads=self.context.threads,
             placement=self.where.to_dict(),
-            preparation_s={k: self.facts[k] for k in ("calibration_s", "compile_s", "load_s")
-                           if k in self.facts},
+            preparation_s=dict(self.facts.preparation_s),
         )
 
 
@@ -123,7 +122,7 @@ class Builder:
             facts = {**facts, "macs": count_macs(model, recipe.input_size)}
         if "calibration" in facts:
             facts["calibration_s"] = facts["calibration"]["seconds"]
-        return Variant(recipe, model, facts, key, self.context)
+        return Variant(recipe, model, ArtifactFacts.from_dict(facts), key, self.context)
 
     def float_model(self, recipe: Recipe) -> nn.Module:
         """The eager model before the precision step (all of the recipe's structure and

@@ -429,8 +429,8 @@ def _build(args: argparse.Namespace) -> int:
                                  threads=args.threads)
     for variant in variant_set.variants.values():
         where = variant.where
-        print(f"{variant.name:<17} {variant.facts['size_bytes'] / 2**20:8.1f} MB  "
-              f"{variant.facts['params']:>12,} params  {where.runtime} ({where.how}, "
+        print(f"{variant.name:<17} {variant.facts.size_mb:8.1f} MB  "
+              f"{variant.facts.params:>12,} params  {where.runtime} ({where.how}, "
               f"{where.threads} threads)")
     return 0
 
@@ -716,7 +716,6 @@ def format_table(result: ComparisonResult) -> str:
     for v in facts:
         if v.accuracy:
             a = v.accuracy
-            lines.append(f"{v.name}: top-1 {a['top1']:.1%}, top-3 {a['top3']:.1%}, agrees with "
-                         f"baseline {a['agreement']:.1%} on {a['dataset']} (measured on "
-                         f"{a.get('runtime', '?')})")
+            lines.append(f"{v.name}: top-1 {a.top1:.1%}, top-3 {a.top3:.1%}, agrees with "
+                         f"baseline {a.agreement:.1%} on {a.dataset} (measured on {a.runtime})")
     return "\n".join(lines)

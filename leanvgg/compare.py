@@ -65,7 +65,8 @@ class VariantResult:
         """One flat object: the facts' fields, then the measured ones (a row of the report
         schema, ``leanvgg.schema``)."""
         row = asdict(self)
-        return {**row.pop("facts"), **row}
+        row.pop("facts")
+        return {**self.facts.to_dict(), **row}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from leanvgg.builder import evaluation_key
 from leanvgg.data import (DataUnavailable, cifar10, group_index_tensor, group_probabilities,
                           stratified_subset)
 from leanvgg.distributed import distributed_context
+from leanvgg.facts import Accuracy
 from leanvgg.images import preprocess
 from leanvgg.stats import wilson
 from leanvgg.documents import EVALUATION
@@ -61,32 +62,14 @@ class Counts:
     agree: int  # images whose top-1 equals the reference's (the baseline's)
 
 
-@dataclass(frozen=True)
-class Accuracy:
-    """Accuracies with their 95 % Wilson intervals, and the sample they come from."""
-
-    top1: float
-    top3: float
-    agreement: float  # share of images where the top-1 equals the baseline's (paired)
-    images: int
-    artifact: str  # the weights evaluated; figures are shown only while they are current
-    dataset: str
-    top1_ci: tuple[float, float] = (0.0, 1.0)
-    top3_ci: tuple[float, float] = (0.0, 1.0)
-    agreement_ci: tuple[float, float] = (0.0, 1.0)
-    # the runtime that ran the model (its own INT8 on ONNX Runtime and OpenVINO): the figures
-    # are shown only where the variant runs on it
-    runtime: str = "pytorch"
-    key: str = ""  # builder.evaluation_key: weights × input size × runtime × its versions
-
-    @classmethod
-    def of(cls, counts: Counts, *, artifact: str, dataset: str, runtime: str = "pytorch",
-           key: str = "") -> Accuracy:
-        n = counts.images
-        return cls(top1=counts.top1 / n, top3=counts.top3 / n, agreement=counts.agree / n,
-                   images=n, artifact=artifact, dataset=dataset,
-                   top1_ci=wilson(counts.top1, n), top3_ci=wilson(counts.top3, n),
-                   agreement_ci=wilson(counts.agree, n), runtime=runtime, key=key)
+def accuracy_of(counts: Counts, *, artifact: str, dataset: str, runtime: str = "pytorch",
+                key: str = "") -> Accuracy:
+    """The rates of ``counts`` with their 95 % Wilson intervals."""
+    n = counts.images
+    return Accuracy(top1=counts.top1 / n, top3=counts.top3 / n, agreement=counts.agree / n,
+                    images=n, artifact=artifact, dataset=dataset,
+                    top1_ci=wilson(counts.top1, n), top3_ci=wilson(counts.top3, n),
+                    agreement_ci=wilson(counts.agree, n), runtime=runtime, key=key)
 
 
 def image_folder(root: str | Path, mapping: dict[str, list[int]] | None = None) -> Labelled:
@@ -205,7 +188,7 @@ def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 1
                              labelled.membership, reference=reference, batch_size=batch_size,
                              progress=progress, desc=f"evaluating {name}")
         reference = top1 if reference is None else reference
-        results[name] = Accuracy.of(counts, artifact=variant.artifact, dataset=labelled.name,
+        results[name] = accuracy_of(counts, artifact=variant.artifact, dataset=labelled.name,
                                     runtime=variant.runtime, key=evaluation_key(variant))
     return results
 
@@ -215,5 +198,5 @@ def save_report(store: Store, results: dict[str, Accuracy]) -> None:
     variants' and runtimes' figures are kept); ``build_variants`` shows them where the variant
     runs on the weights and runtime they describe."""
     store.documents.update(EVALUATION, lambda stored: {
-        **stored, **{accuracy.key: {"variant": name, **asdict(accuracy)}
+        **stored, **{accuracy.key: {"variant": name, **accuracy.to_dict()}
                      for name, accuracy in results.items()}})

@@ -213,7 +213,8 @@ def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, d
         "variant": variant.name, "input_size": variant.input_size,
         "layout": layout_of(builder.float_model(variant.recipe)),
         "steps": [step.to_json() for step in variant.recipe.steps],
-        "kept": {k: facts[k] for k in ("pruning", "neuron_pruning") if facts.get(k)},
+        "kept": {k: facts.reports[k] for k in ("pruning", "neuron_pruning")
+                 if facts.reports.get(k)},
         "artifact": variant.artifact})
     return path, {"run": f"leanvgg.load({path.name!r})(x)", "batch": "any",
                   "precision": _precision_name(variant),
@@ -261,10 +262,7 @@ def describe(variant: Variant, formats: dict, profile: Profile | None, layout: d
         "artifact": variant.artifact,
         # the channel widths after pruning (torchvision's cfg notation), Linear widths, ranks
         "layout": layout,
-        "facts": {k: facts.get(k) for k in ("size_bytes", "params", "params_total", "macs",
-                                            "fine_tuned", "finetune", "calibration",
-                                            "pruning", "neuron_pruning", "low_rank")
-                  if facts.get(k) is not None},
+        "facts": facts.to_dict(),
         # per format too (formats[…].accuracy): each measured on the runtime that runs it
         "accuracy": {fmt: entry.get("accuracy") for fmt, entry in formats.items()},
         "latency_profile": profile.to_dict() if profile else None,

@@ -1,11 +1,90 @@
-"""What is shown of a variant, as typed values: where it runs (``Placement``), its state on the
-way to ready (``State``) and its facts as the CLI, the JSON API and the dashboard show them
-(``VariantFacts``)."""
+"""What is known of a variant, as typed values: what belongs to its weights
+(``ArtifactFacts``), where it runs (``Placement``), its accuracy on that runtime
+(``Accuracy``), its state on the way to ready (``State``), and all of it as the CLI, the JSON
+API and the dashboard show it (``VariantFacts``). Dicts appear only in ``to_dict`` and
+``from_dict``, at the JSON edge (manifests, documents, responses)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
+
+# What the steps report about what they did, by the name each writes under (leanvgg.recipes).
+STEP_REPORTS = ("pruning", "neuron_pruning", "low_rank", "quantization", "precision")
+# One-off costs measured here, apart from steady-state latency.
+PREPARATION = ("calibration_s", "compile_s", "load_s")
+
+
+@dataclass(frozen=True)
+class ArtifactFacts:
+    """What belongs to the weights, whatever runs them: their size, parameter counts, MACs at
+    the recipe's input size, training, calibration and each step's report; and the one-off
+    seconds spent preparing them in this process."""
+
+    size_bytes: int
+    params: int  # non-zero
+    params_total: int
+    macs: int
+    fine_tuned: bool | None = None  # None: nothing was pruned, so there is nothing to recover
+    finetune: dict | None = None  # how the fine-tuned weights were made
+    calibration: dict | None = None  # static INT8's calibration images (count, source, digest)
+    reports: dict = field(default_factory=dict)  # step report name → what the step reported
+    preparation_s: dict = field(default_factory=dict)  # calibration, compile, load → seconds
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ArtifactFacts:
+        """The facts a manifest holds (KeyError when a count is missing)."""
+        return cls(int(data["size_bytes"]), int(data["params"]), int(data["params_total"]),
+                   int(data.get("macs", 0)), data.get("fine_tuned"), data.get("finetune"),
+                   data.get("calibration"),
+                   {k: data[k] for k in STEP_REPORTS if data.get(k) is not None},
+                   {k: data[k] for k in PREPARATION if k in data})
+
+    def to_dict(self) -> dict:
+        """Flat, as manifests and model.json hold them (no preparation times: not facts of
+        the weights)."""
+        optional = {"fine_tuned": self.fine_tuned, "finetune": self.finetune,
+                    "calibration": self.calibration}
+        return {"size_bytes": self.size_bytes, "params": self.params,
+                "params_total": self.params_total, "macs": self.macs,
+                **{k: v for k, v in optional.items() if v is not None}, **self.reports}
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / 2**20
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Accuracies with their 95 % Wilson intervals, and the sample and runtime they come
+    from."""
+
+    top1: float
+    top3: float
+    agreement: float  # share of images where the top-1 equals the baseline's (paired)
+    images: int
+    artifact: str  # the weights evaluated; figures are shown only while they are current
+    dataset: str
+    top1_ci: tuple[float, float] = (0.0, 1.0)
+    top3_ci: tuple[float, float] = (0.0, 1.0)
+    agreement_ci: tuple[float, float] = (0.0, 1.0)
+    # the runtime that ran the model (its own INT8 on ONNX Runtime and OpenVINO): the figures
+    # are shown only where the variant runs on it
+    runtime: str = "pytorch"
+    key: str = ""  # builder.evaluation_key: weights × input size × runtime × its versions
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Accuracy:
+        """A stored evaluation (KeyError, TypeError or ValueError when malformed)."""
+        return cls(float(data["top1"]), float(data["top3"]), float(data["agreement"]),
+                   int(data["images"]), str(data["artifact"]), str(data["dataset"]),
+                   *(tuple(map(float, data[k])) for k in ("top1_ci", "top3_ci",
+                                                           "agreement_ci")),
+                   str(data.get("runtime", "pytorch")), str(data.get("key", "")))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), **{k: list(getattr(self, k))
+                                   for k in ("top1_ci", "top3_ci", "agreement_ci")}}
 
 # How a placement was decided.
 AS_BUILT = "as built"  # not placed: a compiled recipe on Inductor, an eager one on PyTorch
@@ -77,7 +156,7 @@ class VariantFacts:
     finetune: dict | None  # how the fine-tuned weights were made (images, epochs, final loss)
     # the latest evaluation of these very weights on the runtime that runs them here (its
     # record names the runtime); None when none was measured there
-    accuracy: dict | None
+    accuracy: Accuracy | None
     steps: list[dict]
     article: bool  # one of the article's five variants
     # where it runs: pytorch (eager), inductor, onnxruntime or openvino (leanvgg.runtimes), one
@@ -91,4 +170,4 @@ class VariantFacts:
     preparation_s: dict
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "accuracy": self.accuracy.to_dict() if self.accuracy else None}

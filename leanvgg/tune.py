@@ -283,8 +283,8 @@ def _measure(candidate: Candidate, recipe: Recipe, builder: Builder, validation:
     n = counts.images
     return Measured(candidate, counts.top1 / n, wilson(counts.top1, n), counts.top3 / n,
                     wilson(counts.top3, n), counts.agree / n, wilson(counts.agree, n), n, timed,
-                    variant.facts["size_bytes"] / 2**20, variant.facts["params"],
-                    variant.facts["macs"], prepare_s, variant.artifact,
+                    variant.facts.size_mb, variant.facts.params, variant.facts.macs,
+                    prepare_s, variant.artifact,
                     tuple(s.to_json() for s in recipe.steps))
 
 

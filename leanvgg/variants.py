@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from leanvgg.builder import Builder, Variant, evaluation_key
 from leanvgg.context import RunContext
-from leanvgg.facts import State
+from leanvgg.facts import Accuracy, State
 from leanvgg.distributed import rank_zero_first
 from leanvgg.finetune import fine_tune_step
 from leanvgg.models import Baseline
@@ -165,7 +165,11 @@ class VariantBuilder:
             variant = select(self.registry[name], self.builder, self.runtime,
                              on_state=on_state)
         measured = self.accuracy.get(evaluation_key(variant))
-        return dataclasses.replace(variant, accuracy=measured) if measured else variant
+        try:
+            accuracy = Accuracy.from_dict(measured) if measured else None
+        except (KeyError, TypeError, ValueError):  # an older or damaged record: not shown
+            accuracy = None
+        return dataclasses.replace(variant, accuracy=accuracy) if accuracy else variant
 
 
 def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Tensor, *,

@@ -9,7 +9,6 @@ tune OUT CIFAR: ``search`` on the tiny VGG over 29 images (odd: the shards are u
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,20 +26,23 @@ from leanvgg.recipes import RECIPES  # noqa: E402
 from leanvgg.store import Store  # noqa: E402
 from leanvgg.tune import Space, search  # noqa: E402
 from leanvgg.variants import Variant, VariantSet  # noqa: E402
+from leanvgg.facts import ArtifactFacts  # noqa: E402
 from test_evaluate import ChannelVoter  # noqa: E402
 from tiny import tiny_baseline  # noqa: E402
+
+NO_FACTS = ArtifactFacts(size_bytes=0, params=0, params_total=0, macs=0)
 
 
 def run_evaluate(out: Path, folder: str, mapping: str) -> None:
     labelled = image_folder(folder, json.loads(Path(mapping).read_text()))
-    voters = {"baseline": Variant(RECIPES["baseline"], ChannelVoter(), {}, "a", RunContext(threads=1)),
-              "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), {}, "b", RunContext(threads=1))}
+    voters = {"baseline": Variant(RECIPES["baseline"], ChannelVoter(), NO_FACTS, "a", RunContext(threads=1)),
+              "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), NO_FACTS, "b", RunContext(threads=1))}
     results = evaluate(VariantSet(tiny_baseline(), voters), labelled, batch_size=2,
                        progress=False)
     rank, _ = distributed_context()
     if rank == 0:
         (out / "voters.json").write_text(json.dumps(
-            {name: asdict(accuracy) for name, accuracy in results.items()}))
+            {name: accuracy.to_dict() for name, accuracy in results.items()}))
     os.environ["LEANVGG_HOME"] = str(out / "home")
     cli.load_baseline = lambda weights, **_: tiny_baseline()
     code = cli.main(["evaluate", "--dataset", "folder", "--data", folder, "--mapping", mapping,
@@ -55,7 +57,7 @@ def run_tune(out: Path, cifar: str) -> None:
 
     def latency(variant, sample, runs, warmup):
         timed.append(variant.name)
-        ms = variant.facts["macs"] / 1e6
+        ms = variant.facts.macs / 1e6
         return Latency(median=ms, p90=1.01 * ms, min=ms, p10=0.99 * ms, count=runs)
 
     validation = Labelled("tiny-cifar", lambda size: cifar10(cifar, train=False, size=size),

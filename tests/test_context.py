@@ -20,7 +20,10 @@ from leanvgg.measure import Latency, Profile, time_models
 from leanvgg.recipes import RECIPES
 from leanvgg.store import Store
 from leanvgg.variants import build_variants
+from leanvgg.facts import ArtifactFacts
 from test_export import PHOTOS, decisive_baseline
+
+NO_FACTS = ArtifactFacts(size_bytes=0, params=0, params_total=0, macs=0)
 
 HERE = Path(__file__).parent
 VERSIONS = (("nncf", "3.4.0"), ("onnx", "1.2"), ("onnxruntime", "1.32.0"),
@@ -50,7 +53,7 @@ def test_a_key_names_its_parts_in_one_order_with_the_runtimes_own_versions():
 
 def _variant(runtime: str, context: RunContext) -> Variant:
     placement = Placement(runtime, runtime, context.threads, "pinned")
-    return Variant(RECIPES["int8_static"], torch.nn.Identity(), {}, "weights", context,
+    return Variant(RECIPES["int8_static"], torch.nn.Identity(), NO_FACTS, "weights", context,
                    placement)
 
 
@@ -208,8 +211,7 @@ def test_a_calibration_folder_is_hashed_once_not_on_every_listing(tmp_path, monk
     monkeypatch.setattr(recipes, "calibration_digest", lambda f: calls.append(f) or real(f))
     registry = registry_for(decisive_baseline(), Store(tmp_path / "home"), str(folder))
     hashed = len(calls)
-    facts = {"size_bytes": 1, "params": 1, "params_total": 1, "macs": 1}
-    variant = Variant(registry["int8_static"], torch.nn.Identity(), facts, "a",
+    variant = Variant(registry["int8_static"], torch.nn.Identity(), ArtifactFacts(1, 1, 1, 1), "a",
                       RunContext(threads=1))
     steps = [variant.summary().steps for _ in range(5)]
     assert len(calls) == hashed and steps[0] == steps[-1]

@@ -12,7 +12,10 @@ from leanvgg.recipes import RECIPES
 from leanvgg.documents import EVALUATION
 from leanvgg.store import Store
 from leanvgg.variants import Variant, VariantSet, build_variants
+from leanvgg.facts import ArtifactFacts
 from tiny import tiny_baseline
+
+NO_FACTS = ArtifactFacts(size_bytes=0, params=0, params_total=0, macs=0)
 
 COLOURS = {"red": ((255, 0, 0), 3), "green": ((0, 255, 0), 2), "blue": ((0, 0, 255), 1),
            "gray": ((128, 128, 128), 1)}
@@ -51,9 +54,9 @@ def colour_folder(tmp_path):
 def test_accuracy_and_agreement_equal_the_hand_count(colour_folder):
     labelled = image_folder(colour_folder / "set", load_mapping(colour_folder / "mapping.json"))
     variants = {
-        "baseline": Variant(RECIPES["baseline"], ChannelVoter(), {}, "a", RunContext(threads=1)),
+        "baseline": Variant(RECIPES["baseline"], ChannelVoter(), NO_FACTS, "a", RunContext(threads=1)),
         # green and blue swapped: right on the 3 reds only
-        "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), {}, "b", RunContext(threads=1)),
+        "quantized": Variant(RECIPES["quantized"], ChannelVoter((0, 2, 1)), NO_FACTS, "b", RunContext(threads=1)),
     }
     results = evaluate(VariantSet(tiny_baseline(), variants), labelled, batch_size=3,
                        progress=False)
@@ -73,8 +76,9 @@ def test_reports_reach_compare_only_for_the_weights_they_measured(colour_folder,
     save_report(store, evaluate(variant_set, labelled, progress=False))
     shown = build_variants(baseline, ["baseline", "quantized"], store=store, progress=False)
     accuracy = shown.variants["quantized"].summary().accuracy
-    assert accuracy["images"] == 7 and accuracy["dataset"] == "set" and 0 <= accuracy["top1"] <= 1
-    assert accuracy["runtime"] == "pytorch"  # what ran it, as its record says
+    assert accuracy.images == 7 and accuracy.dataset == "set" and 0 <= accuracy.top1 <= 1
+    assert accuracy.runtime == "pytorch"  # what ran it, as its record says
+    assert accuracy.key == evaluation_key(shown.variants["quantized"])
     stored = store.documents.load(EVALUATION)
     key = evaluation_key(shown.variants["quantized"])
     assert stored[key]["variant"] == "quantized"
@@ -87,7 +91,7 @@ def test_reports_reach_compare_only_for_the_weights_they_measured(colour_folder,
     store.documents.save(EVALUATION, {k: v for k, v in stored.items() if k != key} | elsewhere)
     again = build_variants(baseline, ["baseline", "quantized"], store=store, progress=False)
     assert again.variants["quantized"].summary().accuracy is None
-    assert again.variants["baseline"].summary().accuracy["images"] == 7
+    assert again.variants["baseline"].summary().accuracy.images == 7
 
 
 def test_bad_mappings_are_named(colour_folder):
@@ -120,8 +124,8 @@ def test_accuracy_is_of_the_runtime_that_serves(colour_folder, tmp_path):
     save_report(store, results)
     again = build_variants(baseline, names, store=store, progress=False, runtime="openvino",
                            threads=1)
-    assert again.variants["int8_static"].summary().accuracy["runtime"] == "openvino"
+    assert again.variants["int8_static"].summary().accuracy.runtime == "openvino"
     on_inductor = build_variants(baseline, names, store=store, progress=False,
                                  runtime="inductor", threads=1)
     assert on_inductor.variants["int8_static"].summary().accuracy is None  # measured elsewhere
-    assert on_inductor.variants["baseline"].summary().accuracy["images"] == 7
+    assert on_inductor.variants["baseline"].summary().accuracy.images == 7

@@ -183,7 +183,7 @@ def test_a_pruned_int8_variant_at_160_px_exports_and_runs(exported, fmt):
     assert all(v.shape == (1000,) and torch.isfinite(v).all() for v in logits.values())
     spec = json.loads((out / "turbo160.model.json").read_text())
     assert spec["input_size"] == 160 and spec["preprocessing"]["centre_crop"] == [160, 160]
-    assert spec["facts"]["pruning"] == variants["turbo160"].facts["pruning"]
+    assert spec["facts"]["pruning"] == variants["turbo160"].facts.reports["pruning"]
 
 
 @pytest.mark.parametrize("name", EXPORTED)
@@ -212,7 +212,7 @@ def test_safetensors_hold_plain_tensors_and_what_rebuilds_them(exported):
     assert [[q["scale"], q["zero_point"]] for q in spec["activation_qparams"]] == \
         cached.activation_qparams.tolist()
     pruned = portable.read_spec(out / "turbo.safetensors")
-    assert pruned["kept"]["pruning"] == variants["turbo"].facts["pruning"]
+    assert pruned["kept"]["pruning"] == variants["turbo"].facts.reports["pruning"]
     assert all(len(layer["kept"]) % 16 == 0 for layer in pruned["kept"]["pruning"])
     with safe_open(str(out / "quantized.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())

@@ -155,7 +155,7 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
         costs = second.summary().preparation_s
         assert costs["calibration_s"] > 0 and costs["load_s"] > 0
         assert "compile_s" not in costs  # the package came from the cache
-        assert second.facts["macs"] == first.facts["macs"]
+        assert second.facts.macs == first.facts.macs
         size = first.input_size
         x = torch.nn.functional.interpolate(calibration[:2], size=(size, size))
         with torch.inference_mode():
@@ -222,6 +222,6 @@ def test_a_user_calibration_folder_makes_its_own_artifact(tmp_path, photo):
     own = build_variants(tiny_baseline(), ["baseline", "int8_static"], store=store,
                          progress=False, calibration=str(folder)).variants["int8_static"]
     assert own.artifact != bundled.artifact
-    assert own.facts["calibration"]["images"] == 4 and bundled.facts["calibration"]["images"] == 24
+    assert own.facts.calibration["images"] == 4 and bundled.facts.calibration["images"] == 24
     with pytest.raises(variants.NotTuned, match="leanvgg tune"):
         build_variants(tiny_baseline(), ["baseline", "tuned"], store=store, progress=False)

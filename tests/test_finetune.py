@@ -77,7 +77,7 @@ def test_finetune_lowers_the_loss_and_leaves_the_input_alone(tiny_cifar):
 def test_finetuned_weights_reach_pruned_and_pruned_quantized(tiny_cifar, tmp_path, photo):
     baseline, store = tiny_baseline(), Store(tmp_path / "cache")
     before = build_variants(baseline, store=store, progress=False).variants
-    assert before["pruned"].facts["fine_tuned"] is False
+    assert before["pruned"].facts.fine_tuned is False
     _, facts = finetune_variant(baseline, tiny_cifar, group_index_tensor(), store=store,
                                 epochs=2, lr=1e-3, batch_size=20, progress=False)
     assert facts["fine_tuned"] is True and facts["finetune"]["images"] == 200
@@ -109,5 +109,5 @@ def test_a_killed_finetune_leaves_the_previous_entry(tiny_cifar, tmp_path, monke
     assert {p.name: p.read_bytes() for p in store.root.iterdir()} == files
     caplog.set_level(logging.INFO)
     again = build_variants(baseline, ["pruned"], store=store, progress=False)
-    assert again.variants["pruned"].facts["fine_tuned"] is True
+    assert again.variants["pruned"].facts.fine_tuned is True
     assert "corrupt" not in caplog.text

@@ -28,8 +28,8 @@ def test_macs_match_the_layer_shapes(baseline):
 
 
 def test_160px_macs_scale_with_pixels(variant_set):
-    base = variant_set.variants["baseline"].facts["macs"]
-    small = variant_set.variants["res160"].facts["macs"]
+    base = variant_set.variants["baseline"].facts.macs
+    small = variant_set.variants["res160"].facts.macs
     assert small / base == pytest.approx((160 / 224) ** 2, rel=0.01)
 
 

@@ -155,8 +155,8 @@ def test_each_runtime_agrees_with_inductor_on_real_photos(tmp_path, runtime):
     ours_error = float((ours - fp32).abs().max())
     assert theirs_error <= FROM_FP32[runtime] * ours_error, (theirs_error, ours_error)
     # size and accuracy facts are the variant's, whatever runs it
-    assert pinned["int8_static"].facts["size_bytes"] == \
-        inductor["int8_static"].facts["size_bytes"]
+    assert pinned["int8_static"].facts.size_bytes == \
+        inductor["int8_static"].facts.size_bytes
 
 
 def test_without_the_runtimes_everything_runs_on_inductor_with_one_log_line(

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from leanvgg.evaluate import Accuracy, Counts
+from leanvgg.evaluate import Counts, accuracy_of
 from leanvgg.stats import half_width, wilson
 
 
@@ -29,7 +29,7 @@ def test_half_width_shrinks_with_the_sample():
 
 
 def test_accuracy_carries_counts_and_intervals():
-    accuracy = Accuracy.of(Counts(images=7, top1=6, top3=7, agree=3), artifact="a", dataset="d")
+    accuracy = accuracy_of(Counts(images=7, top1=6, top3=7, agree=3), artifact="a", dataset="d")
     assert (accuracy.top1, accuracy.top3, accuracy.agreement) == (6 / 7, 1.0, 3 / 7)
     assert accuracy.top1_ci == wilson(6, 7) and accuracy.agreement_ci == wilson(3, 7)
     assert accuracy.images == 7

@@ -340,8 +340,8 @@ def test_the_tuned_variant_is_the_cache_entry_the_search_built_and_trained(
     baseline = tiny_baseline()
     register_tuned(baseline, tuned_config(dataclasses.replace(result, chosen=key)), store)
     tuned = build_variants(baseline, ["tuned"], store=store, progress=False).variants["tuned"]
-    assert tuned.artifact == record.artifact and tuned.facts["fine_tuned"] is True
-    assert tuned.facts["size_bytes"] / 2**20 == pytest.approx(record.size_mb)
+    assert tuned.artifact == record.artifact and tuned.facts.fine_tuned is True
+    assert tuned.facts.size_bytes / 2**20 == pytest.approx(record.size_mb)
     with torch.inference_mode():
         assert tuned.model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
 

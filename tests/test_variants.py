@@ -25,11 +25,11 @@ def test_res160_shares_the_baselines_weights_in_memory(variant_set):
 
 def test_facts_are_measured_at_build_time(variant_set):
     facts = {name: v.facts for name, v in variant_set.variants.items()}
-    assert facts["pruned"]["fine_tuned"] is False
-    assert [layer["after"] for layer in facts["pruned"]["pruning"]] == [231] + [461] * 8
-    assert facts["quantized"]["size_bytes"] < 0.4 * facts["baseline"]["size_bytes"]
-    assert facts["pruned_quantized"]["size_bytes"] < facts["quantized"]["size_bytes"]
-    assert facts["pruned_quantized"]["params_total"] == facts["pruned"]["params_total"]
+    assert facts["pruned"].fine_tuned is False
+    assert [layer["after"] for layer in facts["pruned"].reports["pruning"]] == [231] + [461] * 8
+    assert facts["quantized"].size_bytes < 0.4 * facts["baseline"].size_bytes
+    assert facts["pruned_quantized"].size_bytes < facts["quantized"].size_bytes
+    assert facts["pruned_quantized"].params_total == facts["pruned"].params_total
     assert isinstance(variant_set.variants["pruned_quantized"].model.classifier[0],
                       DynamicQuantizedLinear)
 
