@@ -72,7 +72,8 @@ def run_tune(out: Path, cifar: str) -> None:
     if rank == 0:
         (out / "tune.json").write_text(json.dumps(
             {"chosen": result.chosen, "front": result.front,
-             "accuracy": {k: [r.get("accuracy"), r.get("images"), r.get("agreement")]
+             "accuracy": {k: [getattr(r, "accuracy", None), getattr(r, "images", None),
+                              getattr(r, "agreement", None)]
                           for k, r in result.candidates.items()},
              "sensitivity": result.sensitivity}))
 
