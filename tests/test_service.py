@@ -12,7 +12,7 @@ import pytest
 from torch import nn
 
 from conftest import encode, multipart, running
-from leanvgg import builder as builder_module
+from leanvgg import packages as packages_module
 from leanvgg import service as service_module
 from leanvgg.service import pool as pool_module
 from leanvgg import variants as variants_module
@@ -61,7 +61,7 @@ def test_one_failing_variant_leaves_the_others_serving(tmp_path, monkeypatch, ph
         raise RuntimeError("no C++ compiler found (g++)")
 
     monkeypatch.setattr(pool_module, "load_baseline", lambda weights: tiny_baseline())
-    monkeypatch.setattr(builder_module, "package", no_compiler)
+    monkeypatch.setattr(packages_module, "package", no_compiler)
     service = ComparisonService(names=["baseline", "res160", "int8_static"], settings=PROFILE,
                                 store=Store(tmp_path))
     service.start(background=False)
