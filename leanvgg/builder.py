@@ -30,6 +30,7 @@ from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Variant:
     """A ready model with its recipe and the facts measured when it was built."""

@@ -35,7 +35,7 @@ class ArtifactFacts:
     def from_dict(cls, data: dict) -> ArtifactFacts:
         """The facts a manifest holds (KeyError when a count is missing)."""
         return cls(int(data["size_bytes"]), int(data["params"]), int(data["params_total"]),
-                   int(data.get("macs", 0)), data.get("fine_tuned"), data.get("finetune"),
+                   int(data["macs"]), data.get("fine_tuned"), data.get("finetune"),
                    data.get("calibration"),
                    {k: data[k] for k in STEP_REPORTS if data.get(k) is not None},
                    {k: data[k] for k in PREPARATION if k in data})

@@ -37,16 +37,18 @@ class Packages:
                                            INDUCTOR).key("runtime", "threads", "cpu",
                                                          "versions")})
 
+    def _entry(self, artifact: str, input_size: int) -> tuple[Path, dict] | None:
+        return self.store.load_file(self.key(artifact, input_size), SUFFIX,
+                                    validate=_check_manifest)
+
     def file(self, artifact: str, input_size: int) -> Path | None:
         """The cached, verified package file, if made."""
-        entry = self.store.load_file(self.key(artifact, input_size), SUFFIX,
-                                     validate=_check_manifest)
+        entry = self._entry(artifact, input_size)
         return entry[0] if entry is not None else None
 
     def load(self, recipe: Recipe, artifact: str) -> tuple[nn.Module, dict] | None:
         """The loaded (and warmed-up) package with its facts, or None when not made."""
-        entry = self.store.load_file(self.key(artifact, recipe.input_size), SUFFIX,
-                                     validate=_check_manifest)
+        entry = self._entry(artifact, recipe.input_size)
         if entry is None:
             return None
         path, manifest = entry

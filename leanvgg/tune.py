@@ -179,6 +179,7 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
     bar = tqdm(total=len(grid), desc="tuning", unit="candidate",
                disable=not progress or rank != 0)
     bar.update(sum(c.key in state["candidates"] for c in grid))
+    records = records_of(state)  # typed once; each new record is added below as it is made
     for candidate in grid:
         if candidate.key in state["candidates"]:
             continue
@@ -190,7 +191,6 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
                      sum(c.key not in state["candidates"] for c in grid))
             break
         chosen_layers = _layers_for(candidate.prune_ratio, state, layers, max_drop)
-        records = records_of(state)
         reason = _skip_reason(candidate, records, records.get(state["baseline_key"]), max_drop)
         if reason is None and candidate.prune_ratio > 0 and not chosen_layers:
             reason = "no layer can be pruned this much within the budget (sensitivity)"
