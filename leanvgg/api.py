@@ -13,20 +13,26 @@ from leanvgg.compare import ComparisonResult, Settings
 from leanvgg.compare import compare as _compare
 from leanvgg.export import Exported, check, export_each
 from leanvgg.images import decode, read_file
+from leanvgg.labels import Labels, attach, read_labels, remember
 from leanvgg.models import Baseline, baseline_of, load_baseline
 from leanvgg.store import Store
 from leanvgg.variants import VariantSet, build_variants
 
 
 def build(weights: str | Path | VGG | Baseline = "auto",
-          variants: Sequence[str] | None = None, *, calibration: str | Path | None = None,
+          variants: Sequence[str] | None = None, *,
+          labels: Sequence[str] | str | Path | None = None, input_size: int = 224,
+          calibration: str | Path | None = None,
           home: str | Path | None = None, runtime: str = "auto", threads: int | None = None,
           progress: bool = False) -> VariantSet:
     """The baseline and each named variant (default: all), built or loaded from the cache.
 
     ``weights``: ``"auto"`` (ImageNet when downloadable, else random), ``"imagenet"``,
-    ``"random"``, a VGG-19 state-dict file, or a torchvision VGG model in memory (any layout;
-    cached by its weights' content). ``variants``: names such as ``"turbo"``, ``"int8_static"``
+    ``"random"``, a weights file of any torchvision VGG (state dict, checkpoint holding one,
+    or .safetensors), or a torchvision VGG model in memory (any layout; cached by its weights'
+    content). ``labels``: the class names in output order, or a file of them (default: those
+    last given for these weights, ImageNet's for 1,000 classes, else ``class 0`` …);
+    ``input_size``: the resolution the model was trained at. ``variants``: names such as ``"turbo"``, ``"int8_static"``
     or ``"tuned"``; the baseline is always included (speedups are relative to it).
     ``calibration``: a folder of images for static INT8 (default: the bundled photos).
     ``home``: the cache folder (default ``$LEANVGG_HOME`` or ``~/.cache/leanvgg``).
@@ -35,14 +41,21 @@ def build(weights: str | Path | VGG | Baseline = "auto",
     ``threads``: the thread count every runtime is set up for (compiled packages, ONNX Runtime
     and OpenVINO sessions; default: PyTorch's current setting); ``compare`` runs on it.
     """
+    if isinstance(labels, (str, Path)):
+        given = read_labels(labels)
+    else:
+        given = None if labels is None else Labels(tuple(labels), "given")
     if isinstance(weights, VGG):
-        baseline = baseline_of(weights)
+        baseline = baseline_of(weights, input_size=input_size)
     elif isinstance(weights, Baseline):
         baseline = weights
     else:
-        baseline = load_baseline(str(weights), progress=progress)
+        baseline = load_baseline(str(weights), input_size=input_size, progress=progress)
+    store = Store(Path(home)) if home else Store()
+    baseline = attach(baseline, store, given)
+    remember(store, baseline.weights_id, baseline.labels)
     names = None if variants is None else ["baseline", *variants]
-    return build_variants(baseline, names, store=Store(Path(home)) if home else Store(),
+    return build_variants(baseline, names, store=store,
                           progress=progress, runtime=runtime, threads=threads,
                           calibration=str(calibration) if calibration else None)
 

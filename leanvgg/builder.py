@@ -25,7 +25,7 @@ from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_pa
                              state_dict_bytes)
 from leanvgg.models import Baseline, from_layout, layout_of
 from leanvgg.packages import Packages
-from leanvgg.recipes import QuantizeStaticInt8, Recipe, artifact_key
+from leanvgg.recipes import QuantizeStaticInt8, Recipe, artifact_key, bind
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class Builder:
         ``compiled=False``: a compiled recipe's eager model, its package neither made nor
         loaded (for a variant that runs on another runtime, or is exported as another
         format)."""
+        recipe = self.bind(recipe)
         on_state(State.BUILDING)
         if recipe.compiled and compiled:
             model, facts, key = self._packaged(recipe, on_state)
@@ -128,11 +129,13 @@ class Builder:
     def float_model(self, recipe: Recipe) -> nn.Module:
         """The eager model before the precision step (all of the recipe's structure and
         training): what other runtimes convert and quantize themselves."""
+        recipe = self.bind(recipe)
         steps = len(recipe.steps) - (precision_step(recipe) is not None)
         return self.artifact(recipe, steps)[0]
 
     def key(self, recipe: Recipe, n_steps: int | None = None) -> str:
         """The cache key ``artifact`` would give, without loading or building anything."""
+        recipe = self.bind(recipe)
         n_steps = len(recipe.steps) if n_steps is None else n_steps
         if n_steps == 0:
             return artifact_key(None, weights_id=self.baseline.weights_id)
@@ -147,6 +150,7 @@ class Builder:
         A non-automatic step whose artifact is missing is skipped: its key stays the previous
         one, so everything built on top of it is built on the model without it.
         """
+        recipe = self.bind(recipe)
         if n_steps == 0:
             key = artifact_key(None, weights_id=self.baseline.weights_id)
             if key not in self.memo:
@@ -180,6 +184,7 @@ class Builder:
         ``produce(model before it, its facts) → (model, new facts)`` when missing (always,
         with ``replace``) and stored (unless ``write`` is False: under torchrun only rank 0
         writes). Returns the model, its facts and its key."""
+        recipe = self.bind(recipe)
         model, facts, previous_key = self.artifact(recipe, position)
         key = artifact_key(previous_key, recipe.steps[position].to_json())
         if not replace:
@@ -198,7 +203,13 @@ class Builder:
 
     def package_file(self, recipe: Recipe) -> Path | None:
         """The cached, verified package of a compiled recipe on this machine, if made."""
+        recipe = self.bind(recipe)
         return self.packages.file(self.key(recipe), recipe.input_size)
+
+    def bind(self, recipe: Recipe) -> Recipe:
+        """The recipe for this baseline's layout (``recipes.bind``): every method takes
+        registered recipes as they are and builds them for the model at hand."""
+        return bind(recipe, self.baseline.model)
 
     def forget(self) -> None:
         """Drop every model held in memory but the baseline (they reload from the store)."""

@@ -19,10 +19,11 @@ import torch.distributed
 
 from leanvgg import cache
 from leanvgg.compare import ComparisonResult, Settings, compare
-from leanvgg.data import DataUnavailable, cifar10, group_index_tensor, stratified_subset
+from leanvgg.data import (DataUnavailable, cifar10, folder_classes, group_index_tensor,
+                          stratified_subset)
 from leanvgg.distributed import distributed_context
 from leanvgg.evaluate import (Labelled, MappingError, cifar10_test, evaluate, image_folder,
-                              load_mapping, save_report)
+                              labelled_folder, load_mapping, save_report, split)
 from leanvgg.capabilities import FORMATS as EXPORT_FORMATS
 from leanvgg.export import ExportError, export_each
 from leanvgg.export import check as check_export
@@ -32,8 +33,9 @@ from leanvgg.runtimes import AUTO
 from leanvgg.runtimes import CHOICES as RUNTIME_CHOICES
 from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
-from leanvgg.models import WEIGHTS_CHOICES, WeightsError, load_baseline
-from leanvgg.recipes import RECIPES
+from leanvgg.labels import Labels, LabelsError, attach, read_labels, remember
+from leanvgg.models import WEIGHTS_CHOICES, Baseline, WeightsError, load_baseline
+from leanvgg.recipes import RECIPES, at_input_size, finetune_loss
 from leanvgg.machine import native_bf16
 from leanvgg.documents import SEARCH, SEARCH_PLOT, TUNED
 from leanvgg.store import CacheError, Store
@@ -134,8 +136,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     weights_only = _Parser(add_help=False)
     weights_only.add_argument(
         "--weights", default="auto", metavar="W",
-        help=f"{' | '.join(WEIGHTS_CHOICES)} | PATH to a VGG-19 state dict (default: auto = "
-             "ImageNet when cached or downloadable, otherwise seeded random weights)")
+        help=f"{' | '.join(WEIGHTS_CHOICES)} | PATH to your own VGG's weights: any torchvision "
+             "VGG (vgg11…vgg19, _bn), any class count, as a state dict, a checkpoint holding "
+             "one, or .safetensors (default: auto = ImageNet VGG-19 when cached or "
+             "downloadable, otherwise seeded random weights)")
+    weights_only.add_argument(
+        "--labels", metavar="FILE", default=None,
+        help="the model's class names: one per line, or a JSON list, in output order "
+             "(default: those last given for these weights, a labelled --data folder's "
+             "sub-folder names, ImageNet's for 1,000 classes, else 'class 0' … 'class N-1')")
+    weights_only.add_argument(
+        "--input-size", type=_positive, default=224, metavar="PX",
+        help="the input size the model was trained at (default 224); res160 and turbo160 "
+             "run at 160/224 of it")
     calibration = _Parser(add_help=False)
     calibration.add_argument(
         "--calibration", metavar="DIR", default=None, type=_folder,
@@ -156,10 +169,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     # A labelled set, as 'evaluate' and 'tune' read it (see _labelled).
     labelled = _Parser(add_help=False)
     labelled.add_argument(
-        "--dataset", choices=("cifar10", "imagenet", "folder"), default="cifar10",
-        help="cifar10: the test split mapped to ImageNet groups; imagenet: a validation folder "
-             "of the 1000 WordNet-id folders; folder: any ImageFolder with --mapping "
-             "(default cifar10)")
+        "--dataset", choices=("cifar10", "imagenet", "folder"), default=None,
+        help="folder: a labelled image folder, one sub-folder per label named after the "
+             "model's labels (the default for a model with its own classes; with --mapping, "
+             "any folder mapped to ImageNet classes); cifar10: the test split mapped to "
+             "ImageNet groups (the default for 1,000-class models); imagenet: a validation "
+             "folder of the 1000 WordNet-id folders")
     labelled.add_argument(
         "--data", metavar="DIR", default=None,
         help="the data folder (for cifar10: holding cifar-10-batches-py/; default: download)")
@@ -214,15 +229,20 @@ def _add_build(commands, shared: _Shared) -> None:
 def _add_finetune(commands, shared: _Shared) -> None:
     fit = commands.add_parser(
         "finetune", parents=[shared.weights_only],
-        help="recover the pruned variants' accuracy on CIFAR-10 (also under torchrun)",
-        description="Fine-tune the pruned model on a class-stratified CIFAR-10 subset (each CIFAR "
-                    "class as the union of its ImageNet classes) and cache the result, so "
-                    "'pruned' and 'pruned_quantized' become fine-tuned. Under "
-                    "'torchrun --nproc-per-node N' it trains with DistributedDataParallel.")
+        help="recover the pruned variants' accuracy on your data (also under torchrun)",
+        description="Fine-tune the pruned model and cache the result, so 'pruned' and "
+                    "'pruned_quantized' become fine-tuned. A model with its own classes trains "
+                    "with cross-entropy on --data DIR, a labelled image folder (one sub-folder "
+                    "per label, torchvision's ImageFolder layout); ImageNet's 1,000-class "
+                    "VGG-19 on a class-stratified CIFAR-10 subset (each CIFAR class as the "
+                    "union of its ImageNet classes). Under 'torchrun --nproc-per-node N' it "
+                    "trains with DistributedDataParallel.")
     fit.add_argument("--data", metavar="DIR", default=None,
-                     help="folder holding cifar-10-batches-py/ (default: download CIFAR-10)")
-    fit.add_argument("--subset", type=_positive, default=DEFAULT_SUBSET,
-                     help=f"training images, stratified by class (default {DEFAULT_SUBSET})")
+                     help="a labelled image folder (your own classes), or for ImageNet models "
+                          "a folder holding cifar-10-batches-py/ (default: download CIFAR-10)")
+    fit.add_argument("--subset", type=_positive, default=None,
+                     help="training images, stratified by class (default: every image of an "
+                          f"image folder; {DEFAULT_SUBSET} of CIFAR-10)")
     fit.add_argument("--epochs", type=_positive, default=1, help="epochs (default 1)")
     fit.add_argument("--batch-size", type=_positive, default=16,
                      help="global batch size (default 16)")
@@ -246,6 +266,9 @@ def _add_tune(commands, shared: _Shared) -> None:
                     "measured). Ctrl-C keeps every finished candidate; rerunning resumes. Under "
                     "'torchrun --nproc-per-node N' accuracy is counted over N shards; latency "
                     "is measured by rank 0 alone.")
+    tn.add_argument("--val", metavar="DIR", default=None,
+                    help="validation images of the model's own classes (default: 20 %% of each "
+                         "class of --data, held out with seed 0; the report says so)")
     tn.add_argument("--output", metavar="FILE", default=None,
                     help="also write the search's report (report schema) to FILE, atomically")
     tn.add_argument("--max-drop", type=float, required=True,
@@ -268,9 +291,10 @@ def _add_tune(commands, shared: _Shared) -> None:
     tn.add_argument("--ranks", type=_int_list, default=(0,), metavar="A,B",
                     help="inner widths of classifier.0 factorised by truncated SVD (0: not "
                          "factorised; e.g. 0,512,256; default 0)")
-    tn.add_argument("--finetune-subset", type=int, default=0,
-                    help="CIFAR-10 training images for one recovery epoch per pruned model "
-                         "(default 0: no fine-tuned candidates; --dataset cifar10 only)")
+    tn.add_argument("--finetune-subset", type=_non_negative, default=0,
+                    help="training images (the folder's training part, or CIFAR-10's) for one "
+                         "recovery epoch per pruned model (default 0: no fine-tuned "
+                         "candidates)")
     tn.add_argument("--runs", type=_positive, default=10, help="timed runs (default 10)")
     tn.add_argument("--warmup", type=_non_negative, default=2, help="warm-up runs (default 2)")
     tn.set_defaults(func=_tune)
@@ -360,8 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
-    except (ImageError, WeightsError, DataUnavailable, MappingError, NotTuned,
+        code = args.func(args)
+        if code == 0 and getattr(args, "labelled_model", None):
+            store, baseline = args.labelled_model
+            remember(store, baseline.weights_id, baseline.labels)
+        return code
+    except (ImageError, WeightsError, LabelsError, DataUnavailable, MappingError, NotTuned,
             CacheError, ExportError, MissingRuntime, LoadError, OutputError) as err:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
@@ -402,11 +430,39 @@ def _write_output(path: Path, report: dict) -> None:
         raise OutputError(f"cannot write {str(path)!r}: {err.strerror or err}.") from None
 
 
+def _baseline(args: argparse.Namespace, store: Store, folder: str | None = None) -> Baseline:
+    """The model the command works on, with its labels (``labels.attach``): checked, like the
+    label file, before anything is built or cached. ``folder``: a labelled image folder whose
+    sub-folder names label a model that has no names of its own."""
+    given = read_labels(args.labels) if args.labels else None
+    baseline = load_baseline(args.weights, input_size=args.input_size)
+    names = None
+    if folder is not None and not _is_cifar(folder):
+        names = Labels(folder_classes(folder), f"folder {folder}")
+    baseline = attach(baseline, store, given, names)
+    args.labelled_model = store, baseline  # its labels are kept once the command succeeds
+    return baseline
+
+
+def _is_cifar(folder: str) -> bool:
+    return (Path(folder) / "cifar-10-batches-py").is_dir()
+
+
+def _header(baseline: Baseline) -> None:
+    """The model's identity, on stderr (stdout carries only the command's output)."""
+    print(f"leanvgg: model {baseline.describe()}", file=sys.stderr)
+    if baseline.labels.note:
+        print(f"leanvgg: note: {baseline.labels.note}", file=sys.stderr)
+
+
 def _compare(args: argparse.Namespace) -> int:
     picture = decode(read_file(args.image))  # fail on a bad image before any model work
     output = _writable(args.output) if args.output else None
-    variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
-                                 store=Store(), calibration=args.calibration,
+    store = Store()
+    baseline = _baseline(args, store)
+    _header(baseline)
+    variant_set = build_variants(baseline, _with_baseline(args.variants),
+                                 store=store, calibration=args.calibration,
                                  runtime=args.runtime, threads=args.threads)
     result = compare(picture, variant_set,
                      Settings(runs=args.runs, warmup=args.warmup, threads=args.threads,
@@ -424,7 +480,10 @@ def _with_baseline(names: list[str] | None) -> list[str] | None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    variant_set = build_variants(load_baseline(args.weights), args.variants, store=Store(),
+    store = Store()
+    baseline = _baseline(args, store)
+    _header(baseline)
+    variant_set = build_variants(baseline, args.variants, store=store,
                                  calibration=args.calibration, runtime=args.runtime,
                                  threads=args.threads)
     for variant in variant_set.variants.values():
@@ -436,40 +495,73 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    size = RECIPES[args.variant].input_size
-    dataset = stratified_subset(cifar10(args.data, train=True, size=size), args.subset,
-                                seed=args.seed)
-    _, facts = finetune_variant(load_baseline(args.weights), dataset, group_index_tensor(),
-                                name=args.variant, store=Store(), epochs=args.epochs, lr=args.lr,
+    store = Store()
+    baseline = _baseline(args, store, folder=args.data)
+    _header(baseline)
+    size = at_input_size(RECIPES[args.variant], baseline.input_size).input_size
+    if finetune_loss(baseline.model) == "grouped-nll":  # ImageNet's classes: CIFAR-10 groups
+        if args.data is not None and not _is_cifar(args.data):
+            raise DataUnavailable(
+                f"{args.data!r} holds no cifar-10-batches-py/: a 1,000-class (ImageNet) model "
+                "is fine-tuned on CIFAR-10, each CIFAR class the union of its ImageNet classes.")
+        dataset = stratified_subset(cifar10(args.data, train=True, size=size),
+                                    args.subset or DEFAULT_SUBSET, seed=args.seed)
+        membership, loss = group_index_tensor(), "grouped loss"
+    else:
+        if args.data is None:
+            raise DataUnavailable(
+                f"A model with its own {baseline.num_classes} classes is fine-tuned on its own "
+                "images: pass --data DIR, a folder with one sub-folder of images per label.")
+        dataset = labelled_folder(args.data, baseline.labels.names).dataset(size)
+        if args.subset and args.subset < len(dataset):
+            dataset = stratified_subset(dataset, args.subset, seed=args.seed)
+        membership, loss = None, "cross-entropy"
+    _, facts = finetune_variant(baseline, dataset, membership,
+                                name=args.variant, store=store, epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, seed=args.seed)
     rank, world_size = distributed_context()
     if rank == 0:
         stats = facts["finetune"]
         print(f"fine-tuned on {stats['images']} images × {stats['epochs']} epoch(s) in "
-              f"{stats['seconds']:.0f} s on {stats['world_size']} process(es): grouped loss "
+              f"{stats['seconds']:.0f} s on {stats['world_size']} process(es): {loss} "
               f"{stats['first_loss']:.3f} (first 10 %) → {stats['final_loss']:.3f} (last epoch)")
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return 0
 
 
-def _labelled(args: argparse.Namespace) -> Labelled:
-    if args.dataset == "cifar10":
-        labelled = cifar10_test(args.data)
-    elif args.data is None:
-        raise DataUnavailable(f"--dataset {args.dataset} needs --data DIR.")
-    elif args.dataset == "folder" and args.mapping is None:
-        raise MappingError("--dataset folder needs --mapping FILE.")
-    else:
-        labelled = image_folder(args.data, load_mapping(args.mapping)
-                                if args.dataset == "folder" else None)
-    return labelled.subset(args.subset)
+def _dataset_kind(args: argparse.Namespace, baseline: Baseline) -> str:
+    """--dataset, or by default: a folder of the model's own classes, CIFAR-10 for ImageNet's."""
+    if args.dataset is not None:
+        return args.dataset
+    return "cifar10" if finetune_loss(baseline.model) == "grouped-nll" else "folder"
+
+
+def _labelled(args: argparse.Namespace, baseline: Baseline, folder: str | None = None
+              ) -> Labelled:
+    """The labelled set ``--dataset`` names (``folder``: instead of ``--data``), whole."""
+    kind, data = _dataset_kind(args, baseline), folder or args.data
+    if kind == "cifar10":
+        return cifar10_test(data)
+    if data is None:
+        raise DataUnavailable(f"--dataset {kind} needs --data DIR (for a model with its own "
+                              "classes: a folder with one sub-folder of images per label).")
+    if kind == "folder" and args.mapping is None:
+        return labelled_folder(data, baseline.labels.names)
+    if baseline.num_classes != 1000:
+        raise MappingError(f"--dataset {kind}{' with --mapping' if args.mapping else ''} maps "
+                           "folders to ImageNet classes; this model has its own "
+                           f"{baseline.num_classes}: name the sub-folders after its labels and "
+                           "leave out --mapping.")
+    return image_folder(data, load_mapping(args.mapping) if kind == "folder" else None)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    labelled = _labelled(args)
     store = Store()
-    variant_set = build_variants(load_baseline(args.weights), _with_baseline(args.variants),
+    baseline = _baseline(args, store, folder=args.data)
+    _header(baseline)
+    labelled = _labelled(args, baseline).subset(args.subset)
+    variant_set = build_variants(baseline, _with_baseline(args.variants),
                                  store=store, calibration=args.calibration,
                                  runtime=args.runtime, threads=args.threads)
     results = evaluate(variant_set, labelled, batch_size=args.batch_size)
@@ -505,17 +597,10 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
     output = _writable(args.output) if args.output else None
-    validation = _labelled(args)
-    train = None
-    if args.finetune_subset:
-        if args.dataset != "cifar10":
-            raise DataUnavailable("--finetune-subset needs --dataset cifar10.")
-        train = Labelled(f"cifar10-train ({args.finetune_subset} images)",
-                         lambda size: stratified_subset(
-                             cifar10(args.data, train=True, size=size), args.finetune_subset),
-                         group_index_tensor())
-    baseline = load_baseline(args.weights)
     store = Store()
+    baseline = _baseline(args, store, folder=args.data)
+    _header(baseline)
+    validation, train = _tune_data(args, baseline)
     rank, world_size = distributed_context()
     try:
         result = search(baseline, validation, max_drop=args.max_drop, space=space, train=train,
@@ -551,11 +636,38 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_data(args: argparse.Namespace, baseline: Baseline
+               ) -> tuple[Labelled, Labelled | None]:
+    """(validation, training or None): CIFAR-10's test and training splits, or a folder of the
+    model's own classes with --val DIR, or one folder split (seeded, stratified, named so)."""
+    own = _dataset_kind(args, baseline) == "folder" and args.mapping is None
+    if args.val is not None and not own:
+        raise DataUnavailable("--val DIR is for a folder of the model's own classes "
+                              "(--dataset folder without --mapping).")
+    if own and args.data is not None:
+        if args.val is not None:
+            validation, training = _labelled(args, baseline, args.val), _labelled(args, baseline)
+        else:
+            training, validation = split(_labelled(args, baseline))
+    else:
+        validation, training = _labelled(args, baseline), None
+        if args.finetune_subset:
+            if _dataset_kind(args, baseline) != "cifar10":
+                raise DataUnavailable("--finetune-subset needs --dataset cifar10, or a folder "
+                                      "of the model's own classes.")
+            training = Labelled("cifar10-train", lambda size: cifar10(
+                args.data, train=True, size=size), group_index_tensor())
+    train = training.subset(args.finetune_subset) if args.finetune_subset else None
+    return validation.subset(args.subset), train
+
+
 def _export(args: argparse.Namespace) -> int:
     from leanvgg.variants import VariantBuilder
 
-    builder = VariantBuilder(load_baseline(args.weights), Store(), args.calibration,
-                             threads=args.threads)
+    store = Store()
+    baseline = _baseline(args, store)
+    _header(baseline)
+    builder = VariantBuilder(baseline, store, args.calibration, threads=args.threads)
     names = builder.resolve(dict.fromkeys(args.variants))
     formats = list(dict.fromkeys(args.formats or ["pt2"]))
     check_export([builder.registry[name] for name in names], formats)
@@ -616,10 +728,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"leanvgg: error: {err}", file=sys.stderr)
         return 2
     _fewer_malloc_arenas()
+    store = Store()
+    weights: str | Baseline = args.weights
+    if args.labels or args.input_size != 224 or args.weights not in WEIGHTS_CHOICES:
+        # the user's own model or labels: refused in one line before serving, not on the page
+        weights = _baseline(args, store)
+        _header(weights)
+        remember(store, weights.weights_id, weights.labels)
     service = ComparisonService(
-        weights=args.weights, names=_with_baseline(args.variants),
+        weights=weights, names=_with_baseline(args.variants),
         settings=Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
-        limits=limits, store=Store(), calibration=args.calibration, runtime=args.runtime,
+        limits=limits, store=store, calibration=args.calibration, runtime=args.runtime,
         queue_timeout_s=args.queue_timeout)
     try:
         # Bound before the warm-up starts: a taken port fails in a second, not after minutes.
@@ -692,7 +811,9 @@ def format_table(result: ComparisonResult) -> str:
     not_tuned = [v.name for v in facts if v.fine_tuned is False]
     lines += [
         "",
-        f"{result.note}",
+        f"model: {result.model.get('arch')}, {result.model.get('classes')} classes "
+        f"({result.model.get('labels')} labels); {result.note}",
+        *([result.labels_note] if result.labels_note else []),
         f"{result.runs} timed runs after {result.warmup} warm-up, {result.threads} threads, "
         f"{m['cpu']} ({', '.join(m['flags']) or 'no SIMD flags read'}), torch {m['torch']}",
     ]

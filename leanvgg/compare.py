@@ -16,7 +16,6 @@ from leanvgg.images import Batches, Picture
 from leanvgg.machine import machine_facts
 from leanvgg.measure import (Latency, Prediction, Profile, time_models,
                              time_models_iter, top_k, using_threads)
-from leanvgg.models import CATEGORIES
 from leanvgg.schema import SCHEMA_VERSION, Throughput
 from leanvgg.variants import VariantSet
 
@@ -83,6 +82,8 @@ class ComparisonResult:
     created: str
     variants: list[VariantResult] = field(default_factory=list)
     not_ready: dict = field(default_factory=dict)  # variant → its state, when left out
+    model: dict = field(default_factory=dict)  # Baseline.identity(): arch, classes, labels…
+    labels_note: str | None = None  # what to know about the labels (e.g. none were given)
 
     def to_dict(self) -> dict:
         """The report schema's document (``leanvgg.schema``), kind ``compare``."""
@@ -91,7 +92,8 @@ class ComparisonResult:
         return {"schema_version": SCHEMA_VERSION, "kind": "compare", "created": self.created,
                 "machine": self.machine,
                 "config": {"runs": self.runs, "warmup": self.warmup, "threads": self.threads,
-                           "batch_size": self.batch_size, "weights": self.weights},
+                           "batch_size": self.batch_size, "weights": self.weights,
+                           "model": self.model},
                 **fields, "results": [row.to_dict() for row in self.variants]}
 
 
@@ -160,7 +162,7 @@ class Comparison:
                     image_ms=measured.median,
                     profile=profile.to_dict() if profile else None,
                     speedup=speedup, speedup_note=note,
-                    top3=top_k(logits, CATEGORIES, 3),
+                    top3=top_k(logits, self.variant_set.baseline.labels.names, 3),
                     context=dataclasses.replace(variant.run_context(),
                                                 threads=self.threads).record())
 
@@ -194,6 +196,8 @@ class Comparison:
             machine=machine_facts(self.threads),
             variants=rows,
             not_ready=dict(not_ready or {}),
+            model=baseline.identity(),
+            labels_note=baseline.labels.note,
         )
 
 

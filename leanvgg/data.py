@@ -1,8 +1,10 @@
-"""Datasets for recovery and evaluation, and the CIFAR-10 → ImageNet-1k label groups."""
+"""Datasets for recovery and evaluation (a user's labelled image folders, CIFAR-10) and the
+CIFAR-10 → ImageNet-1k label groups."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from leanvgg.images import ImageError, decode, preprocess, read_file
+from leanvgg.images import ImageError, check, decode, preprocess, read_file
 from leanvgg.models import IMAGENET_WEIGHTS
 from leanvgg.store import default_root
 
@@ -121,7 +123,7 @@ def stratified_subset(dataset: Dataset, size: int, *, seed: int = 0) -> Subset:
         chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
     order = torch.cat(chosen)
     order = order[torch.randperm(len(order), generator=generator)]
-    return Subset(dataset, order.tolist())
+    return _with_targets(dataset, order.tolist())
 
 
 def _calibration_tensor(path: Path, size: int) -> torch.Tensor:
@@ -188,3 +190,114 @@ def calibration_batch(size: int, folder: str | Path | None = None, *, seed: int 
             pixels = v2.functional.to_image(image)
             views += [centred, centred.flip(-1), normalise(crop(pixels)), normalise(crop(pixels))]
     return torch.stack(views)
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """A labelled image folder (one sub-folder per label, torchvision's ``ImageFolder``
+    layout), its images checked once: what was taken and what was skipped, and why."""
+
+    root: Path
+    samples: tuple[tuple[Path, int], ...]  # (image file, model class index)
+    classes: tuple[str, ...]  # the sub-folders' names, sorted
+    not_images: int  # files skipped: not a readable image of a supported format
+    outside: int  # symbolic links skipped: they lead out of the folder
+
+    @property
+    def skipped_note(self) -> str | None:
+        parts = [f"{n} {what}" for n, what in ((self.not_images, "files that are not images"),
+                                               (self.outside, "links out of the folder"))
+                 if n]
+        return f"{self.root}: skipped {' and '.join(parts)}" if parts else None
+
+
+def folder_classes(root: str | Path) -> tuple[str, ...]:
+    """The sub-folder names of a labelled image folder, sorted (``ImageFolder``'s order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataUnavailable(f"{str(root)!r} is not a folder.")
+    real = root.resolve()
+    classes = tuple(sorted(entry.name for entry in root.iterdir()
+                           if entry.is_dir() and not entry.name.startswith(".")
+                           and entry.resolve().is_relative_to(real)))
+    if not classes:
+        raise DataUnavailable(f"{str(root)!r} holds no class sub-folders: a labelled image "
+                              "folder has one sub-folder of images per label.")
+    return classes
+
+
+def scan_folder(root: str | Path, labels: Sequence[str]) -> FolderScan:
+    """Every image of a labelled folder, with its class's index in ``labels`` (the model's
+    class names). Each sub-folder must be named after one of them; files that are not images
+    and links leading out of the folder are skipped and counted."""
+    root = Path(root)
+    classes = folder_classes(root)
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = [name for name in classes if name not in index]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise DataUnavailable(
+            f"{str(root)!r}: {len(unknown)} sub-folder(s) named after no class of the model "
+            f"({shown}); the model's classes are {', '.join(repr(n) for n in labels[:5])}"
+            f"{' …' if len(labels) > 5 else ''} (pass --labels FILE to name them).")
+    real = root.resolve()
+    samples, not_images, outside = [], 0, 0
+    for name in classes:
+        for folder, dirs, files in os.walk(root / name):  # links to folders are not followed
+            dirs.sort()
+            for file in sorted(files):
+                path = Path(folder) / file
+                if not path.resolve().is_relative_to(real):
+                    outside += 1
+                    continue
+                try:
+                    check(read_file(path))
+                except (ImageError, OSError):
+                    not_images += 1
+                    continue
+                samples.append((path, index[name]))
+    if not samples:
+        raise DataUnavailable(f"{str(root)!r} holds no images in its class sub-folders "
+                              f"({not_images} other files).")
+    return FolderScan(root, tuple(samples), classes, not_images, outside)
+
+
+class FolderImages(Dataset):
+    """A scanned folder's images at a model's input size: (normalised tensor, class index);
+    decoded with the uploads' own checks and bounds."""
+
+    def __init__(self, scan: FolderScan, size: int) -> None:
+        self.scan = scan
+        self.size = size
+        self.targets = [target for _, target in scan.samples]  # for stratified_subset
+
+    def __len__(self) -> int:
+        return len(self.scan.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.scan.samples[index]
+        return preprocess(decode(read_file(path)).square, self.size)[0], target
+
+
+def stratified_split(dataset: Dataset, held_out: float, *, seed: int = 0
+                     ) -> tuple[Subset, Subset]:
+    """(training, validation): ``held_out`` of every class's images (at least one) for
+    validation, chosen reproducibly by ``seed``; the rest for training."""
+    if not 0 < held_out < 1:
+        raise DataUnavailable(f"Invalid held-out share {held_out}: it must be in (0, 1).")
+    targets = torch.as_tensor(dataset.targets)
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for label in targets.unique().tolist():
+        members = torch.nonzero(targets == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = max(1, round(held_out * len(members))) if len(members) > 1 else 0
+        val += members[:n_val].tolist()
+        train += members[n_val:].tolist()
+    return _with_targets(dataset, sorted(train)), _with_targets(dataset, sorted(val))
+
+
+def _with_targets(dataset: Dataset, indices: list[int]) -> Subset:
+    subset = Subset(dataset, indices)
+    subset.targets = [dataset.targets[i] for i in indices]  # stratified_subset reads them
+    return subset

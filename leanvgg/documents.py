@@ -18,6 +18,7 @@ TUNED = "tuned"  # ``leanvgg tune``'s latest choice, registered as the ``tuned``
 SEARCH = "tune"  # ``leanvgg tune``'s latest search: every candidate (its resume file)
 PROFILES = "profiles"  # the server's latency profiles, per variant and machine
 RUNTIME_CHOICES = "runtimes"  # the runtime measured fastest per variant, CPU and versions
+LABELS = "labels"  # the class names last given per set of weights (leanvgg.labels)
 SEARCH_PLOT = "tune.png"  # the latest search's Pareto plot
 SUFFIX = ".report.json"
 

@@ -1,15 +1,17 @@
-"""Accuracy of every variant on a labelled set whose labels are groups of ImageNet classes.
+"""Accuracy of every variant on a labelled set whose labels are groups of the model's classes.
 
-One mechanism serves every kind of labelled data: label g stands for a set of ImageNet classes
-(row g of a groups × 1000 membership matrix), and the predicted label is the group with the
-largest summed probability. CIFAR-10 uses its ten groups, a full ImageNet validation folder the
-identity, any other folder a mapping file.
+One mechanism serves every kind of labelled data: label g stands for a set of the model's
+classes (row g of a groups × classes membership matrix), and the predicted label is the group
+with the largest summed probability. A folder named after the model's own classes uses the
+identity; for ImageNet models CIFAR-10 uses its ten groups, a full ImageNet validation folder
+the identity, any other folder a mapping file.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,8 @@ from torchvision import datasets
 from tqdm.auto import tqdm
 
 from leanvgg.builder import evaluation_key
-from leanvgg.data import (DataUnavailable, cifar10, group_index_tensor, group_probabilities,
-                          stratified_subset)
+from leanvgg.data import (DataUnavailable, FolderImages, cifar10, group_index_tensor,
+                          group_probabilities, scan_folder, stratified_split, stratified_subset)
 from leanvgg.distributed import distributed_context
 from leanvgg.facts import Accuracy
 from leanvgg.images import preprocess
@@ -29,6 +31,8 @@ from leanvgg.stats import wilson
 from leanvgg.documents import EVALUATION
 from leanvgg.store import Store
 from leanvgg.variants import VariantSet
+
+log = logging.getLogger(__name__)
 
 
 class MappingError(ValueError):
@@ -41,7 +45,7 @@ class Labelled:
 
     name: str
     dataset: Callable[[int], Dataset]
-    membership: torch.Tensor  # groups × 1000
+    membership: torch.Tensor  # groups × the model's classes
 
     def subset(self, size: int, *, seed: int = 0) -> Labelled:
         """The same images for every input size: a class-stratified, seeded choice of ``size``."""
@@ -102,6 +106,29 @@ def image_folder(root: str | Path, mapping: dict[str, list[int]] | None = None) 
             image.convert("RGB"), size)[0])
 
     return Labelled(Path(root).name, at_size, membership)
+
+
+def labelled_folder(root: str | Path, labels: Sequence[str]) -> Labelled:
+    """A folder whose sub-folders are named after the model's own classes: each image's label
+    is its class's index (no mapping), every prediction is over all of the model's classes."""
+    scan = scan_folder(root, labels)
+    if scan.skipped_note:
+        log.warning(scan.skipped_note)
+    return Labelled(Path(root).name, lambda size: FolderImages(scan, size),
+                    torch.eye(len(labels)))
+
+
+def split(labelled: Labelled, held_out: float = 0.2, *, seed: int = 0
+          ) -> tuple[Labelled, Labelled]:
+    """(training, validation) parts of one labelled set: ``held_out`` of every class for
+    validation, seeded; each part's name states the split."""
+    def part(index: int) -> Callable[[int], Dataset]:
+        return lambda size: stratified_split(labelled.dataset(size), held_out, seed=seed)[index]
+
+    share = f"{held_out:.0%} of each class held out, seed {seed}"
+    return (Labelled(f"{labelled.name} (training part: {share})", part(0), labelled.membership),
+            Labelled(f"{labelled.name} (validation part: {share})", part(1),
+                     labelled.membership))
 
 
 def load_mapping(path: str | Path) -> dict[str, list[int]]:

@@ -29,7 +29,7 @@ from leanvgg.interop import (INPUT, onnxruntime_settings, openvino_config, openv
                              write_onnx, write_openvino)
 from leanvgg.machine import machine_facts
 from leanvgg.measure import Profile
-from leanvgg.models import layout_of
+from leanvgg.models import Baseline, layout_of
 from leanvgg.portable import save as save_safetensors
 from leanvgg.recipes import Recipe
 from leanvgg.runtime import MAX_BATCH, package
@@ -109,8 +109,8 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
     formats[fmt] = {"files": [p.name for p in _files(path)], **entry, "runtime": runtime,
                     "accuracy": evaluations.get(evaluation_key(_on(variant, runtime)))}
     layout = layout_of(builder.float_model(variant.recipe))
-    write_atomic(model_json, json.dumps(describe(variant, formats, profile, layout),
-                                        indent=2).encode())
+    write_atomic(model_json, json.dumps(describe(variant, formats, profile, layout,
+                                                 builder.baseline), indent=2).encode())
     for written in (*_files(path), model_json):
         _readable(written)
     return Exported(variant.name, fmt, path, model_json)
@@ -181,10 +181,11 @@ def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.onnx"
     calibration = calibration_of(variant.recipe)
     write_onnx(builder.float_model(variant.recipe), variant.input_size, path,
-               calibration=calibration)
+               calibration=calibration, metadata=file_metadata(builder.baseline))
     settings = onnxruntime_settings(builder.context.threads)
     options = "".join(f"options.{name} = {value}; " for name, value in settings.items())
-    return path, {"run": f"options = onnxruntime.SessionOptions(); {options}"
+    return path, {"labels": "metadata_props 'labels' (a JSON list, in output order)",
+                  "run": f"options = onnxruntime.SessionOptions(); {options}"
                          f"onnxruntime.InferenceSession({path.name!r}, options, providers="
                          f"['CPUExecutionProvider']).run(None, {{{INPUT!r}: x.numpy()}})[0]",
                   "settings": settings, "input_name": INPUT, "batch": "any",
@@ -196,11 +197,13 @@ def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict
     path = out / f"{variant.name}.xml"
     calibration = calibration_of(variant.recipe)
     write_openvino(openvino_model(builder.float_model(variant.recipe), variant.input_size,
-                                  calibration=calibration), path)
+                                  calibration=calibration), path,
+                   metadata=file_metadata(builder.baseline))
     # what leanvgg compiles it with: OpenVINO would otherwise run what is not INT8 in bf16 on
     # CPUs with native bf16
     settings = openvino_config(builder.context.threads)
-    return path, {"run": f"openvino.Core().compile_model({path.name!r}, 'CPU', {settings!r})"
+    return path, {"labels": "rt_info ['leanvgg', 'labels'] (a JSON list, in output order)",
+                  "run": f"openvino.Core().compile_model({path.name!r}, 'CPU', {settings!r})"
                          "(x.numpy())[0]", "settings": settings, "batch": "any",
                   **_int8_note(variant, "NNCF's post-training quantization", calibration)}
 
@@ -215,7 +218,8 @@ def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, d
         "steps": [step.to_json() for step in variant.recipe.steps],
         "kept": {k: facts.reports[k] for k in ("pruning", "neuron_pruning")
                  if facts.reports.get(k)},
-        "artifact": variant.artifact})
+        "artifact": variant.artifact, "labels": list(builder.baseline.labels.names),
+        "model": builder.baseline.identity()})
     return path, {"run": f"leanvgg.load({path.name!r})(x)", "batch": "any",
                   "precision": _precision_name(variant),
                   "note": "plain tensors (no pickles); the metadata rebuilds the model"}
@@ -245,7 +249,15 @@ def _described_formats(model_json: Path, artifact: str) -> dict:
             if all((model_json.parent / name).exists() for name in entry.get("files", []))}
 
 
-def describe(variant: Variant, formats: dict, profile: Profile | None, layout: dict) -> dict:
+def file_metadata(baseline: Baseline) -> dict[str, str]:
+    """What a model file carries where its format has a place for it (ONNX metadata_props,
+    OpenVINO rt_info): the labels in output order and the model's identity, as JSON."""
+    return {"labels": json.dumps(list(baseline.labels.names)),
+            "model": json.dumps(baseline.identity())}
+
+
+def describe(variant: Variant, formats: dict, profile: Profile | None, layout: dict,
+             baseline: Baseline) -> dict:
     """``model.json``: how to feed it, what it is, what was measured, with which versions."""
     facts = variant.facts
     machine = machine_facts(variant.context.threads)
@@ -256,7 +268,9 @@ def describe(variant: Variant, formats: dict, profile: Profile | None, layout: d
         "formats": formats,
         "input_size": variant.input_size,
         "preprocessing": preprocessing(variant.input_size),
-        "output": "logits, N×1000 (ImageNet-1k classes in torchvision's order)",
+        "output": f"logits, N×{baseline.num_classes} (the classes of 'labels', in order)",
+        "labels": list(baseline.labels.names),
+        "model": baseline.identity(),
         "recipe": {"name": variant.recipe.name,
                    "steps": [step.to_json() for step in variant.recipe.steps]},
         "artifact": variant.artifact,

@@ -1,4 +1,5 @@
-"""Recovery training after pruning: CIFAR-10 classes as unions of ImageNet classes.
+"""Recovery training after pruning: on the model's own labelled images (cross-entropy), or for
+ImageNet's 1,000 classes on CIFAR-10, each CIFAR class the union of its ImageNet classes.
 
 Plain functions in the shape of torchvision's reference ``train.py``. The same code runs in one
 process or under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on GPU), where each
@@ -47,8 +48,8 @@ def grouped_nll(logits: torch.Tensor, targets: torch.Tensor,
 class FinetuneStats:
     images: int  # per epoch, over all ranks
     epochs: int
-    final_loss: float  # mean grouped loss of the last epoch
-    first_loss: float  # mean grouped loss of the first 10 % of the first epoch
+    final_loss: float  # mean loss of the last epoch
+    first_loss: float  # mean loss of the first 10 % of the first epoch
     seconds: float
     world_size: int
 
@@ -58,8 +59,16 @@ class FinetuneStats:
                 "world_size": self.world_size}
 
 
+def recovery_loss(logits: torch.Tensor, targets: torch.Tensor,
+                  membership: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy on the model's own classes, or (``membership``) the grouped loss."""
+    if membership is None:
+        return F.cross_entropy(logits, targets)
+    return grouped_nll(logits, targets, membership)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    membership: torch.Tensor, *, epoch: int, show: bool) -> list[float]:
+                    membership: torch.Tensor | None, *, epoch: int, show: bool) -> list[float]:
     """One pass over ``loader``; returns the loss of every step (this rank's batch)."""
     model.train()
     losses = []
@@ -67,7 +76,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     started = time.perf_counter()
     seen = 0
     for images, targets in bar:
-        loss = grouped_nll(model(images), targets, membership)
+        loss = recovery_loss(model(images), targets, membership)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -78,10 +87,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     return losses
 
 
-def finetune(model: nn.Module, dataset: Dataset, membership: torch.Tensor, *, epochs: int = 1,
-             lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
+def finetune(model: nn.Module, dataset: Dataset, membership: torch.Tensor | None, *,
+             epochs: int = 1, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
              progress: bool = True) -> tuple[nn.Module, FinetuneStats]:
-    """A fine-tuned copy of ``model`` (Adam, grouped loss); the input model is untouched.
+    """A fine-tuned copy of ``model`` (Adam; cross-entropy, or the grouped loss when
+    ``membership`` is given); the input model is untouched.
 
     ``batch_size`` is the global batch: under torchrun each of N ranks takes batch_size / N.
     """
@@ -119,18 +129,23 @@ def _global_mean(values: list[float], world_size: int) -> float:
     return float(mean)
 
 
-def fine_tune_step(builder: Builder, recipe: Recipe, dataset: Dataset, membership: torch.Tensor,
-                   *, replace: bool = False, **train) -> tuple[nn.Module, dict, str]:
+def fine_tune_step(builder: Builder, recipe: Recipe, dataset: Dataset,
+                   membership: torch.Tensor | None, *, replace: bool = False,
+                   **train) -> tuple[nn.Module, dict, str]:
     """The artifact of the recipe's FineTune step: trained on ``dataset`` when missing (always,
-    with ``replace``), stored by ``builder``, returned with its facts and key.
+    with ``replace``), stored by ``builder``, returned with its facts and key. The step's loss
+    (``recipes.finetune_loss``) decides: cross-entropy ignores ``membership``.
 
     Under torchrun rank 0 first builds the model training starts from (the others load it),
     every rank trains (DistributedDataParallel), rank 0 stores the result, and all return once
     it is stored.
     """
+    recipe = builder.bind(recipe)
     position = next((i for i, s in enumerate(recipe.steps) if isinstance(s, FineTune)), None)
     if position is None:
         raise ValueError(f"Invalid variant {recipe.name!r}: its recipe has no fine-tuning step.")
+    if recipe.steps[position].loss == "cross-entropy":
+        membership = None
     with rank_zero_first():
         builder.artifact(recipe, position)
 

@@ -72,13 +72,16 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 def write_onnx(model: nn.Module, input_size: int, path: Path, *,
-               calibration: torch.Tensor | None = None) -> None:
+               calibration: torch.Tensor | None = None,
+               metadata: dict[str, str] | None = None) -> None:
     """``model`` as ONNX (any batch size) at ``path``; with ``calibration`` (N×3×H×W,
-    preprocessed) static INT8 QDQ: weights INT8 per output channel, activations UINT8."""
+    preprocessed) static INT8 QDQ: weights INT8 per output channel, activations UINT8.
+    ``metadata``: written to the model's ``metadata_props`` (e.g. its labels)."""
     require("onnx")
     if calibration is None:
         with stdout_to_stderr():
             _export_onnx(model, input_size, path)
+        _set_onnx_metadata(path, metadata)
         return
     quantization = require("onnxruntime.quantization")
     with tempfile.TemporaryDirectory(prefix="leanvgg-onnx-") as folder, stdout_to_stderr():
@@ -97,6 +100,17 @@ def write_onnx(model: nn.Module, input_size: int, path: Path, *,
             str(fp32), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
             per_channel=True, activation_type=quantization.QuantType.QUInt8,
             weight_type=quantization.QuantType.QInt8)
+    _set_onnx_metadata(path, metadata)
+
+
+def _set_onnx_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+    if not metadata:
+        return
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    kept = {p.key: p.value for p in model.metadata_props if p.key not in metadata}
+    onnx.helper.set_model_props(model, {**kept, **metadata})
+    onnx.save(model, str(path))
 
 
 def _export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
@@ -128,9 +142,12 @@ def openvino_model(model: nn.Module, input_size: int, *,
         return nncf.quantize(converted, dataset, subset_size=len(calibration))
 
 
-def write_openvino(ov_model, path: Path) -> None:
+def write_openvino(ov_model, path: Path, metadata: dict[str, str] | None = None) -> None:
     """IR at ``path`` (.xml) and its .bin, weights kept at their precision (OpenVINO would
-    otherwise halve FP32 weights to FP16 on saving)."""
+    otherwise halve FP32 weights to FP16 on saving); ``metadata`` in its ``rt_info`` under
+    ``leanvgg`` (``model.get_rt_info(["leanvgg", key])``)."""
+    for key, value in (metadata or {}).items():
+        ov_model.set_rt_info(value, ["leanvgg", key])
     require("openvino").save_model(ov_model, str(path), compress_to_fp16=False)
 
 

@@ -7,7 +7,7 @@ import io
 import math
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -232,8 +232,8 @@ class Prediction:
     prob: float
 
 
-def top_k(logits: torch.Tensor, categories: list[str], k: int = 3) -> list[Prediction]:
-    """The k most probable classes of the first row of ``logits``."""
+def top_k(logits: torch.Tensor, categories: Sequence[str], k: int = 3) -> list[Prediction]:
+    """The k most probable classes (all, if fewer) of the first row of ``logits``."""
     probs = torch.softmax(logits[0].float(), dim=0)
-    values, indices = torch.topk(probs, k)
+    values, indices = torch.topk(probs, min(k, probs.numel()))
     return [Prediction(categories[i], i, float(p)) for p, i in zip(values, indices.tolist())]

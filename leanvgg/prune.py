@@ -14,6 +14,21 @@ from torchvision.models import VGG
 # The 9 deepest convolutions of VGG-19 (`features` indices): conv3_4, conv4_*, conv5_*.
 VGG19_DEEP_CONVS = (16, 19, 21, 23, 25, 28, 30, 32, 34)
 
+
+def deep_convs(model: VGG) -> tuple[int, ...]:
+    """The convs the article prunes, generalised to every VGG: the last conv of block 3 and
+    every conv of blocks 4 and 5 (`features` indices; for VGG-19 exactly VGG19_DEEP_CONVS)."""
+    blocks: list[list[int]] = [[]]
+    for index, module in enumerate(model.features):
+        if isinstance(module, nn.Conv2d):
+            blocks[-1].append(index)
+        elif isinstance(module, nn.MaxPool2d):
+            blocks.append([])
+    blocks = [b for b in blocks if b]
+    if len(blocks) < 5:
+        raise ValueError(f"Invalid VGG: {len(blocks)} blocks of convs, not VGG's five.")
+    return (blocks[2][-1], *blocks[3], *blocks[4])
+
 Importance = Callable[[torch.Tensor], torch.Tensor]
 """Conv weight (out × in × kh × kw) in, one score per output filter out; low scores are removed."""
 

@@ -16,7 +16,7 @@ from torch import nn
 from leanvgg.context import INDUCTOR
 from leanvgg.data import calibration_batch, calibration_digest
 from leanvgg.lowrank import factorize_linear, retained_energy
-from leanvgg.prune import VGG19_DEEP_CONVS, VGG19_HIDDEN_LINEARS, prune_filters, prune_neurons
+from leanvgg.prune import VGG19_HIDDEN_LINEARS, deep_convs, prune_filters, prune_neurons
 from leanvgg.quantize import quantize_dynamic_int8, quantize_static_int8, static_int8_skeleton
 from leanvgg.runtime import to_bf16
 
@@ -41,15 +41,20 @@ class Step(Protocol):
 
 @dataclass(frozen=True)
 class Prune:
-    """Structured L2-norm filter pruning; the smaller layout is stored with the artifact."""
+    """Structured L2-norm filter pruning; the smaller layout is stored with the artifact.
+
+    ``layers`` None: the article's rule, the last conv of block 3 and every conv of blocks 4
+    and 5 (``prune.deep_convs``), filled in for the model at hand by ``bind``.
+    """
 
     automatic: ClassVar[bool] = True
     ratio: float = 0.10
-    layers: tuple[int, ...] = VGG19_DEEP_CONVS
+    layers: tuple[int, ...] | None = None
     multiple_of: int = 1
 
     def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
-        pruned, report = prune_filters(model, ratio=self.ratio, layers=self.layers,
+        layers = self.layers if self.layers is not None else deep_convs(model)
+        pruned, report = prune_filters(model, ratio=self.ratio, layers=layers,
                                        multiple_of=self.multiple_of)
         return pruned, {"pruning": [layer.to_dict() for layer in report], "fine_tuned": False}
 
@@ -57,6 +62,9 @@ class Prune:
         return model  # the stored layout already has the pruned channel counts
 
     def to_json(self) -> dict:
+        if self.layers is None:
+            raise ValueError("Prune(layers=None) names its convs once bound to a model "
+                             "(recipes.bind).")
         spec = {"op": "prune", "criterion": "l2_norm", "ratio": self.ratio,
                 "layers": list(self.layers)}
         return spec if self.multiple_of == 1 else {**spec, "multiple_of": self.multiple_of}
@@ -194,12 +202,18 @@ class FineTune:
     epochs: int | None = None
     seed: int = 0
     input_size: int = 224  # the resolution it trains at
+    # "grouped-nll": CIFAR-10 classes as groups of ImageNet's (1,000-class models);
+    # "cross-entropy": the model's own classes. None: by the model's classes (``bind``).
+    loss: str | None = None
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         return model
 
     def to_json(self) -> dict:
-        spec = {"op": "finetune", "loss": "grouped-nll"}
+        if self.loss is None:
+            raise ValueError("FineTune(loss=None) names its loss once bound to a model "
+                             "(recipes.bind).")
+        spec = {"op": "finetune", "loss": self.loss}
         if self.data is None:
             return spec
         return {**spec, "data": self.data, "lr": self.lr, "epochs": self.epochs,
@@ -223,8 +237,41 @@ def skeleton_step(spec: dict) -> Step:
     if op == "cast":
         return CastBf16()
     if op == "finetune":
-        return FineTune()
+        return FineTune(loss=spec.get("loss"))
     raise ValueError(f"Invalid step {spec!r}: not one leanvgg makes.")
+
+
+def finetune_loss(model: nn.Module) -> str:
+    """The recovery loss for a model: ImageNet's 1,000 classes are trained on CIFAR-10 as
+    groups of them; a model with its own classes on its own labelled images."""
+    return "grouped-nll" if model.classifier[-1].out_features == 1000 else "cross-entropy"
+
+
+def bind(recipe: Recipe, model: nn.Module) -> Recipe:
+    """The recipe with what depends on the model's layout filled in (the convs ``Prune``
+    removes filters from, the loss of ``FineTune``); a bound recipe is returned unchanged."""
+    steps = tuple(
+        dataclasses.replace(step, layers=deep_convs(model))
+        if isinstance(step, Prune) and step.layers is None else
+        dataclasses.replace(step, loss=finetune_loss(model))
+        if isinstance(step, FineTune) and step.loss is None else step
+        for step in recipe.steps)
+    return recipe if steps == recipe.steps else dataclasses.replace(recipe, steps=steps)
+
+
+def at_input_size(recipe: Recipe, native: int) -> Recipe:
+    """A registered recipe for a model trained at ``native`` pixels instead of 224: every
+    size (the input, calibration, training) scaled by native/224, so res160 is 160/224 of it."""
+    if native == 224:
+        return recipe
+
+    def size(value: int) -> int:
+        return max(32, round(value * native / 224))
+
+    steps = tuple(dataclasses.replace(step, input_size=size(step.input_size))
+                  if isinstance(step, (QuantizeStaticInt8, FineTune)) else step
+                  for step in recipe.steps)
+    return dataclasses.replace(recipe, steps=steps, input_size=size(recipe.input_size))
 
 
 def artifact_key(previous: str | None, step: dict | None = None, *,
@@ -269,8 +316,9 @@ _TURBO_PRUNE = Prune(multiple_of=16)
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
-        Recipe("baseline", "torchvision VGG-19, FP32", article=True),
-        Recipe("pruned", "10% lowest-L2 filters of the 9 deepest convs removed (+ fine-tuning)",
+        Recipe("baseline", "the VGG as given, FP32", article=True),
+        Recipe("pruned", "10% lowest-L2 filters removed from the last conv of block 3 and all "
+               "of blocks 4-5 (+ fine-tuning)",
                steps=(Prune(), FineTune()), article=True),
         Recipe("quantized", "dynamic INT8 of the 3 Linear layers", steps=(QuantizeDynamicInt8(),),
                article=True),

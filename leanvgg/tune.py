@@ -34,7 +34,7 @@ from leanvgg.evaluate import Labelled, count
 from leanvgg.finetune import fine_tune_step
 from leanvgg.measure import Latency, time_models
 from leanvgg.models import Baseline
-from leanvgg.prune import VGG19_DEEP_CONVS, prune_filters
+from leanvgg.prune import deep_convs, prune_filters
 from leanvgg.recipes import PRECISIONS, Candidate, FineTune, QuantizeStaticInt8, Recipe
 from leanvgg.stats import half_width, wilson
 from leanvgg.schema import write as write_report
@@ -117,7 +117,7 @@ def sensitivity(model: nn.Module, validation: Labelled, *, layers: Sequence[int]
 def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
            space: Space = Space(), train: Labelled | None = None, finetune_lr: float = 1e-4,
            finetune_epochs: int = 1, calibration: str | None = None,
-           layers: Sequence[int] = VGG19_DEEP_CONVS, multiple_of: int = 16, runs: int = 10,
+           layers: Sequence[int] | None = None, multiple_of: int = 16, runs: int = 10,
            warmup: int = 2, budget_s: float | None = None, store: Store | None = None,
            report: Path | None = None, settings: Mapping[str, object] | None = None,
            progress: bool = True,
@@ -127,7 +127,8 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
 
     ``max_drop`` is in accuracy points (1.0 = one percentage point below the FP32 baseline).
     ``train`` enables fine-tuned candidates (one recovery run per compressed model).
-    ``calibration``: static INT8's calibration source (folder or tensor file; None: the
+    ``layers``: the convs whose pruning sensitivity is measured (default: the article's rule,
+    ``prune.deep_convs``). ``calibration``: static INT8's calibration source (folder or tensor file; None: the
     bundled photos). ``store`` holds every candidate's artifacts (default: the user's cache);
     ``report`` the resume file (default: the store's search document). ``settings``: what else
     determines the results; a report made with other settings is kept aside and the search
@@ -135,6 +136,7 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
     measures a built candidate; it runs on rank 0 only.
     """
     started = time.monotonic()
+    layers = tuple(layers) if layers is not None else deep_convs(baseline.model)
     store = store if store is not None else Store()
     report = report if report is not None else store.documents.path(SEARCH)
     rank, _ = distributed_context()

@@ -22,7 +22,8 @@ from leanvgg.facts import Accuracy, State
 from leanvgg.distributed import rank_zero_first
 from leanvgg.finetune import fine_tune_step
 from leanvgg.models import Baseline
-from leanvgg.recipes import RECIPES, QuantizeStaticInt8, Recipe, tuned_recipe
+from leanvgg.recipes import (RECIPES, QuantizeStaticInt8, Recipe, at_input_size, bind,
+                             tuned_recipe)
 from leanvgg.machine import native_bf16
 from leanvgg.runtimes import AUTO, CHOICES, INDUCTOR, missing_runtimes_note, select
 from leanvgg.documents import EVALUATION, TUNED
@@ -81,6 +82,9 @@ def registry_for(baseline: Baseline, store: Store,
         dataclasses.replace(step, calibration=str(Path(calibration).resolve()))
         if calibration is not None and isinstance(step, QuantizeStaticInt8) else step
         for step in recipe.steps)) for name, recipe in RECIPES.items()}
+    # sizes relative to the model's own input size, structure to its layout
+    registry = {name: bind(at_input_size(recipe, baseline.input_size), baseline.model)
+                for name, recipe in registry.items()}
     config = store.documents.load(TUNED)
     if config is not None and config.get("weights") == baseline.weights_id:
         try:
@@ -181,7 +185,8 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
     next build. Under torchrun only rank 0 writes. Returns the trained model and the facts
     stored with it.
     """
-    recipe = RECIPES[resolve_names([name])[0]]
-    builder = Builder(baseline, store if store is not None else Store())
+    store = store if store is not None else Store()
+    recipe = registry_for(baseline, store)[resolve_names([name])[0]]
+    builder = Builder(baseline, store)
     model, facts, _ = fine_tune_step(builder, recipe, dataset, membership, replace=True, **train)
     return model, facts

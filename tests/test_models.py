@@ -3,7 +3,6 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision.models._api as torchvision_api
-from torchvision.models import vgg16
 
 from leanvgg.measure import count_params
 from leanvgg.models import (CATEGORIES, IMAGENET_WEIGHTS, WeightsError, from_layout, layout_of,
@@ -65,11 +64,12 @@ def test_local_state_dict_file_is_loaded(baseline, tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (lambda: b"not a checkpoint", "is not a PyTorch state-dict file"),
-        (lambda: {"weights": [1, 2, 3]}, "does not hold a state dict"),
-        (lambda: vgg16(init_weights=False).state_dict(), "is not a torchvision VGG-19 state dict"),
+        (lambda: b"not a checkpoint", "is not a PyTorch weights file"),
+        (lambda: {"weights": [1, 2, 3]}, "holds a dict with keys \\['weights'\\], not a model's weights"),
+        (lambda: {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)},
+         "is not a torchvision VGG: no features.N conv weights"),
     ],
-    ids=["garbage", "not-tensors", "vgg16"],
+    ids=["garbage", "not-tensors", "resnet-like"],
 )
 def test_bad_weights_files_get_a_clear_error(tmp_path, content, message):
     path = tmp_path / "weights.pth"

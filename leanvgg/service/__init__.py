@@ -77,7 +77,7 @@ class ComparisonService:
     """The variant pool, its profile keeper and the measurement queue, sharing one slot: what
     the web app (and ``leanvgg serve``) call."""
 
-    def __init__(self, *, weights: str = "auto", names: list[str] | None = None,
+    def __init__(self, *, weights: str | Baseline = "auto", names: list[str] | None = None,
                  settings: Settings = Settings(runs=30, warmup=2),
                  limits: ImageLimits = DEFAULT_LIMITS, store: Store | None = None,
                  max_queue: int = 8, queue_timeout_s: float = 120.0,

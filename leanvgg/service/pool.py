@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from leanvgg.facts import State
+from leanvgg.labels import attach
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import Store
 from leanvgg.variants import Variant, VariantBuilder, VariantSet
@@ -33,7 +34,7 @@ class VariantPool:
     """The variants on their way to ready: built (or loaded) one at a time, each with its
     state; one variant's failure never takes the others down."""
 
-    def __init__(self, *, weights: str, names: list[str] | None, store: Store | None,
+    def __init__(self, *, weights: str | Baseline, names: list[str] | None, store: Store | None,
                  calibration: str | None, runtime: str, threads: int | None,
                  measuring: threading.Lock, variant_set: VariantSet | None = None) -> None:
         self.weights = weights
@@ -61,7 +62,8 @@ class VariantPool:
         ``on_store`` hears the store once it is open (before the first variant)."""
         try:
             store = self.store if self.store is not None else Store()
-            baseline = load_baseline(self.weights)
+            baseline = (self.weights if isinstance(self.weights, Baseline)
+                        else attach(load_baseline(self.weights), store))
             builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
                                      threads=self.threads, measuring=self.measuring)
             names = builder.resolve(self.names)
@@ -122,7 +124,9 @@ class VariantPool:
         baseline = self._baseline
         return {"weights": baseline.weights if baseline else None,
                 "predictions_meaningful": baseline.meaningful if baseline else None,
-                "note": baseline.note if baseline else None}
+                "note": baseline.note if baseline else None,
+                "model": baseline.identity() if baseline else None,
+                "labels_note": baseline.labels.note if baseline else None}
 
     def statuses(self) -> list[VariantStatus]:
         with self._lock:

@@ -61,6 +61,13 @@ function showStates(variants) {
 }
 
 function showWeights(info) {
+  const model = $("model");  // the model's identity; names are shown as text, never as HTML
+  if (info.model) {
+    const m = info.model;
+    model.textContent = `Model: ${m.arch}, ${m.classes} classes (labels: ${m.labels}), `
+      + `${m.input_size} px, weights ${m.weights}` + (info.labels_note ? `. ${info.labels_note}` : "");
+    model.hidden = false;
+  }
   const banner = $("weights-banner");
   banner.hidden = info.predictions_meaningful;
   if (!info.predictions_meaningful) {
