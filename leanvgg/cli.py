@@ -129,7 +129,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ``_add_*`` function, which names the function that runs it."""
     parser = _Parser(
         prog="leanvgg",
-        description="Build compressed VGG-19 variants and measure them side by side on this CPU.")
+        description="Build compressed variants of a VGG (ImageNet's VGG-19, or your own with its "
+                    "labels) and measure them side by side on this CPU.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log build steps")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -142,3 +142,35 @@ def test_the_throughput_view_adds_images_per_second(server, page, photo_path):
     assert all(rate > 0 for rate in rates)  # every variant's images per second at batch 8
     best = rows[rates.index(max(rates))].query_selector_all("td")[column]
     assert "best" in (best.get_attribute("class") or "")
+
+
+def test_the_page_shows_the_models_own_labels_as_text(tmp_path, page, photo_path):
+    """A user's VGG whose label names hold HTML and script: shown as the very text, never run."""
+    import torch
+
+    from leanvgg.labels import Labels
+    from leanvgg.models import load_baseline
+    from leanvgg.variants import build_variants
+    from test_own_model import SMALL_VGG11_BN, decisive, initialised
+
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), tmp_path / "my_vgg.pt")
+    hostile = tuple(f'<img src=x onerror="window.pwned={i}">digit {i}' for i in range(9)) + (
+        "<script>window.pwned=9</script>",)
+    baseline = load_baseline(str(tmp_path / "my_vgg.pt"), labels=Labels(hostile, "given"),
+                             input_size=32)
+    variant_set = build_variants(baseline, ["baseline", "quantized"], store=Store(tmp_path),
+                                 progress=False, threads=1)
+    service = ComparisonService(settings=Settings(runs=2, warmup=1), variant_set=variant_set,
+                                store=Store(tmp_path))
+    with running(make_server(service, port=0)) as url:
+        page.goto(url + "/")
+        page.wait_for_selector("#status[data-state=ready]", timeout=30_000)
+        assert "vgg11_bn (custom widths), 10 classes (labels: given)" in page.inner_text("#model")
+        page.set_input_files("#file", str(photo_path))
+        page.wait_for_selector("#busy", state="hidden", timeout=120_000)
+        rows = page.query_selector_all("#table tbody tr")
+        assert [r.get_attribute("data-variant") for r in rows] == ["baseline", "quantized"]
+        top3 = rows[0].query_selector_all("td")[1].inner_text()  # name, then top-3
+        assert top3.count("<") >= 1 and any(name in top3 for name in hostile), top3
+        assert page.query_selector("#table img, #table script") is None
+        assert page.evaluate("window.pwned") is None
