@@ -391,3 +391,41 @@ def test_the_readme_walk_through_runs_as_written(tmp_path, home):
         hits += printed == image.parent.name
     assert agree >= 0.9 * len(images), (agree, len(images))
     assert hits >= 0.5 * len(images), (hits, len(images))  # chance is 10 %
+
+
+def test_batchnorm_is_folded_into_its_conv_before_static_int8():
+    from leanvgg.quantize import quantize_static_int8
+
+    model = initialised(SMALL_VGG11_BN)
+    quantized = quantize_static_int8(model, torch.randn(8, 3, 32, 32))
+    graphs = [m for m in quantized.modules() if isinstance(m, torch.fx.GraphModule)]
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert graphs and any("conv" in t for t in targets)
+    assert not any("batch_norm" in t for t in targets)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():  # folded and quantized, the same classes come out
+        assert torch.equal(quantized(x).argmax(1), model(x).argmax(1))
+
+
+def test_exports_carry_the_labels_where_the_format_has_a_place(tmp_path):
+    import leanvgg
+    from leanvgg.portable import read_spec
+
+    names = [f"digit {d}" for d in DIGITS]
+    variant_set = leanvgg.build(decisive(initialised(SMALL_VGG11_BN)), ["quantized"],
+                                labels=names, input_size=32, home=tmp_path / "home", threads=1)
+    out = tmp_path / "out"
+    leanvgg.export(variant_set, "quantized", out, formats=["safetensors"])
+    leanvgg.export(variant_set, "baseline", out, formats=["onnx", "openvino"])
+    assert read_spec(out / "quantized.safetensors")["labels"] == names
+    for variant in ("quantized", "baseline"):
+        meta = json.loads((out / f"{variant}.model.json").read_text())
+        assert meta["labels"] == names and meta["output"].startswith("logits, N×10 ")
+    import onnx
+    import openvino
+
+    props = {p.key: p.value for p in onnx.load(str(out / "baseline.onnx")).metadata_props}
+    assert json.loads(props["labels"]) == names
+    ir = openvino.Core().read_model(str(out / "baseline.xml"))
+    assert json.loads(ir.get_rt_info(["leanvgg", "labels"]).astype(str)) == names
+    assert json.loads(ir.get_rt_info(["leanvgg", "model"]).astype(str))["classes"] == 10
