@@ -151,7 +151,8 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
     model_id = f"{baseline.weights_id} on {validation.name}"
     state = from_rank_zero(lambda: _load(report, model_id, settings, space))
     state.update(multiple_of=multiple_of, max_drop=max_drop, calibration=calibration,
-                 finetune=training, baseline_key=space.baseline.key)
+                 finetune=training, baseline_key=space.baseline.key,
+                 model=baseline.identity(), validation=validation.name)
     references: dict[str, torch.Tensor] = {}
 
     def reference() -> torch.Tensor:

@@ -429,3 +429,98 @@ def test_exports_carry_the_labels_where_the_format_has_a_place(tmp_path):
     ir = openvino.Core().read_model(str(out / "baseline.xml"))
     assert json.loads(ir.get_rt_info(["leanvgg", "labels"]).astype(str)) == names
     assert json.loads(ir.get_rt_info(["leanvgg", "model"]).astype(str))["classes"] == 10
+
+
+def _three_files(tmp_path: Path) -> dict[str, tuple[Path, VGG]]:
+    """The issue's three files, at test widths: a VGG-19 fine-tuned to 10 classes (a state
+    dict), a VGG-16-BN with 5 classes (a DDP checkpoint), and a VGG-11-BN as safetensors."""
+    vgg19_10 = decisive(initialised({**TINY_LAYOUT, "linear_features": [32 * 49, 64, 64, 10]}))
+    vgg16_bn_5 = decisive(initialised({"arch": "vgg", "batch_norm": True,
+                                       "cfg": [4, 4, "M", 8, 8, "M", 16, 16, 16, "M",
+                                               32, 32, 32, "M", 32, 32, 32, "M"],
+                                       "linear_features": [32 * 49, 64, 64, 5]}))
+    vgg11_bn = decisive(initialised(SMALL_VGG11_BN))
+    torch.save(vgg19_10.state_dict(), tmp_path / "vgg19-10.pt")
+    checkpoint(vgg16_bn_5, tmp_path / "vgg16bn-5.pt")
+    safetensors.torch.save_file(vgg11_bn.state_dict(), str(tmp_path / "vgg11.safetensors"))
+    return {"vgg19-10.pt": (tmp_path / "vgg19-10.pt", vgg19_10),
+            "vgg16bn-5.pt": (tmp_path / "vgg16bn-5.pt", vgg16_bn_5),
+            "vgg11.safetensors": (tmp_path / "vgg11.safetensors", vgg11_bn)}
+
+
+def test_the_three_files_through_compare_with_their_labels(tmp_path, home, capsys, photo_path):
+    for name, (path, model) in _three_files(tmp_path).items():
+        classes = model.classifier[6].out_features
+        labels = tmp_path / f"{name}.labels"
+        labels.write_text("\n".join(f"kind {chr(65 + i)}" for i in range(classes)))
+        assert cli.main(["compare", str(photo_path), "--weights", str(path), "--labels",
+                         str(labels), "--input-size", "32", "--variants", "pruned,quantized",
+                         "--runs", "1", "--warmup", "0", "--json"]) == 0
+        captured = capsys.readouterr()
+        report = json.loads(captured.out)  # stdout is the JSON alone
+        assert f"{classes} classes (file {labels} labels)" in captured.err
+        assert report["model"]["classes"] == classes
+        x = preprocess(decode(read_file(photo_path)).square, 32)
+        with torch.inference_mode():
+            plain = top_k(model(x), [f"kind {chr(65 + i)}" for i in range(classes)])
+        rows = {row["name"]: row for row in report["results"]}
+        assert [(p["index"], p["label"]) for p in rows["baseline"]["top3"]] == [
+            (p.index, p.label) for p in plain], name
+        assert all(p["label"].startswith("kind ") for p in rows["pruned"]["top3"])
+    # the labels travel with the weights: the next command without --labels shows them
+    path = tmp_path / "vgg16bn-5.pt"
+    assert cli.main(["build", "--weights", str(path), "--input-size", "32",
+                     "--variants", "quantized"]) == 0
+    assert "(file " in capsys.readouterr().err
+
+
+def test_exported_onnx_and_pt2_keep_the_variants_top1(tmp_path, home, capsys, photo_path):
+    import onnxruntime
+
+    path, _ = _three_files(tmp_path)["vgg16bn-5.pt"]
+    out = tmp_path / "exported"
+    assert cli.main(["export", "pruned", "--weights", str(path), "--input-size", "32",
+                     "--format", "onnx", "--format", "pt2", "--out", str(out),
+                     "--threads", "1"]) == 0
+    assert "pruned as onnx" in capsys.readouterr().out
+    assert cli.main(["compare", str(photo_path), "--weights", str(path), "--input-size", "32",
+                     "--variants", "pruned", "--runs", "1", "--warmup", "0", "--json",
+                     "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = next(r for r in report["results"] if r["name"] == "pruned")["top3"][0]["index"]
+    x = preprocess(decode(read_file(photo_path)).square, 32)
+    session = onnxruntime.InferenceSession(str(out / "pruned.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    assert int(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].argmax()) == \
+        expected
+    torch.set_num_threads(1)
+    package = torch._inductor.aoti_load_package(str(out / "pruned.pt2"))
+    with torch.inference_mode():
+        assert int(package(x).argmax()) == expected
+
+
+def test_a_folder_split_is_stratified_seeded_and_says_so(tmp_path):
+    from leanvgg.evaluate import labelled_folder, split
+
+    write_digits(tmp_path / "digits", train=10, val=0)
+    train, val = split(labelled_folder(tmp_path / "digits" / "train", DIGITS))
+    assert "20% of each class held out, seed 0" in val.name and "validation part" in val.name
+    t, v = train.dataset(32), val.dataset(32)
+    assert (len(t), len(v)) == (80, 20)
+    assert sorted(v.targets) == sorted(list(range(10)) * 2)
+    assert not set(t.indices) & set(v.indices)
+    assert split(labelled_folder(tmp_path / "digits" / "train", DIGITS))[1].dataset(32).indices \
+        == v.indices  # seeded
+
+
+def test_vgg19_keys_are_unchanged():
+    """ImageNet VGG-19's registered steps name exactly what they named before any layout
+    could be given: same JSON, so the same cache keys and results."""
+    from leanvgg.recipes import RECIPES, bind
+
+    bound = bind(RECIPES["pruned_quantized"], load_baseline("random", progress=False).model)
+    assert [s.to_json() for s in bound.steps] == [
+        {"op": "prune", "criterion": "l2_norm", "ratio": 0.1,
+         "layers": [16, 19, 21, 23, 25, 28, 30, 32, 34]},
+        {"op": "finetune", "loss": "grouped-nll"},
+        {"op": "quantize_dynamic_int8", "backend": "torch.ao", "dtype": "qint8"}]
