@@ -31,6 +31,11 @@ from leanvgg.store import Store
 log = logging.getLogger(__name__)
 
 
+class NotBuilt(LookupError):
+    """A load-only builder (``Builder(load_only=True)``) lacks an artifact it would have to
+    build, compile or convert; the message says which."""
+
+
 @dataclass(frozen=True)
 class Variant:
     """A ready model with its recipe and the facts measured when it was built."""
@@ -102,8 +107,11 @@ class Builder:
     """
 
     def __init__(self, baseline: Baseline, store: Store,
-                 context: RunContext | None = None) -> None:
+                 context: RunContext | None = None, *, load_only: bool = False) -> None:
+        """``load_only``: never build, compile or convert (``NotBuilt`` instead), nor measure
+        a runtime choice: the process that serves loads what a builder process made."""
         self.baseline = baseline
+        self.load_only = load_only
         self.store = store
         self.context = context if context is not None else RunContext.here()
         self.memo: dict[str, tuple[nn.Module, dict]] = {}
@@ -165,6 +173,9 @@ class Builder:
             loaded = self._load(recipe, n_steps, key)
             if loaded is None and not step.automatic:
                 return previous, previous_facts, previous_key
+            if loaded is None and self.load_only:
+                raise NotBuilt(f"{recipe.name}: step {n_steps} ({step.to_json()['op']}) is not "
+                               "in the cache yet")
             if loaded is None:
                 with self.store.lock(key):  # another process may be building it right now
                     loaded = self._load(recipe, n_steps, key)
@@ -220,6 +231,8 @@ class Builder:
                   ) -> tuple[nn.Module, dict, str]:
         key = self.key(recipe)
         found = self.packages.load(recipe, key)
+        if found is None and self.load_only:
+            raise NotBuilt(f"{recipe.name}: its compiled package is not in the cache yet")
         if found is None:
             model, facts, key = self.artifact(recipe, len(recipe.steps))
             found = self.packages.make(recipe, model, facts, key, on_state)

@@ -33,7 +33,7 @@ from leanvgg.runtimes import AUTO
 from leanvgg.runtimes import CHOICES as RUNTIME_CHOICES
 from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
-from leanvgg.labels import Labels, LabelsError, attach, read_labels, remember
+from leanvgg.labels import GENERIC, IMAGENET, Labels, LabelsError, attach, read_labels, remember
 from leanvgg.models import WEIGHTS_CHOICES, Baseline, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES, at_input_size, finetune_loss
 from leanvgg.machine import native_bf16
@@ -41,7 +41,8 @@ from leanvgg.documents import SEARCH, SEARCH_PLOT, TUNED
 from leanvgg.store import CacheError, Store
 from leanvgg.tune import Space, search
 from leanvgg.tune_report import format_front, plot_front, tuned_config
-from leanvgg.variants import NotTuned, build_variants, finetune_variant, register_tuned, resolve_names
+from leanvgg.variants import (NotTuned, build_in_stages, build_variants, finetune_variant,
+                              register_tuned, resolve_names)
 
 log = logging.getLogger("leanvgg")
 # recipes with their own fine-tuning artifact (others share one of these)
@@ -224,6 +225,8 @@ def _add_build(commands, shared: _Shared) -> None:
         help="build and cache the variants",
         description="Build every variant missing from the cache ($LEANVGG_HOME, default "
                     "~/.cache/leanvgg), each made for --threads.")
+    # the server's builder process (leanvgg.service.worker): JSON events on stdout
+    command.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
     command.set_defaults(func=_build)
 
 
@@ -438,7 +441,8 @@ def _baseline(args: argparse.Namespace, store: Store, folder: str | None = None)
     given = read_labels(args.labels) if args.labels else None
     baseline = load_baseline(args.weights, input_size=args.input_size)
     names = None
-    if folder is not None and not _is_cifar(folder):
+    if (folder is not None and not given and baseline.labels.source == GENERIC
+            and not _is_cifar(folder)):
         names = Labels(folder_classes(folder), f"folder {folder}")
     baseline = attach(baseline, store, given, names)
     args.labelled_model = store, baseline  # its labels are kept once the command succeeds
@@ -483,6 +487,13 @@ def _with_baseline(names: list[str] | None) -> list[str] | None:
 def _build(args: argparse.Namespace) -> int:
     store = Store()
     baseline = _baseline(args, store)
+    if args.events:
+        from leanvgg.service.worker import Event
+
+        build_in_stages(baseline, args.variants, store=store, calibration=args.calibration,
+                        runtime=args.runtime, threads=args.threads,
+                        emit=lambda *a, **k: print(Event(*a, **k).line(), flush=True))
+        return 0
     _header(baseline)
     variant_set = build_variants(baseline, args.variants, store=store,
                                  calibration=args.calibration, runtime=args.runtime,
@@ -498,7 +509,6 @@ def _build(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     store = Store()
     baseline = _baseline(args, store, folder=args.data)
-    _header(baseline)
     size = at_input_size(RECIPES[args.variant], baseline.input_size).input_size
     if finetune_loss(baseline.model) == "grouped-nll":  # ImageNet's classes: CIFAR-10 groups
         if args.data is not None and not _is_cifar(args.data):
@@ -517,6 +527,7 @@ def _finetune(args: argparse.Namespace) -> int:
         if args.subset and args.subset < len(dataset):
             dataset = stratified_subset(dataset, args.subset, seed=args.seed)
         membership, loss = None, "cross-entropy"
+    _header(baseline)
     _, facts = finetune_variant(baseline, dataset, membership,
                                 name=args.variant, store=store, epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, seed=args.seed)
@@ -548,6 +559,10 @@ def _labelled(args: argparse.Namespace, baseline: Baseline, folder: str | None =
         raise DataUnavailable(f"--dataset {kind} needs --data DIR (for a model with its own "
                               "classes: a folder with one sub-folder of images per label).")
     if kind == "folder" and args.mapping is None:
+        if baseline.labels.source == IMAGENET:
+            raise MappingError("--dataset folder needs --mapping FILE for ImageNet's classes "
+                               "(or --labels FILE naming the model's classes as the folder's "
+                               "sub-folders are named).")
         return labelled_folder(data, baseline.labels.names)
     if baseline.num_classes != 1000:
         raise MappingError(f"--dataset {kind}{' with --mapping' if args.mapping else ''} maps "
@@ -560,8 +575,8 @@ def _labelled(args: argparse.Namespace, baseline: Baseline, folder: str | None =
 def _evaluate(args: argparse.Namespace) -> int:
     store = Store()
     baseline = _baseline(args, store, folder=args.data)
-    _header(baseline)
     labelled = _labelled(args, baseline).subset(args.subset)
+    _header(baseline)
     variant_set = build_variants(baseline, _with_baseline(args.variants),
                                  store=store, calibration=args.calibration,
                                  runtime=args.runtime, threads=args.threads)
@@ -600,8 +615,8 @@ def _tune(args: argparse.Namespace) -> int:
     output = _writable(args.output) if args.output else None
     store = Store()
     baseline = _baseline(args, store, folder=args.data)
-    _header(baseline)
     validation, train = _tune_data(args, baseline)
+    _header(baseline)
     rank, world_size = distributed_context()
     try:
         result = search(baseline, validation, max_drop=args.max_drop, space=space, train=train,
@@ -667,12 +682,12 @@ def _export(args: argparse.Namespace) -> int:
 
     store = Store()
     baseline = _baseline(args, store)
-    _header(baseline)
     builder = VariantBuilder(baseline, store, args.calibration, threads=args.threads)
     names = builder.resolve(dict.fromkeys(args.variants))
     formats = list(dict.fromkeys(args.formats or ["pt2"]))
     check_export([builder.registry[name] for name in names], formats)
     out = _writable(args.out, folder=True)
+    _header(baseline)
     # a package is made only for a pt2 export (the others convert the float model)
     variants = (builder.builder.variant(builder.registry[name], compiled="pt2" in formats)
                 for name in names)
@@ -719,7 +734,7 @@ def _age(modified: float) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from leanvgg.service import ComparisonService
+    from leanvgg.service import PROCESS, ComparisonService
     from leanvgg.web import make_server
 
     try:
@@ -740,7 +755,7 @@ def _serve(args: argparse.Namespace) -> int:
         weights=weights, names=_with_baseline(args.variants),
         settings=Settings(runs=args.runs, warmup=args.warmup, threads=args.threads),
         limits=limits, store=store, calibration=args.calibration, runtime=args.runtime,
-        queue_timeout_s=args.queue_timeout)
+        queue_timeout_s=args.queue_timeout, build_in=PROCESS)
     try:
         # Bound before the warm-up starts: a taken port fails in a second, not after minutes.
         server = make_server(service, host=args.host, port=args.port, allowed=args.allowed_host)

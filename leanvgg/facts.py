@@ -94,6 +94,9 @@ MEASURED = "measured"  # auto: measured now on this machine, and stored
 STORED = "stored"  # auto: measured earlier on this machine (same context), reused
 ONLY = "only candidate"  # auto with nothing else installed or able to run it
 FALLBACK = "fallback"  # the runtime asked for cannot run it here; ``reason`` says why
+# auto, in a process that only loads (the server): on Inductor until the builder process has
+# measured and stored the choice, then moved to the chosen runtime
+PENDING = "pending choice"
 
 
 @dataclass(frozen=True)

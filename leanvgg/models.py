@@ -185,7 +185,7 @@ def read_state_dict(data: bytes, where: str = "the weights") -> dict[str, torch.
     try:
         found = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"unsupported global[^.\n]*", str(err), flags=re.I)
+        found = re.search(r"unsupported global:? (?:GLOBAL )?[\w.]+", str(err), flags=re.I)
         if found is None:
             raise WeightsError(f"{where!r} is not a PyTorch weights file "
                                f"({_first_line(err)}).") from None

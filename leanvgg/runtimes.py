@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanvgg.builder import Builder, Variant, calibration_of
+from leanvgg.builder import Builder, NotBuilt, Variant, calibration_of
 from leanvgg.capabilities import FORMAT_OF, runtime_refusal
 from leanvgg.context import AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH, RUNTIMES, RunContext
-from leanvgg.facts import EAGER, FALLBACK, MEASURED, ONLY, PINNED, STORED, Placement, State
+from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED, Placement,
+                           State)
 from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
                              openvino_model, openvino_runner, require, write_onnx,
                              write_openvino)
@@ -159,6 +160,12 @@ def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
     ``BATCH``, measured now and stored. Only what runs is built: a variant placed on ONNX
     Runtime or OpenVINO alone is never compiled for Inductor."""
     placement = plan(recipe, builder, runtime)
+    if placement is None and builder.load_only:  # the builder process is measuring it
+        variant = builder.variant(recipe, on_state)
+        return dataclasses.replace(variant, placement=Placement(
+            INDUCTOR, INDUCTOR, builder.context.threads, PENDING, asked=runtime,
+            reason="on inductor until the runtime choice (measured by the builder process) "
+                   "is stored"))
     if placement is None:
         return _measured(builder.variant(recipe, on_state), builder, runs=runs,
                          warmup=warmup, on_state=on_state)
@@ -270,6 +277,9 @@ def _converted(variant: Variant, builder: Builder, runtime: str, suffixes: tuple
         "op": "convert", "format": FORMAT_OF[runtime], "input_size": variant.input_size,
         "context": builder.context.on(runtime).key("runtime", "versions")})
     found = builder.store.load_files(key, suffixes)
+    if found is None and builder.load_only:
+        raise NotBuilt(f"{variant.name}: its {FORMAT_OF[runtime]} conversion is not in the "
+                       "cache yet")
     if found is None:
         with builder.store.lock(key):
             found = builder.store.load_files(key, suffixes)

@@ -130,7 +130,8 @@ class VariantBuilder:
 
     def __init__(self, baseline: Baseline, store: Store, calibration: str | None = None, *,
                  runtime: str = INDUCTOR, threads: int | None = None,
-                 measuring: AbstractContextManager = contextlib.nullcontext()) -> None:
+                 measuring: AbstractContextManager = contextlib.nullcontext(),
+                 load_only: bool = False) -> None:
         """``runtime``: where compiled variants run (``leanvgg.runtimes``: inductor, auto,
         onnxruntime, openvino); ``threads``: the thread count every runtime is set up for and
         every figure holds for (None: PyTorch's current setting, read once here);
@@ -138,14 +139,16 @@ class VariantBuilder:
         measurement slot), so that no comparison runs meanwhile: building, compiling and
         converting go through ``torch.export``, whose tracing is not thread-safe (a request
         running beside it had its tensors traced and failed), and choosing a runtime times
-        things, which must not overlap with other timings."""
+        things, which must not overlap with other timings. ``load_only``: load what is in
+        the cache and nothing else (``NotBuilt`` for a variant that is not; auto's choice
+        pending until a builder process stores it): the server's mode."""
         if runtime not in CHOICES:
             raise ValueError(f"Invalid runtime {runtime!r}. Choose from {', '.join(CHOICES)}.")
         self.baseline = baseline
         self.store = store
         self.registry = registry_for(baseline, store, calibration)
         self.accuracy = store.documents.load(EVALUATION) or {}
-        self.builder = Builder(baseline, store, RunContext.here(threads))
+        self.builder = Builder(baseline, store, RunContext.here(threads), load_only=load_only)
         self.runtime = runtime
         self.measuring = measuring
         note = missing_runtimes_note() if runtime == AUTO else None
@@ -190,3 +193,48 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
     builder = Builder(baseline, store)
     model, facts, _ = fine_tune_step(builder, recipe, dataset, membership, replace=True, **train)
     return model, facts
+
+
+def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: Store,
+                    calibration: str | None, runtime: str, threads: int | None,
+                    emit: Callable[..., object]) -> None:
+    """What a builder process does for a server: every variant into the cache on Inductor (or
+    the runtime pinned) first, then, under ``auto``, each compiled variant's runtime choice
+    measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
+    state, ``built`` once a variant can be loaded, ``placed`` once its choice is stored, and
+    ``failed``. Models are let go as soon as they are stored: the server loads its own."""
+    first = VariantBuilder(baseline, store, calibration, threads=threads,
+                           runtime=INDUCTOR if runtime == AUTO else runtime)
+    names = first.resolve(names)
+    built = []
+    for name in names:
+        try:
+            variant = first.prepare(name, lambda state, name=name: emit(name, state.value))
+        except Exception as err:  # one variant's failure never takes the others down
+            log.exception("Variant %s failed", name)
+            emit(name, State.FAILED.value, reason=_reason(err))
+            continue
+        emit(name, "built", runtime=variant.runtime)
+        built.append((name, variant.recipe.compiled))
+        del variant
+        first.builder.forget()
+    if runtime != AUTO:
+        return
+    second = VariantBuilder(baseline, store, calibration, threads=threads, runtime=AUTO)
+    for name, compiled in built:
+        if not compiled:
+            continue
+        try:
+            variant = second.prepare(name, lambda state, name=name: emit(name, state.value))
+        except Exception as err:  # it stays where it runs now
+            log.exception("Choosing a runtime for %s failed", name)
+            emit(name, "placed", reason=f"the runtime choice failed: {_reason(err)}")
+            continue
+        emit(name, "placed", runtime=variant.runtime)
+        del variant
+        second.builder.forget()
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

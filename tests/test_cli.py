@@ -93,7 +93,7 @@ def test_bad_weights_exit_2(tmp_path, photo_path, capsys):
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"junk")
     assert main(["compare", str(photo_path), "--weights", str(bad)]) == 2
-    assert "is not a PyTorch state-dict file" in capsys.readouterr().err
+    assert "is not a PyTorch weights file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["compare"], ["compare", "x.png", "--runs", "0"],
@@ -156,7 +156,7 @@ def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, cap
 
 def test_missing_data_exits_2(tmp_path, capsys):
     assert main(["finetune", "--weights", "random", "--data", str(tmp_path)]) == 2
-    assert "pass --data DIR" in capsys.readouterr().err
+    assert "holds no cifar-10-batches-py/" in capsys.readouterr().err
     assert main(["evaluate", "--weights", "random", "--dataset", "folder",
                  "--data", str(tmp_path)]) == 2
     assert "needs --mapping FILE" in capsys.readouterr().err

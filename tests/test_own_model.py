@@ -219,6 +219,8 @@ def test_bad_input_exits_2_with_one_line_and_caches_nothing(tmp_path, home, caps
     weights = ["--weights", str(tmp_path / "my_vgg.pt"), "--input-size", "32"]
     _one_line_exit_2(["compare", str(photo_path), *weights, "--labels",
                       str(tmp_path / "three.txt")], capsys, "3 names for a model with 10 classes")
+    _one_line_exit_2(["serve", *weights, "--labels", str(tmp_path / "three.txt"), "--port",
+                      "8799"], capsys, "3 names for a model with 10 classes")  # before serving
     torch.save({"epoch": 3}, tmp_path / "no-model.pt")
     _one_line_exit_2(["build", "--weights", str(tmp_path / "no-model.pt")], capsys,
                      "not a model's weights")

@@ -23,7 +23,8 @@ from leanvgg.documents import SEARCH
 from leanvgg.images import DEFAULT_LIMITS, ImageLimits, check
 from leanvgg.measure import Profile
 from leanvgg.models import Baseline
-from leanvgg.service.pool import NotReady, VariantPool, VariantStatus
+from leanvgg.service.pool import (PROCESS, THREAD, NotReady, VariantPool,  # noqa: F401 (re-exported)
+                                  VariantStatus)
 from leanvgg.service.profiles import ProfileKeeper
 from leanvgg.service.queue import Busy, MeasurementQueue, Ticket
 from leanvgg.store import Store
@@ -83,13 +84,14 @@ class ComparisonService:
                  max_queue: int = 8, queue_timeout_s: float = 120.0,
                  profile_refresh_s: float | None = 3600.0,
                  variant_set: VariantSet | None = None, calibration: str | None = None,
-                 runtime: str = "inductor") -> None:
+                 runtime: str = "inductor", build_in: str = THREAD) -> None:
         """``settings``: the profiles' passes (runs, warm-up) and threads; ``variant_set``:
         variants built already (then ``start`` only starts profiling); ``calibration``: a
         folder of images for static INT8 (default: the bundled photos); ``runtime``: where
         compiled variants run (``leanvgg.runtimes``; auto measures once per machine, holding the
         measurement slot); ``profile_refresh_s``: profiles older than this are measured again
-        when idle (None: never)."""
+        when idle (None: never); ``build_in``: PROCESS builds in a builder process and only
+        loads here (``leanvgg serve``), THREAD builds in this process."""
         self.settings = settings
         self.limits = limits
         self.store = store
@@ -100,7 +102,7 @@ class ComparisonService:
         self.pool = VariantPool(weights=weights, names=names, store=store,
                                 calibration=calibration, runtime=runtime,
                                 threads=settings.threads, measuring=self.queue.slot,
-                                variant_set=variant_set)
+                                variant_set=variant_set, build_in=build_in)
         self.keeper = ProfileKeeper(settings, self.queue, self._stop, profile_refresh_s, store)
         self._threads: list[threading.Thread] = []
         self._decoder = ThreadPoolExecutor(DECODE_SLOTS, thread_name_prefix="leanvgg-decode")

@@ -8,13 +8,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from leanvgg.facts import State
+from leanvgg.builder import NotBuilt
+from leanvgg.facts import PENDING, State
 from leanvgg.labels import attach
+from leanvgg.service import worker
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import Store
 from leanvgg.variants import Variant, VariantBuilder, VariantSet
 
 log = logging.getLogger(__name__)
+
+THREAD, PROCESS = "thread", "process"  # where variants are built (VariantPool's build_in)
 
 
 class NotReady(Exception):
@@ -36,7 +40,13 @@ class VariantPool:
 
     def __init__(self, *, weights: str | Baseline, names: list[str] | None, store: Store | None,
                  calibration: str | None, runtime: str, threads: int | None,
-                 measuring: threading.Lock, variant_set: VariantSet | None = None) -> None:
+                 measuring: threading.Lock, variant_set: VariantSet | None = None,
+                 build_in: str = THREAD) -> None:
+        """``build_in``: PROCESS builds in a builder process (``leanvgg.service.worker``)
+        while this one only loads what it finished; THREAD builds here."""
+        if build_in not in (THREAD, PROCESS):
+            raise ValueError(f"Invalid build_in {build_in!r}: {THREAD} or {PROCESS}.")
+        self.build_in = build_in
         self.weights = weights
         self.names = names
         self.store = store
@@ -50,6 +60,8 @@ class VariantPool:
         self._states: dict[str, VariantStatus] = {
             name: VariantStatus(name, State.READY) for name in self._ready}
         self._order: list[str] = list(self._ready)
+        self._pending_choice: set[str] = set()  # ready, on Inductor until their choice is stored
+        self.builder_running = False
         self.failure: str | None = None
 
     @property
@@ -64,8 +76,10 @@ class VariantPool:
             store = self.store if self.store is not None else Store()
             baseline = (self.weights if isinstance(self.weights, Baseline)
                         else attach(load_baseline(self.weights), store))
+            in_process = self.build_in == PROCESS and worker.reloadable(baseline)
             builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
-                                     threads=self.threads, measuring=self.measuring)
+                                     threads=self.threads, measuring=self.measuring,
+                                     load_only=in_process)
             names = builder.resolve(self.names)
         except Exception as err:  # reported by status() and every request, not lost in a thread
             log.exception("Warm-up failed")
@@ -76,20 +90,70 @@ class VariantPool:
             self._states = {name: VariantStatus(name, State.QUEUED) for name in names}
             self._baseline = baseline
         on_store(store)
-        for name in names:
+        missing = []
+        for name in names:  # what the cache holds is ready at once
             if stop.is_set():
                 return
-            try:
-                variant = builder.prepare(name, lambda state, name=name: self._set(name, state))
-            except Exception as err:  # one variant's failure never takes the others down
-                log.exception("Variant %s failed", name)
-                self._set(name, State.FAILED, f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                          if str(err) else type(err).__name__)
-                continue
-            with self._lock:
-                self._ready[name] = variant
-            self._set(name, State.READY)
-            log.info("Ready: %s", name)
+            if not self._prepare(builder, name, missing_ok=in_process):
+                missing.append(name)
+        later = [n for n in names if n in missing or n in self._pending_choice]
+        if later:
+            self._build_elsewhere(builder, later, store, stop)
+
+    def _prepare(self, builder: VariantBuilder, name: str, *, missing_ok: bool = False) -> bool:
+        """Load (or, building here, build) ``name`` and make it ready; False when a load-only
+        builder lacks it (``missing_ok``), True otherwise (ready, or failed and why)."""
+        try:
+            variant = builder.prepare(name, lambda state: self._set(name, state))
+        except NotBuilt as err:
+            if missing_ok:
+                self._set(name, State.QUEUED)
+                return False
+            self._set(name, State.FAILED, f"the builder process stored no artifact: {err}")
+            return True
+        except Exception as err:  # one variant's failure never takes the others down
+            log.exception("Variant %s failed", name)
+            self._set(name, State.FAILED, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                      if str(err) else type(err).__name__)
+            return True
+        with self._lock:
+            self._ready[name] = variant
+            if variant.where.how == PENDING:
+                self._pending_choice.add(name)
+            else:
+                self._pending_choice.discard(name)
+        self._set(name, State.READY)
+        log.info("Ready: %s on %s", name, variant.runtime)
+        return True
+
+    def _build_elsewhere(self, builder: VariantBuilder, names: list[str], store: Store,
+                         stop: threading.Event) -> None:
+        """Run the builder process for ``names``; load each variant it finishes (on Inductor
+        first, then on the runtime measured for it)."""
+        argv = worker.command(builder.baseline, names, threads=builder.builder.context.threads,
+                              runtime=self.runtime, calibration=self.calibration)
+        log.info("Building %s in a builder process", ", ".join(names))
+        self.builder_running = True
+        try:
+            for event in worker.run(argv, store.root, stop):
+                ready = event.variant in self._ready
+                if event.state == worker.BUILT and not ready:
+                    self._prepare(builder, event.variant)
+                elif event.state == worker.PLACED:
+                    if event.variant in self._pending_choice:  # moves to its chosen runtime
+                        self._prepare(builder, event.variant)
+                    with self._lock:  # it stays where it is if the choice failed
+                        self._pending_choice.discard(event.variant)
+                elif event.state == worker.FAILED:
+                    self._set(event.variant, State.FAILED, event.reason)
+                elif not ready and event.state in {s.value for s in State}:
+                    self._set(event.variant, State(event.state))
+        except worker.BuilderFailed as err:
+            for name in names:
+                if name not in self._ready:
+                    self._set(name, State.FAILED, str(err))
+        finally:
+            self.builder_running = False
 
     def _set(self, name: str, state: State, reason: str | None = None) -> None:
         with self._lock:
@@ -116,8 +180,12 @@ class VariantPool:
             state = "degraded"
         else:
             state = "warming up"
-        return {"status": state, "serving": serving,
-                "variants": states, **({"error": self.failure} if self.failure else {})}
+        with self._lock:
+            # ready on Inductor, moving to their measured runtime once the builder stored it
+            pending = [name for name in self._order if name in self._pending_choice]
+        return {"status": state, "serving": serving, "variants": states,
+                "builder_process": self.builder_running, "pending_choice": pending,
+                **({"error": self.failure} if self.failure else {})}
 
     def weights_info(self) -> dict:
         """Where the baseline's weights came from, once it is loaded (else every field None)."""

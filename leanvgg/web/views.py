@@ -110,7 +110,8 @@ def variants():
                        profile=profile.to_dict() if profile else None)
         rows.append(row)
     return jsonify(status=status["status"], error=status.get("error"), **service.weights_info(),
-                   variants=rows)
+                   builder_process=status.get("builder_process", False),
+                   pending_choice=status.get("pending_choice", []), variants=rows)
 
 
 @bp.get("/api/tune")

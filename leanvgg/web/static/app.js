@@ -39,8 +39,13 @@ async function pollVariants() {
       failed: "failed",
     }[info.status] || (ready ? `ready: ${ready} of ${info.variants.length} variants`
                              : "warming up…");
+    // honest progress: variants answer on Inductor while their runtime choice is measured
+    const pending = info.pending_choice || [];
+    if (pending.length) pill.textContent += ` · measuring runtimes: ${pending.join(", ")}`;
+    else if (info.builder_process) pill.textContent += " · building in the background";
     if (info.status === "failed") showError(info.error || "The baseline failed to load.");
-    settled = ["ready", "degraded", "failed"].includes(info.status);
+    settled = ["ready", "degraded", "failed"].includes(info.status) && !info.builder_process
+      && !pending.length;
   } catch (_) {
     pill.textContent = "server unreachable, retrying…";
   }

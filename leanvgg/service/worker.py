@@ -1,0 +1,110 @@
+"""The builder process the server starts: ``leanvgg build --events`` builds, calibrates,
+compiles, converts and chooses runtimes into the cache, and says so one JSON line at a time;
+the server only loads what it has finished. Whatever compiling leaves behind stays in that
+process, and no comparison waits for a build."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from leanvgg.models import WEIGHTS_CHOICES, Baseline
+
+log = logging.getLogger(__name__)
+
+BUILT, PLACED, FAILED = "built", "placed", "failed"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the builder process: a variant's state (building, compiling, converting,
+    choosing), ``built`` (in the cache on Inductor or eager), ``placed`` (its runtime choice
+    stored) or ``failed`` (with why)."""
+
+    variant: str
+    state: str
+    reason: str | None = None
+    runtime: str | None = None
+
+    def line(self) -> str:
+        return json.dumps({k: v for k, v in vars(self).items() if v is not None})
+
+    @classmethod
+    def parse(cls, line: str) -> Event | None:
+        """The event on ``line``, or None for anything else (a library's stray print)."""
+        try:
+            data = json.loads(line)
+            return cls(str(data["variant"]), str(data["state"]), data.get("reason"),
+                       data.get("runtime"))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def reloadable(baseline: Baseline) -> bool:
+    """Whether another process can load the same baseline from its ``weights`` (a model that
+    exists only in this process's memory cannot)."""
+    return baseline.weights in WEIGHTS_CHOICES or Path(baseline.weights).is_file()
+
+
+def command(baseline: Baseline, names: Sequence[str], *, threads: int, runtime: str,
+            calibration: str | None) -> list[str]:
+    """The builder process's command line for these variants of ``baseline``."""
+    argv = [sys.executable, "-m", "leanvgg", "--verbose", "build", "--events", "--weights",
+            baseline.weights, "--input-size", str(baseline.input_size), "--threads",
+            str(threads), "--runtime", runtime, "--variants", ",".join(names)]
+    return argv + (["--calibration", calibration] if calibration else [])
+
+
+def run(argv: list[str], store_root: Path, stop: threading.Event) -> Iterator[Event]:
+    """Start the builder process on the store at ``store_root`` and yield its events until it
+    ends; ``stop`` (or this generator's closing) terminates it. Its log goes to our stderr."""
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, bufsize=1,
+        env={**os.environ, "LEANVGG_HOME": str(store_root)}, preexec_fn=_die_with_parent)
+    watcher = threading.Thread(target=_stop_when, args=(stop, process), daemon=True,
+                               name="leanvgg-builder-watch")
+    watcher.start()
+    try:
+        for line in process.stdout:
+            event = Event.parse(line)
+            if event is not None:
+                yield event
+        code = process.wait()
+        if code != 0 and not stop.is_set():
+            raise BuilderFailed(f"the builder process exited with code {code} (its log is in "
+                                "the server's)")
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+class BuilderFailed(RuntimeError):
+    """The builder process ended without finishing its variants."""
+
+
+def _stop_when(stop: threading.Event, process: subprocess.Popen) -> None:
+    while process.poll() is None:
+        if stop.wait(0.5):
+            process.terminate()
+            return
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the server dies, so no builder outlives it (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,102 @@
+"""The server loads; a builder process builds (issue 23): what compiling, calibrating and
+converting leave behind never enters the serving process, and comparisons never wait for it."""
+
+import time
+
+import pytest
+import torch
+
+from leanvgg.builder import Builder
+from leanvgg.compare import Settings
+from leanvgg.facts import PENDING, State
+from leanvgg.models import load_baseline
+from leanvgg.service import PROCESS, ComparisonService
+from leanvgg.service import worker
+from leanvgg.store import Store
+from test_own_model import SMALL_VGG11_BN, decisive, initialised
+
+NAMES = ["baseline", "quantized", "int8_static"]
+
+
+def _wait(service: ComparisonService, timeout_s: float = 900) -> dict:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        status = service.status()
+        seen.append(status)
+        if status["status"] in ("ready", "degraded", "failed") and not status["builder_process"]:
+            return {"final": status, "seen": seen}
+        time.sleep(0.2)
+    raise AssertionError(f"not ready in {timeout_s} s: {service.status()}")
+
+
+@pytest.fixture
+def refuse_building(monkeypatch):
+    """Any build, compile or store in this (the serving) process fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the serving process built, compiled or stored something")
+
+    monkeypatch.setattr("leanvgg.packages.package", refuse)
+    monkeypatch.setattr(Builder, "_save", refuse)
+    monkeypatch.setattr("leanvgg.runtimes._measured", refuse)
+
+
+def test_the_server_only_loads_what_its_builder_process_built(tmp_path, refuse_building):
+    path = tmp_path / "my_vgg.pt"
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
+    baseline = load_baseline(str(path), input_size=32)
+    store = Store(tmp_path / "home")
+
+    def service() -> ComparisonService:
+        return ComparisonService(weights=baseline, names=NAMES, store=store, build_in=PROCESS,
+                                 runtime="auto", settings=Settings(runs=2, warmup=1, threads=1))
+
+    first = service()
+    first.start(profile=False)
+    waited = _wait(first)
+    assert waited["final"]["status"] == "ready", waited["final"]
+    assert any(s["builder_process"] for s in waited["seen"])
+    ready = first.variant_set().variants
+    assert list(ready) == NAMES
+    assert ready["int8_static"].where.how == "stored"  # the choice the builder measured
+    first.stop(timeout_s=5)
+
+    # a warm start: everything is in the cache, so no builder process starts at all
+    def no_builder(*args, **kwargs):
+        raise AssertionError("a builder process started on a warm cache")
+
+    worker_run, worker.run = worker.run, no_builder
+    try:
+        second = service()
+        second.start(background=False, profile=False)
+        status = second.status()
+        assert status["status"] == "ready" and not status["pending_choice"], status
+        assert second.variant_set().variants["int8_static"].where.how == "stored"
+    finally:
+        worker.run = worker_run
+
+
+def test_a_failing_builder_process_fails_its_variants_with_why(tmp_path, monkeypatch):
+    path = tmp_path / "my_vgg.pt"
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
+    monkeypatch.setattr(worker, "command", lambda *a, **k: [
+        "python3", "-c", 'import sys; print(\'{"variant": "quantized", "state": "building"}\', '
+                         'flush=True); sys.exit(3)'])
+    service = ComparisonService(weights=load_baseline(str(path), input_size=32),
+                                names=["baseline", "quantized"], store=Store(tmp_path / "h"),
+                                build_in=PROCESS, settings=Settings(runs=1, warmup=0, threads=1))
+    service.start(profile=False)
+    final = _wait(service, 120)["final"]
+    statuses = {s.name: s for s in service.variant_statuses()}
+    assert final["status"] == "degraded"
+    assert statuses["baseline"].state == State.READY  # the baseline needs no building
+    assert statuses["quantized"].state == State.FAILED
+    assert "exited with code 3" in statuses["quantized"].reason
+
+
+def test_events_round_trip_and_stray_lines_are_ignored():
+    event = worker.Event("turbo", "placed", runtime="openvino")
+    assert worker.Event.parse(event.line()) == event
+    assert worker.Event.parse("Compiling kernels...") is None
+    assert worker.Event.parse('{"no": "variant"}') is None
+    assert PENDING == "pending choice"
