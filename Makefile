@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve compare build test bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-tune bench-startup bench-memory clean
+.PHONY: serve compare build test test-quick bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-tune bench-startup bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ build: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The quick subset for iterating (under 3 minutes): everything not marked slow.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench-quantization: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'

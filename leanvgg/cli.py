@@ -453,11 +453,11 @@ def _is_cifar(folder: str) -> bool:
     return (Path(folder) / "cifar-10-batches-py").is_dir()
 
 
-def _header(baseline: Baseline) -> None:
-    """The model's identity, on stderr (stdout carries only the command's output)."""
-    print(f"leanvgg: model {baseline.describe()}", file=sys.stderr)
-    if baseline.labels.note:
-        print(f"leanvgg: note: {baseline.labels.note}", file=sys.stderr)
+def _model_line(baseline: Baseline) -> str:
+    """The model's identity, the first line of a command's output (and what to know of its
+    labels)."""
+    note = f"\n{baseline.labels.note}" if baseline.labels.note else ""
+    return f"model: {baseline.describe()}{note}"
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -465,7 +465,6 @@ def _compare(args: argparse.Namespace) -> int:
     output = _writable(args.output) if args.output else None
     store = Store()
     baseline = _baseline(args, store)
-    _header(baseline)
     variant_set = build_variants(baseline, _with_baseline(args.variants),
                                  store=store, calibration=args.calibration,
                                  runtime=args.runtime, threads=args.threads)
@@ -494,10 +493,10 @@ def _build(args: argparse.Namespace) -> int:
                         runtime=args.runtime, threads=args.threads,
                         emit=lambda *a, **k: print(Event(*a, **k).line(), flush=True))
         return 0
-    _header(baseline)
     variant_set = build_variants(baseline, args.variants, store=store,
                                  calibration=args.calibration, runtime=args.runtime,
                                  threads=args.threads)
+    print(_model_line(baseline))
     for variant in variant_set.variants.values():
         where = variant.where
         print(f"{variant.name:<17} {variant.facts.size_mb:8.1f} MB  "
@@ -527,13 +526,13 @@ def _finetune(args: argparse.Namespace) -> int:
         if args.subset and args.subset < len(dataset):
             dataset = stratified_subset(dataset, args.subset, seed=args.seed)
         membership, loss = None, "cross-entropy"
-    _header(baseline)
     _, facts = finetune_variant(baseline, dataset, membership,
                                 name=args.variant, store=store, epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, seed=args.seed)
     rank, world_size = distributed_context()
     if rank == 0:
         stats = facts["finetune"]
+        print(_model_line(baseline))
         print(f"fine-tuned on {stats['images']} images × {stats['epochs']} epoch(s) in "
               f"{stats['seconds']:.0f} s on {stats['world_size']} process(es): {loss} "
               f"{stats['first_loss']:.3f} (first 10 %) → {stats['final_loss']:.3f} (last epoch)")
@@ -576,7 +575,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     store = Store()
     baseline = _baseline(args, store, folder=args.data)
     labelled = _labelled(args, baseline).subset(args.subset)
-    _header(baseline)
     variant_set = build_variants(baseline, _with_baseline(args.variants),
                                  store=store, calibration=args.calibration,
                                  runtime=args.runtime, threads=args.threads)
@@ -584,6 +582,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     rank, world_size = distributed_context()
     if rank == 0:
         save_report(store, results)
+        print(_model_line(baseline))
         print(format_accuracy(results, labelled.name))
     if world_size > 1:
         torch.distributed.destroy_process_group()
@@ -616,7 +615,6 @@ def _tune(args: argparse.Namespace) -> int:
     store = Store()
     baseline = _baseline(args, store, folder=args.data)
     validation, train = _tune_data(args, baseline)
-    _header(baseline)
     rank, world_size = distributed_context()
     try:
         result = search(baseline, validation, max_drop=args.max_drop, space=space, train=train,
@@ -634,6 +632,7 @@ def _tune(args: argparse.Namespace) -> int:
     if rank == 0:
         plot_path = store.root / SEARCH_PLOT
         plot_front(result, plot_path)
+        print(_model_line(baseline))
         print(format_front(result))
         if result.chosen is None:
             print(f"No candidate is within {args.max_drop:g} points of FP32; nothing "
@@ -687,7 +686,6 @@ def _export(args: argparse.Namespace) -> int:
     formats = list(dict.fromkeys(args.formats or ["pt2"]))
     check_export([builder.registry[name] for name in names], formats)
     out = _writable(args.out, folder=True)
-    _header(baseline)
     # a package is made only for a pt2 export (the others convert the float model)
     variants = (builder.builder.variant(builder.registry[name], compiled="pt2" in formats)
                 for name in names)
@@ -695,6 +693,7 @@ def _export(args: argparse.Namespace) -> int:
         exported = list(export_each(variants, formats, out, builder=builder.builder))
     except PermissionError as err:
         raise OutputError(f"cannot write into {args.out!r}: {err.strerror or err}.") from None
+    print(_model_line(baseline))
     for done in exported:
         print(f"{done.variant} as {done.format}: {done.path} "
               f"({done.size_bytes / 2**20:.1f} MB), {done.model_json}")
@@ -749,7 +748,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.labels or args.input_size != 224 or args.weights not in WEIGHTS_CHOICES:
         # the user's own model or labels: refused in one line before serving, not on the page
         weights = _baseline(args, store)
-        _header(weights)
+        log.info(_model_line(weights))
         remember(store, weights.weights_id, weights.labels)
     service = ComparisonService(
         weights=weights, names=_with_baseline(args.variants),

@@ -35,7 +35,8 @@ from leanvgg.finetune import fine_tune_step
 from leanvgg.measure import Latency, time_models
 from leanvgg.models import Baseline
 from leanvgg.prune import deep_convs, prune_filters
-from leanvgg.recipes import PRECISIONS, Candidate, FineTune, QuantizeStaticInt8, Recipe
+from leanvgg.recipes import (PRECISIONS, Candidate, FineTune, QuantizeStaticInt8, Recipe,
+                             finetune_loss)
 from leanvgg.stats import half_width, wilson
 from leanvgg.schema import write as write_report
 from leanvgg.documents import SEARCH
@@ -141,8 +142,8 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
     report = report if report is not None else store.documents.path(SEARCH)
     rank, _ = distributed_context()
     native = max(space.resolutions)
-    spec = (FineTune(data=train.name, lr=finetune_lr, epochs=finetune_epochs, input_size=native)
-            if train is not None else None)
+    spec = (FineTune(data=train.name, lr=finetune_lr, epochs=finetune_epochs, input_size=native,
+                     loss=finetune_loss(baseline.model)) if train is not None else None)
     training = asdict(spec) if spec else None
     settings = {**(settings or {}), "max_drop": max_drop, "runs": runs, "warmup": warmup,
                 "layers": list(layers), "multiple_of": multiple_of, "finetune": training,
@@ -200,9 +201,9 @@ def search(baseline: Baseline, validation: Labelled, *, max_drop: float,
         if reason is not None:
             record: Record = Skipped(candidate, reason)
         else:
-            recipe = candidate.recipe(f"tune:{candidate.key}", "a leanvgg tune candidate",
-                                      layers=chosen_layers, multiple_of=multiple_of,
-                                      finetune=spec, calibration=calibration)
+            recipe = builder.bind(candidate.recipe(
+                f"tune:{candidate.key}", "a leanvgg tune candidate", layers=chosen_layers,
+                multiple_of=multiple_of, finetune=spec, calibration=calibration))
             try:
                 record = _measure(candidate, recipe, builder, validation, train, reference,
                                   latency, runs, warmup)

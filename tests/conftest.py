@@ -85,3 +85,12 @@ def multipart(data: bytes, filename: str = "upload") -> tuple[bytes, str]:
             f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
     return body + data + f"\r\n--{boundary}--\r\n".encode(), \
         f"multipart/form-data; boundary={boundary}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need the session's whole variant set (every default variant of a full-size
+    VGG-19, compiled) are slow by construction: mark them so ``make test-quick`` leaves them
+    out."""
+    for item in items:
+        if "variant_set" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

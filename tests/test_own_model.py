@@ -205,9 +205,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 def _one_line_exit_2(argv: list[str], capsys, message: str) -> None:
     assert cli.main(argv) == 2
-    # the model's identity may come first (the command's header); then one line, the error
-    err = [line for line in capsys.readouterr().err.strip().splitlines()
-           if not line.startswith(("leanvgg: model ", "leanvgg: note: "))]
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("leanvgg: error: "), err
     assert re.search(message, err[0]), err[0]
 
@@ -368,7 +366,9 @@ def test_the_readme_walk_through_runs_as_written(tmp_path, home):
     compare_out, finetune_out, evaluate_out, tune_out, export_out = outputs
     assert re.search(r"  (zero|one|two|three|four|five|six|seven|eight|nine) \d",
                      compare_out.splitlines()[2])  # the baseline's top-1, by its name
+    assert "model: vgg11_bn (custom widths), 10 classes (file labels.txt labels)" in compare_out
     assert "cross-entropy" in finetune_out
+    assert "(folder digits/train labels)" not in finetune_out  # --labels were kept: file
     assert re.search(r"^baseline .*\(200 images, on pytorch\)", evaluate_out, flags=re.M)
     assert "Registered" in tune_out and "as 'tuned'" in tune_out
     exported = tmp_path / "exported"
@@ -458,10 +458,9 @@ def test_the_three_files_through_compare_with_their_labels(tmp_path, home, capsy
         assert cli.main(["compare", str(photo_path), "--weights", str(path), "--labels",
                          str(labels), "--input-size", "32", "--variants", "pruned,quantized",
                          "--runs", "1", "--warmup", "0", "--json"]) == 0
-        captured = capsys.readouterr()
-        report = json.loads(captured.out)  # stdout is the JSON alone
-        assert f"{classes} classes (file {labels} labels)" in captured.err
+        report = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
         assert report["model"]["classes"] == classes
+        assert report["model"]["labels"] == f"file {labels}"
         x = preprocess(decode(read_file(photo_path)).square, 32)
         with torch.inference_mode():
             plain = top_k(model(x), [f"kind {chr(65 + i)}" for i in range(classes)])
@@ -473,7 +472,9 @@ def test_the_three_files_through_compare_with_their_labels(tmp_path, home, capsy
     path = tmp_path / "vgg16bn-5.pt"
     assert cli.main(["build", "--weights", str(path), "--input-size", "32",
                      "--variants", "quantized"]) == 0
-    assert "(file " in capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(
+        f"model: vgg16_bn (custom widths), 5 classes (file {tmp_path / 'vgg16bn-5.pt.labels'} "
+        "labels), 32 px")
 
 
 def test_exported_onnx_and_pt2_keep_the_variants_top1(tmp_path, home, capsys, photo_path):

@@ -325,6 +325,7 @@ def test_the_tuned_variant_is_the_cache_entry_the_search_built_and_trained(
     result = _search(validation, report, space, train=train, finetune_lr=1e-3)
     key = "prune0.5-int8-32px-finetuned"
     record = result.candidates[key]
+    assert not hasattr(record, "reason"), record.reason
     assert record.candidate.fine_tuned
     assert {"op": "finetune"}.items() <= record.steps[1].items()
     assert record.steps[1]["data"] == "tiny-train"
