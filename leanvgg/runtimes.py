@@ -184,10 +184,12 @@ def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
     on_state(State.CHOOSING)
     context = builder.context
     runners = {r: _model(variant, r, builder, on_state) for r in candidates(variant.recipe)}
-    # the caller keeps other timings away meanwhile (the server holds its measurement slot)
-    medians = _medians(runners, _example(variant, 1), context, runs=runs, warmup=warmup)
-    per_batch = _medians(runners, _example(variant, BATCH), context, runs=max(3, runs // 2),
-                         warmup=1)
+    # the caller keeps its own timings away meanwhile (the server holds its measurement slot);
+    # the store's timing lock keeps a server's away while a builder process times
+    with builder.store.measuring():
+        medians = _medians(runners, _example(variant, 1), context, runs=runs, warmup=warmup)
+        per_batch = _medians(runners, _example(variant, BATCH), context,
+                             runs=max(3, runs // 2), warmup=1)
     chosen = min(medians, key=medians.get)
     batched = batch_runtime(per_batch, chosen)
     placement = Placement(chosen, batched, context.threads, MEASURED, asked=AUTO,

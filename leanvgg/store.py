@@ -32,6 +32,7 @@ def default_root() -> Path:
 
 # Temporary files older than this are left by killed writers (a live write takes seconds).
 STALE_TEMP_SECONDS = 3600
+MEASUREMENT_LOCK = ".measurement-slot.lock"  # Store.measuring's lock file, in the root
 # What every manifest holds, with its type; an entry missing one is treated as corrupt.
 MANIFEST_FIELDS = {"key": str, "sha256": str, "bytes": int, "manifest_sha256": str}
 
@@ -118,6 +119,18 @@ class Store:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Hold the machine's timing lock for this store (``flock`` on one file in its root):
+        the server's measurement slot and a builder process timing runtimes both take it, so
+        no two timings overlap; the kernel drops it when its holder dies."""
+        fd = os.open(self.root / MEASUREMENT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def save(self, key: str, state_dict: dict, manifest: dict) -> dict:
         """Store an artifact; returns the manifest as written (with ``bytes`` and ``sha256``).

@@ -100,3 +100,29 @@ def test_events_round_trip_and_stray_lines_are_ignored():
     assert worker.Event.parse("Compiling kernels...") is None
     assert worker.Event.parse('{"no": "variant"}') is None
     assert PENDING == "pending choice"
+
+
+def test_the_slot_waits_while_another_process_times(tmp_path):
+    """While a builder process times runtimes under the store's timing lock, the server's
+    measurement slot (sharing it) waits: no two timings overlap."""
+    import subprocess
+    import sys
+
+    from leanvgg.service.queue import Slot
+
+    store = Store(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from leanvgg.store import Store; "
+         f"s = Store({str(tmp_path)!r})\nwith s.measuring():\n print('held', flush=True); "
+         "time.sleep(1.5)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    slot = Slot(store.measuring)
+    started = time.monotonic()
+    with slot:
+        waited = time.monotonic() - started
+    holder.wait(timeout=30)
+    assert 0.8 < waited < 10, waited
+    plain = Slot()  # without a builder process: a thread lock only
+    with plain:
+        assert plain.locked()
+    assert not plain.locked()

@@ -12,6 +12,7 @@ from leanvgg.builder import NotBuilt
 from leanvgg.facts import PENDING, State
 from leanvgg.labels import attach
 from leanvgg.service import worker
+from leanvgg.service.queue import Slot
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import Store
 from leanvgg.variants import Variant, VariantBuilder, VariantSet
@@ -40,7 +41,7 @@ class VariantPool:
 
     def __init__(self, *, weights: str | Baseline, names: list[str] | None, store: Store | None,
                  calibration: str | None, runtime: str, threads: int | None,
-                 measuring: threading.Lock, variant_set: VariantSet | None = None,
+                 measuring: threading.Lock | Slot, variant_set: VariantSet | None = None,
                  build_in: str = THREAD) -> None:
         """``build_in``: PROCESS builds in a builder process (``leanvgg.service.worker``)
         while this one only loads what it finished; THREAD builds here."""
@@ -134,6 +135,10 @@ class VariantPool:
                               runtime=self.runtime, calibration=self.calibration)
         log.info("Building %s in a builder process", ", ".join(names))
         self.builder_running = True
+        # the builder times runtimes under the store's timing lock: our slot takes it too
+        shares = hasattr(self.measuring, "across")
+        if shares:
+            self.measuring.across = store.measuring
         try:
             for event in worker.run(argv, store.root, stop):
                 ready = event.variant in self._ready
@@ -153,6 +158,8 @@ class VariantPool:
                 if name not in self._ready:
                     self._set(name, State.FAILED, str(err))
         finally:
+            if shares:
+                self.measuring.across = None
             self.builder_running = False
 
     def _set(self, name: str, state: State, reason: str | None = None) -> None:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 
 from leanvgg.images import Batches
 from leanvgg.variants import VariantSet
@@ -42,6 +43,43 @@ class Ticket:
             self.leave()
 
 
+class Slot:
+    """The measurement slot: a thread lock, and with ``across`` (``Store.measuring``) also a
+    lock that other processes take while they time something (the builder process choosing
+    runtimes), so that no two timings ever overlap on the machine."""
+
+    def __init__(self, across: Callable[[], AbstractContextManager] | None = None) -> None:
+        self._lock = threading.Lock()
+        # set while a builder process runs (VariantPool); read at each acquire
+        self.across = across
+        self._held: contextlib.ExitStack | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        if self.across is not None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self.across())  # waits while another process times
+            self._held = stack
+        return True
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> Slot:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class MeasurementQueue:
     """The one measurement slot that keeps timings honest, and the comparisons admitted to
     wait for it (at most ``max_queue``: one measuring, the rest waiting)."""
@@ -51,7 +89,7 @@ class MeasurementQueue:
             raise ValueError(f"Invalid max_queue {max_queue}: at least 1 comparison must fit.")
         self.max_queue = max_queue
         self.timeout_s = timeout_s
-        self.slot = threading.Lock()  # held by whatever is timing or running a model
+        self.slot = Slot()  # held by whatever is timing or running a model
         self._admitted = 0
         self._lock = threading.Lock()
 
