@@ -41,6 +41,7 @@ def refuse_building(monkeypatch):
     monkeypatch.setattr("leanvgg.runtimes._measured", refuse)
 
 
+@pytest.mark.slow
 def test_the_server_only_loads_what_its_builder_process_built(tmp_path, refuse_building):
     path = tmp_path / "my_vgg.pt"
     torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)

@@ -143,7 +143,8 @@ def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, cap
     assert main(["evaluate", "--weights", "random", "--dataset", "folder", "--data", str(folder),
                  "--mapping", str(tmp_path / "mapping.json"), "--variants", "pruned"]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[1].startswith("baseline") and "(4 images, on pytorch)" in table
+    assert table.splitlines()[0].startswith("model: vgg19, 1000 classes (imagenet labels)")
+    assert table.splitlines()[2].startswith("baseline") and "(4 images, on pytorch)" in table
 
     assert main(["compare", str(photo_path), "--weights", "random", "--runs", "1", "--warmup",
                  "0", "--variants", "pruned_quantized,pruned", "--json"]) == 0

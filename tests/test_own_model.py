@@ -340,6 +340,7 @@ def _section(title: str) -> str:
     return README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
+@pytest.mark.slow
 def test_the_readme_walk_through_runs_as_written(tmp_path, home):
     """Digits → a VGG-11-BN trained here → compare, finetune, evaluate, tune --max-drop 1,
     export tuned as ONNX → ONNX Runtime without leanvgg prints the right label names."""
@@ -477,6 +478,7 @@ def test_the_three_files_through_compare_with_their_labels(tmp_path, home, capsy
         "labels), 32 px")
 
 
+@pytest.mark.slow
 def test_exported_onnx_and_pt2_keep_the_variants_top1(tmp_path, home, capsys, photo_path):
     import onnxruntime
 

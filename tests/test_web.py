@@ -24,10 +24,12 @@ def ready_service(variant_set):
 def test_a_started_service_loads_its_variants(variant_set, cache_dir):
     service = ComparisonService(weights="random", names=["baseline", "quantized"],
                                 store=Store(cache_dir))
-    assert service.status() == {"status": "warming up", "serving": False, "variants": {}}
+    idle = {"builder_process": False, "pending_choice": []}  # built here, in this process
+    assert service.status() == {"status": "warming up", "serving": False, "variants": {},
+                                **idle}
     service.start(background=False)
     assert service.status() == {"status": "ready", "serving": True,
-                                "variants": {"baseline": "ready", "quantized": "ready"}}
+                                "variants": {"baseline": "ready", "quantized": "ready"}, **idle}
     assert list(service.variant_set().variants) == ["baseline", "quantized"]
 
 

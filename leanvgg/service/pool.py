@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from leanvgg.builder import NotBuilt
 from leanvgg.facts import PENDING, State
 from leanvgg.labels import attach
-from leanvgg.service import worker
+import leanvgg.service.worker as worker
 from leanvgg.service.queue import Slot
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import Store
