@@ -200,7 +200,8 @@ def read_state_dict(data: bytes, where: str = "the weights") -> dict[str, torch.
 
 
 def _first_line(err: Exception) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    lines = (line.strip() for line in str(err).splitlines() if line.strip())
+    return next(lines, type(err).__name__)
 
 
 def _state_dict_in(found: object, where: str) -> dict[str, torch.Tensor]:

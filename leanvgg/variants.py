@@ -212,7 +212,7 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             variant = first.prepare(name, lambda state, name=name: emit(name, state.value))
         except Exception as err:  # one variant's failure never takes the others down
             log.exception("Variant %s failed", name)
-            emit(name, State.FAILED.value, reason=_reason(err))
+            emit(name, State.FAILED.value, reason=failure_reason(err))
             continue
         emit(name, "built", runtime=variant.runtime)
         built.append((name, variant.recipe.compiled))
@@ -228,13 +228,14 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             variant = second.prepare(name, lambda state, name=name: emit(name, state.value))
         except Exception as err:  # it stays where it runs now
             log.exception("Choosing a runtime for %s failed", name)
-            emit(name, "placed", reason=f"the runtime choice failed: {_reason(err)}")
+            emit(name, "placed", reason=f"the runtime choice failed: {failure_reason(err)}")
             continue
         emit(name, "placed", runtime=variant.runtime)
         del variant
         second.builder.forget()
 
 
-def _reason(err: Exception) -> str:
+def failure_reason(err: Exception) -> str:
+    """Why a variant failed, in one line: the error's type and its message's first line."""
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -109,21 +109,13 @@ def checkpoint(model: nn.Module, path: Path) -> Path:
 # --- the three files of the issue, and what is refused -----------------------------------------
 
 def test_a_state_dict_a_checkpoint_and_safetensors_load_as_the_model_they_hold(tmp_path):
-    vgg19_10 = decisive(initialised({**TINY_LAYOUT, "linear_features": [32 * 49, 64, 64, 10]}))
-    torch.save(vgg19_10.state_dict(), tmp_path / "vgg19-10.pt")
-    vgg16_bn_5 = decisive(initialised({"arch": "vgg", "batch_norm": True,
-                                       "cfg": [4, 4, "M", 8, 8, "M", 16, 16, 16, "M",
-                                               32, 32, 32, "M", 32, 32, 32, "M"],
-                                       "linear_features": [32 * 49, 64, 64, 5]}))
-    checkpoint(vgg16_bn_5, tmp_path / "vgg16bn-5.pt")
-    vgg11_bn_10 = decisive(initialised(SMALL_VGG11_BN))
-    safetensors.torch.save_file(vgg11_bn_10.state_dict(), str(tmp_path / "vgg11.safetensors"))
     x = torch.randn(2, 3, 32, 32)
-    for name, model, arch, classes in [
-            ("vgg19-10.pt", vgg19_10, "vgg19 (custom widths)", 10),
-            ("vgg16bn-5.pt", vgg16_bn_5, "vgg16_bn (custom widths)", 5),
-            ("vgg11.safetensors", vgg11_bn_10, "vgg11_bn (custom widths)", 10)]:
-        loaded = load_baseline(str(tmp_path / name))
+    archs = {"vgg19-10.pt": ("vgg19 (custom widths)", 10),
+             "vgg16bn-5.pt": ("vgg16_bn (custom widths)", 5),
+             "vgg11.safetensors": ("vgg11_bn (custom widths)", 10)}
+    for name, (path, model) in _three_files(tmp_path).items():
+        arch, classes = archs[name]
+        loaded = load_baseline(str(path))
         assert (loaded.arch, loaded.num_classes) == (arch, classes)
         assert loaded.weights_id.startswith("file-") and loaded.meaningful
         assert loaded.labels.names == tuple(f"class {i}" for i in range(classes))

@@ -15,7 +15,7 @@ import leanvgg.service.worker as worker
 from leanvgg.service.queue import Slot
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import Store
-from leanvgg.variants import Variant, VariantBuilder, VariantSet
+from leanvgg.variants import Variant, VariantBuilder, VariantSet, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ class VariantPool:
             return True
         except Exception as err:  # one variant's failure never takes the others down
             log.exception("Variant %s failed", name)
-            self._set(name, State.FAILED, f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                      if str(err) else type(err).__name__)
+            self._set(name, State.FAILED, failure_reason(err))
             return True
         with self._lock:
             self._ready[name] = variant
