@@ -54,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", type=int, default=50)
     parser.add_argument("--variants", default=None, help="comma-separated (default: all)")
+    parser.add_argument("--runtime", default="auto",
+                        help="where compiled variants run (default auto, as the server)")
     args = parser.parse_args()
 
     import torch
@@ -66,19 +68,20 @@ def main() -> None:
 
     runtime = runtime_floor_mb()
     baseline = load_baseline("random", progress=False)
-    builder = VariantBuilder(baseline, Store())
+    builder = VariantBuilder(baseline, Store(), runtime=args.runtime)
     names = builder.resolve(args.variants.split(",") if args.variants else None)
     ready, steps = {}, []
-    print(f"{'after':<22}{'RSS MB':>9}{'PSS MB':>9}{'anon MB':>9}{'floor MB':>10}{'RSS/floor':>10}")
+    print(f"{'after':<22}{'runs on':>12}{'RSS MB':>9}{'PSS MB':>9}{'anon MB':>9}{'floor MB':>10}{'RSS/floor':>10}")
     for name in names:
         started = time.perf_counter()
         ready[name] = builder.prepare(name)
         gc.collect()
         floor = runtime["rss_mb"] + unique_weights_mb(ready)
-        row = {"after": f"+ {name}", "seconds": round(time.perf_counter() - started, 1),
+        row = {"after": f"+ {name}", "runtime": ready[name].placement.runtime,
+               "seconds": round(time.perf_counter() - started, 1),
                **smaps(), "floor_mb": floor}
         steps.append(row)
-        print(f"{row['after']:<22}{row['rss_mb']:>9.0f}{row['pss_mb']:>9.0f}"
+        print(f"{row['after']:<22}{row['runtime']:>12}{row['rss_mb']:>9.0f}{row['pss_mb']:>9.0f}"
               f"{row['anonymous_mb']:>9.0f}{floor:>10.0f}{row['rss_mb'] / floor:>10.2f}")
     del builder  # the intermediate models it remembered while building
     gc.collect()
@@ -90,12 +93,12 @@ def main() -> None:
     floor = runtime["rss_mb"] + unique_weights_mb(ready)
     after = {"after": f"{args.uploads} uploads", **smaps(), "floor_mb": floor}
     steps.append(after)
-    print(f"{after['after']:<22}{after['rss_mb']:>9.0f}{after['pss_mb']:>9.0f}"
+    print(f"{after['after']:<22}{'':>12}{after['rss_mb']:>9.0f}{after['pss_mb']:>9.0f}"
           f"{after['anonymous_mb']:>9.0f}{floor:>10.0f}{after['rss_mb'] / floor:>10.2f}")
     report = schema.document(
         "benchmark/memory", [{"name": step.pop("after"), **step} for step in steps],
         config={"weights": "random (sizes real, predictions meaningless)",
-                "uploads": args.uploads, "variants": names},
+                "uploads": args.uploads, "variants": names, "runtime": args.runtime},
         threads=torch.get_num_threads(), runtime_floor=runtime,
         unique_weights_mb=unique_weights_mb(ready))
     schema.write(RESULTS / "memory.json", report)

@@ -196,6 +196,8 @@ def openvino_runner(ov_model, threads: int, *, f32: bool = True) -> Runner:
     """Runs ``ov_model`` (or an .xml path) on the CPU with ``threads``, tuned for latency
     (``openvino_config``)."""
     ov = require("openvino")
+    if isinstance(ov_model, Path):  # its .bin beside it; OpenVINO reads and frees the model
+        ov_model = str(ov_model)
     compiled = ov.Core().compile_model(ov_model, "CPU", openvino_config(threads, f32=f32))
     request = compiled.create_infer_request()
     settings = {name: _text(compiled.get_property(name)) for name in (

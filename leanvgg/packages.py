@@ -15,6 +15,7 @@ from leanvgg.context import INDUCTOR, RunContext
 from leanvgg.facts import State
 from leanvgg.measure import count_macs, warm_up
 from leanvgg.recipes import Recipe, artifact_key
+from leanvgg.residency import released
 from leanvgg.runtime import MAX_BATCH, load_package, package
 from leanvgg.store import Store
 
@@ -53,8 +54,9 @@ class Packages:
             return None
         path, manifest = entry
         start = time.perf_counter()
-        model = load_package(path, recipe.input_size)
-        warm_up(model, recipe.input_size, self.context.threads)
+        with released():  # the package's constants, once oneDNN has its own copy
+            model = load_package(path, recipe.input_size)
+            warm_up(model, recipe.input_size, self.context.threads)
         log.info("Loaded %s's compiled package from the cache.", recipe.name)
         return model, {**manifest["facts"], "load_s": time.perf_counter() - start}
 

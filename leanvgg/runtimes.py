@@ -39,10 +39,11 @@ from leanvgg.context import AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH, RUNT
 from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED, Placement,
                            State)
 from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
-                             openvino_model, openvino_runner, require, write_onnx,
+                             openvino_model, openvino_runner, write_onnx,
                              write_openvino)
 from leanvgg.measure import time_models, warm_up
 from leanvgg.recipes import Recipe, artifact_key
+from leanvgg.residency import released
 from leanvgg.documents import RUNTIME_CHOICES
 
 log = logging.getLogger(__name__)
@@ -261,9 +262,10 @@ def _model(variant: Variant, runtime: str, builder: Builder,
                     shutil.copyfile(Path(folder) / f"model{suffix}", target)
 
         paths = _converted(variant, builder, runtime, (".xml", ".bin"), on_state, write)
-        core = require("openvino").Core()
-        model = Foreign(openvino_runner(core.read_model(str(paths[".xml"]),
-                                                        str(paths[".bin"])), threads), runtime)
+        with released():  # the mapped .bin, once the compiled model has repacked it
+            model = Foreign(openvino_runner(paths[".xml"], threads), runtime)
+            warm_up(model, variant.input_size, threads)
+        return model
     warm_up(model, variant.input_size, threads)
     return model
 
