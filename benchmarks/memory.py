@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated (default: all)")
     parser.add_argument("--runtime", default="auto",
                         help="where compiled variants run (default auto, as the server)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="load what the cache holds and build nothing, as the server does "
+                             "(its builder process builds); needs a warm cache")
     args = parser.parse_args()
 
     import torch
@@ -68,7 +71,8 @@ def main() -> None:
 
     runtime = runtime_floor_mb()
     baseline = load_baseline("random", progress=False)
-    builder = VariantBuilder(baseline, Store(), runtime=args.runtime)
+    builder = VariantBuilder(baseline, Store(), runtime=args.runtime,
+                             load_only=args.load_only)
     names = builder.resolve(args.variants.split(",") if args.variants else None)
     ready, steps = {}, []
     print(f"{'after':<22}{'runs on':>12}{'RSS MB':>9}{'PSS MB':>9}{'anon MB':>9}{'floor MB':>10}{'RSS/floor':>10}")
@@ -98,7 +102,8 @@ def main() -> None:
     report = schema.document(
         "benchmark/memory", [{"name": step.pop("after"), **step} for step in steps],
         config={"weights": "random (sizes real, predictions meaningless)",
-                "uploads": args.uploads, "variants": names, "runtime": args.runtime},
+                "uploads": args.uploads, "variants": names, "runtime": args.runtime,
+                "load_only": args.load_only},
         threads=torch.get_num_threads(), runtime_floor=runtime,
         unique_weights_mb=unique_weights_mb(ready))
     schema.write(RESULTS / "memory.json", report)

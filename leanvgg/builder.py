@@ -130,9 +130,7 @@ class Builder:
         else:
             model, facts, key = self.artifact(recipe, len(recipe.steps))
             facts = {**facts, "macs": count_macs(model, recipe.input_size)}
-        if "calibration" in facts:
-            facts["calibration_s"] = facts["calibration"]["seconds"]
-        return Variant(recipe, model, ArtifactFacts.from_dict(facts), key, self.context)
+        return Variant(recipe, model, facts_of(facts), key, self.context)
 
     def float_model(self, recipe: Recipe) -> nn.Module:
         """The eager model before the precision step (all of the recipe's structure and
@@ -269,6 +267,14 @@ class Builder:
         })
         self.memo[key] = model, {**facts, "size_bytes": manifest["bytes"]}
         return self.memo[key]
+
+
+def facts_of(facts: dict) -> ArtifactFacts:
+    """A variant's facts from a manifest's (its calibration's seconds among its preparation
+    times)."""
+    if "calibration" in facts:
+        facts = {**facts, "calibration_s": facts["calibration"]["seconds"]}
+    return ArtifactFacts.from_dict(facts)
 
 
 def calibration_of(recipe: Recipe) -> torch.Tensor | None:

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanvgg.builder import Builder, NotBuilt, Variant, calibration_of
+from leanvgg.builder import Builder, NotBuilt, Variant, calibration_of, facts_of
 from leanvgg.capabilities import FORMAT_OF, runtime_refusal
 from leanvgg.context import AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH, RUNTIMES, RunContext
-from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED, Placement,
-                           State)
+from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED,
+                           Placement, State)
 from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
                              openvino_model, openvino_runner, write_onnx,
                              write_openvino)
@@ -171,7 +171,11 @@ def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
         return _measured(builder.variant(recipe, on_state), builder, runs=runs,
                          warmup=warmup, on_state=on_state)
     runs_on = {placement.runtime, placement.batch_runtime}
-    variant = builder.variant(recipe, on_state, compiled=INDUCTOR in runs_on)
+    variant = None
+    if placement.how != EAGER and INDUCTOR not in runs_on:
+        variant = _converted_only(recipe, builder, placement.runtime, on_state)
+    if variant is None:
+        variant = builder.variant(recipe, on_state, compiled=INDUCTOR in runs_on)
     if placement.how == EAGER:
         return dataclasses.replace(variant, placement=placement)
     single = _model(variant, placement.runtime, builder, on_state)
@@ -247,7 +251,7 @@ def _model(variant: Variant, runtime: str, builder: Builder,
     threads = builder.context.threads
     recipe = variant.recipe
     if runtime == ONNXRUNTIME:
-        paths = _converted(variant, builder, runtime, (".onnx",), on_state,
+        paths = _converted(variant, builder, runtime, _SUFFIXES[runtime], on_state,
                            lambda targets: write_onnx(builder.float_model(recipe),
                                                       variant.input_size, targets[".onnx"],
                                                       calibration=calibration_of(recipe)))
@@ -261,7 +265,7 @@ def _model(variant: Variant, runtime: str, builder: Builder,
                 for suffix, target in targets.items():
                     shutil.copyfile(Path(folder) / f"model{suffix}", target)
 
-        paths = _converted(variant, builder, runtime, (".xml", ".bin"), on_state, write)
+        paths = _converted(variant, builder, runtime, _SUFFIXES[runtime], on_state, write)
         with released():  # the mapped .bin, once the compiled model has repacked it
             model = Foreign(openvino_runner(paths[".xml"], threads), runtime)
             warm_up(model, variant.input_size, threads)
@@ -270,16 +274,45 @@ def _model(variant: Variant, runtime: str, builder: Builder,
     return model
 
 
+_SUFFIXES = {ONNXRUNTIME: (".onnx",), OPENVINO: (".xml", ".bin")}
+
+
+def _conversion_key(artifact: str, input_size: int, runtime: str, builder: Builder) -> str:
+    """A converted model's key: the variant's weights, the format, the input size and the
+    converting libraries' versions."""
+    return artifact_key(artifact, {
+        "op": "convert", "format": FORMAT_OF[runtime], "input_size": input_size,
+        "context": builder.context.on(runtime).key("runtime", "versions")})
+
+
+def _converted_only(recipe: Recipe, builder: Builder, runtime: str,
+                    on_state: Callable[[State], object]) -> Variant | None:
+    """The variant without its eager model, for one that runs only on ``runtime`` (ONNX
+    Runtime or OpenVINO): its facts from the stored conversion, so that the eager weights
+    (and what loading a PT2E graph costs: 814 MB RSS for turbo's, measured) are never loaded;
+    None when the conversion is not stored or predates facts in its manifest."""
+    recipe = builder.bind(recipe)
+    artifact = builder.key(recipe)
+    found = builder.store.load_files(
+        _conversion_key(artifact, recipe.input_size, runtime, builder), _SUFFIXES[runtime])
+    facts = found and found[1].get("facts")
+    if not isinstance(facts, dict):
+        return None
+    try:
+        facts = facts_of(facts)
+    except (KeyError, TypeError, ValueError):
+        return None
+    on_state(State.BUILDING)
+    return Variant(recipe, None, facts, artifact, builder.context)
+
+
 def _converted(variant: Variant, builder: Builder, runtime: str, suffixes: tuple[str, ...],
                on_state: Callable[[State], object],
                write: Callable[[dict[str, Path]], None]) -> dict[str, Path]:
     """A converted model in the store (one entry, however many files: OpenVINO's .xml and
-    .bin), keyed by the variant's weights, the format, the input size and the converting
-    libraries' versions; made by ``write`` (one path per suffix) under the entry's lock when
-    missing."""
-    key = artifact_key(variant.artifact, {
-        "op": "convert", "format": FORMAT_OF[runtime], "input_size": variant.input_size,
-        "context": builder.context.on(runtime).key("runtime", "versions")})
+    .bin), keyed by ``_conversion_key``, with the variant's facts in its manifest; made by
+    ``write`` (one path per suffix) under the entry's lock when missing."""
+    key = _conversion_key(variant.artifact, variant.input_size, runtime, builder)
     found = builder.store.load_files(key, suffixes)
     if found is None and builder.load_only:
         raise NotBuilt(f"{variant.name}: its {FORMAT_OF[runtime]} conversion is not in the "
@@ -294,6 +327,7 @@ def _converted(variant: Variant, builder: Builder, runtime: str, suffixes: tuple
                 builder.store.save_files(
                     key, suffixes, write,
                     {"recipe": variant.name, "artifact": variant.artifact,
+                     "facts": variant.facts.to_dict(),
                      "converted": FORMAT_OF[runtime], "input_size": variant.input_size,
                      "context": builder.context.on(runtime).record()})
                 found = builder.store.load_files(key, suffixes)

@@ -178,3 +178,20 @@ def test_without_the_runtimes_everything_runs_on_inductor_with_one_log_line(
     assert [r.getMessage() for r in caplog.records if r.name.startswith("leanvgg")] == [
         "int8_static runs on inductor: openvino is not installed "
         "(pip install 'leanvgg[export]')"]
+
+
+def test_a_variant_on_another_runtime_alone_never_loads_its_eager_model(tmp_path,
+                                                                        monkeypatch):
+    first = _build(tmp_path, "openvino")["int8_static"]
+    assert first.summary().runtime == first.summary().batch_runtime == "openvino"
+    from leanvgg.builder import Builder
+
+    def refused(self, recipe, n_steps):  # what loading (or building) any model goes through
+        raise AssertionError(f"loaded {recipe.name}'s eager model after {n_steps} steps")
+
+    monkeypatch.setattr(Builder, "artifact", refused)
+    again = build_variants(decisive_baseline(), ["int8_static"], store=Store(tmp_path),
+                           progress=False, runtime="openvino").variants["int8_static"]
+    assert again.facts == first.facts and again.artifact == first.artifact
+    assert again.model.runtime == "openvino"
+    torch.testing.assert_close(_logits(again), _logits(first), rtol=0, atol=0)
