@@ -255,7 +255,7 @@ def _model(variant: Variant, runtime: str, builder: Builder,
                            lambda targets: write_onnx(builder.float_model(recipe),
                                                       variant.input_size, targets[".onnx"],
                                                       calibration=calibration_of(recipe)))
-        model = Foreign(onnxruntime_runner(paths[".onnx"], threads), runtime)
+        runner, source = onnxruntime_runner, paths[".onnx"]
     else:
         def write(targets: dict[str, Path]) -> None:  # converted (and quantized) once
             ir = openvino_model(builder.float_model(recipe), variant.input_size,
@@ -266,11 +266,10 @@ def _model(variant: Variant, runtime: str, builder: Builder,
                     shutil.copyfile(Path(folder) / f"model{suffix}", target)
 
         paths = _converted(variant, builder, runtime, _SUFFIXES[runtime], on_state, write)
-        with released():  # the mapped .bin, once the compiled model has repacked it
-            model = Foreign(openvino_runner(paths[".xml"], threads), runtime)
-            warm_up(model, variant.input_size, threads)
-        return model
-    warm_up(model, variant.input_size, threads)
+        runner, source = openvino_runner, paths[".xml"]  # its .bin beside it
+    with released():  # the file it mapped (OpenVINO's .bin), once it has its own copy
+        model = Foreign(runner(source, threads), runtime)
+        warm_up(model, variant.input_size, threads)
     return model
 
 
@@ -293,9 +292,9 @@ def _converted_only(recipe: Recipe, builder: Builder, runtime: str,
     None when the conversion is not stored or predates facts in its manifest."""
     recipe = builder.bind(recipe)
     artifact = builder.key(recipe)
-    found = builder.store.load_files(
+    manifest = builder.store.manifest(
         _conversion_key(artifact, recipe.input_size, runtime, builder), _SUFFIXES[runtime])
-    facts = found and found[1].get("facts")
+    facts = manifest and manifest.get("facts")  # its files are checked when they are loaded
     if not isinstance(facts, dict):
         return None
     try:

@@ -241,6 +241,12 @@ class Store:
 
         return self._load(key, suffixes, check, validate)
 
+    def manifest(self, key: str, suffixes: tuple[str, ...] = (".pt",)) -> dict | None:
+        """The checked manifest of an entry, its files present but not hashed (for what the
+        manifest alone says; loading the entry checks its files), or None."""
+        found = self._load(key, suffixes, lambda paths, manifest: None, None)
+        return None if found is None else found[1]
+
     def _load(self, key: str, suffixes: tuple[str, ...],
               read: Callable[[dict[str, Path], dict], object],
               validate: Callable[[dict], object] | None):
