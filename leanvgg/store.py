@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import time
 import warnings
@@ -33,6 +34,7 @@ def default_root() -> Path:
 # Temporary files older than this are left by killed writers (a live write takes seconds).
 STALE_TEMP_SECONDS = 3600
 MEASUREMENT_LOCK = ".measurement-slot.lock"  # Store.measuring's lock file, in the root
+GENERATION_CHARS = 16  # hex digits of an entry's hash in its data files' names
 # What every manifest holds, with its type; an entry missing one is treated as corrupt.
 MANIFEST_FIELDS = {"key": str, "sha256": str, "bytes": int, "manifest_sha256": str}
 
@@ -86,13 +88,22 @@ def private_root(root: Path) -> Path:
     return root
 
 
-class Store:
-    """Artifacts as ``<key>.pt`` (a state dict) plus ``<key>.json`` (manifest with its sha256).
+def _data_name(key: str, sha256: str, suffix: str) -> str:
+    """The name of an entry's data file: its content hash in the name, so that a new generation
+    never overwrites the file the current manifest names."""
+    return f"{key}.{sha256[:GENERATION_CHARS]}{suffix}"
 
-    Both files are written in full to temporary files first, hashed, and only then renamed into
-    place, weights before manifest. A process killed at any moment leaves the previous complete
-    pair, or (between the two renames) new weights whose hash does not match the old manifest,
-    which is detected and rebuilt: never a half file that gets loaded.
+
+class Store:
+    """Artifacts as ``<key>.<generation>.pt`` (a state dict) plus ``<key>.json`` (the manifest,
+    with its sha256, naming the data files).
+
+    The data files are written in full to temporary files, hashed and renamed to names that
+    carry their hash; then the manifest is replaced, which is the one step that commits the
+    entry; only then are the previous generation's files removed. A process killed at any
+    moment leaves the previous complete entry or the new one, never a mixture (a generation
+    whose manifest never landed is removed by ``sweep``). Entries written before data files
+    were named by their hash (``<key>.pt``, a manifest without ``names``) still load.
     """
 
     def __init__(self, root: Path | None = None) -> None:
@@ -100,7 +111,26 @@ class Store:
         self.documents = Documents(self.root, self.lock)  # evaluations, profiles, choices...
 
     def _paths(self, key: str, suffix: str = ".pt") -> tuple[Path, Path]:
+        """The legacy data path (before data files carried their hash) and the manifest's."""
         return self.root / f"{key}{suffix}", self.root / f"{key}.json"
+
+    def _data_paths(self, key: str, manifest: dict, suffixes: tuple[str, ...],
+                    ) -> dict[str, Path]:
+        """The data files a manifest names (checked: exactly the names its hash gives), or the
+        legacy ``<key><suffix>`` of a manifest that names none."""
+        names = manifest.get("names")
+        if names is None:
+            return {suffix: self._paths(key, suffix)[0] for suffix in suffixes}
+        expected = {suffix: _data_name(key, manifest["sha256"], suffix) for suffix in suffixes}
+        if names != expected:
+            raise ValueError("the manifest names other data files than its hash gives")
+        return {suffix: self.root / name for suffix, name in names.items()}
+
+    def _generations(self, key: str) -> list[Path]:
+        """Every data file of ``key``'s entry on disk, of any generation (legacy included)."""
+        pattern = re.compile(rf"{re.escape(key)}(\.[0-9a-f]{{{GENERATION_CHARS}}})?\.[a-z0-9]+")
+        return [path for path in self.root.glob(f"{key}.*")
+                if path.suffix != ".json" and pattern.fullmatch(path.name)]
 
     def has(self, key: str) -> bool:
         """Whether an entry (valid or not) exists under ``key``."""
@@ -168,8 +198,10 @@ class Store:
             for suffix, tmp in temps.items():
                 flush(tmp)
                 digests[suffix] = _file_digest(tmp)
-            manifest = {**manifest, "key": key, "sha256": _entry_digest(digests),
+            sha256 = _entry_digest(digests)
+            manifest = {**manifest, "key": key, "sha256": sha256,
                         "bytes": sum(os.path.getsize(t) for t in temps.values()),
+                        "names": {suffix: _data_name(key, sha256, suffix) for suffix in suffixes},
                         **({"files": digests} if len(suffixes) > 1 else {})}
             manifest["manifest_sha256"] = _manifest_digest(manifest)
             text = json.dumps(manifest, indent=2).encode()
@@ -178,16 +210,22 @@ class Store:
             for tmp in temps.values():
                 tmp.unlink(missing_ok=True)
             raise
-        for suffix, tmp in temps.items():
-            os.replace(tmp, self._paths(key, suffix)[0])
-        os.replace(manifest_tmp, self._paths(key)[1])
+        for suffix, tmp in temps.items():  # the new generation, beside the current one
+            os.replace(tmp, self.root / manifest["names"][suffix])
+        os.replace(manifest_tmp, self._paths(key)[1])  # the commit
+        current = {self.root / name for name in manifest["names"].values()}
+        for path in self._generations(key):
+            if path not in current:
+                path.unlink(missing_ok=True)
         return manifest
 
     def sweep(self, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
-        """Delete temporary files that killed writers left behind; returns what was removed."""
+        """Delete what killed writers left behind: temporary files, and data files that no
+        manifest names (a generation whose manifest never landed, or the previous one when the
+        writer died before removing it); returns what was removed."""
         removed = []
         cutoff = time.time() - older_than_s
-        for path in self.root.glob(".*.tmp*"):
+        for path in [*self.root.glob(".*.tmp*"), *self._unnamed()]:
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
@@ -197,6 +235,19 @@ class Store:
         if removed:
             log.info("Removed %d stale temporary file(s) from %s.", len(removed), self.root)
         return removed
+
+    def _unnamed(self) -> list[Path]:
+        """Data files of a hashed generation that their entry's manifest does not name."""
+        found = []
+        for path in self.root.glob(f"*.{'[0-9a-f]' * GENERATION_CHARS}.*"):
+            key = path.name.split(".")[0]
+            try:
+                names = json.loads(self._paths(key)[1].read_text()).get("names") or {}
+            except (OSError, ValueError, AttributeError):
+                names = {}  # no readable manifest: nothing names it
+            if path.name not in names.values():
+                found.append(path)
+        return found
 
     def load(self, key: str, validate: Callable[[dict], object] | None = None,
              ) -> tuple[dict, dict] | None:
@@ -244,32 +295,51 @@ class Store:
     def manifest(self, key: str, suffixes: tuple[str, ...] = (".pt",)) -> dict | None:
         """The checked manifest of an entry, its files present but not hashed (for what the
         manifest alone says; loading the entry checks its files), or None."""
-        found = self._load(key, suffixes, lambda paths, manifest: None, None)
+        found = self._load(key, suffixes,
+                           lambda paths, manifest: [path.stat() for path in paths.values()], None)
         return None if found is None else found[1]
 
     def _load(self, key: str, suffixes: tuple[str, ...],
               read: Callable[[dict[str, Path], dict], object],
               validate: Callable[[dict], object] | None):
-        paths = {suffix: self._paths(key, suffix)[0] for suffix in suffixes}
-        data_path, manifest_path = paths[suffixes[0]], self._paths(key)[1]
-        if not data_path.exists() and not manifest_path.exists():
+        manifest_path = self._paths(key)[1]
+        if not manifest_path.exists() and not self._generations(key):
             return None
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            if not isinstance(manifest, dict):
-                raise ValueError("the manifest is not a JSON object")
-            for field, kind in MANIFEST_FIELDS.items():
-                if not isinstance(manifest.get(field), kind):
-                    raise ValueError(f"the manifest lacks a valid {field!r}")
-            if manifest["manifest_sha256"] != _manifest_digest(manifest):
-                raise ValueError("the manifest was changed after it was written")
-            if manifest["key"] != key:
-                raise ValueError("the manifest belongs to another entry")
-            if validate is not None:
-                validate(manifest)
-            content = read(paths, manifest)
-        except Exception as err:  # any damage means the same thing: rebuild it
-            log.warning("Cache entry %s is corrupt or incomplete (%s); rebuilding it.",
-                        data_path, err)
-            return None
-        return content, manifest
+        for _ in range(10):  # a writer replaced the entry between its manifest and its files
+            before = _stat_id(manifest_path)
+            try:
+                return self._read(key, suffixes, read, validate)
+            except Exception as err:  # any damage means the same thing: rebuild it
+                if _stat_id(manifest_path) != before:
+                    continue
+                log.warning("Cache entry %s is corrupt or incomplete (%s); rebuilding it.",
+                            manifest_path.with_suffix(""), err)
+                return None
+        return None
+
+    def _read(self, key: str, suffixes: tuple[str, ...],
+              read: Callable[[dict[str, Path], dict], object],
+              validate: Callable[[dict], object] | None) -> tuple[object, dict]:
+        manifest = json.loads(self._paths(key)[1].read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("the manifest is not a JSON object")
+        for field, kind in MANIFEST_FIELDS.items():
+            if not isinstance(manifest.get(field), kind):
+                raise ValueError(f"the manifest lacks a valid {field!r}")
+        if manifest["manifest_sha256"] != _manifest_digest(manifest):
+            raise ValueError("the manifest was changed after it was written")
+        if manifest["key"] != key:
+            raise ValueError("the manifest belongs to another entry")
+        paths = self._data_paths(key, manifest, suffixes)
+        if validate is not None:
+            validate(manifest)
+        return read(paths, manifest), manifest
+
+
+def _stat_id(path: Path) -> tuple[int, int] | None:
+    """What changes when a file is replaced (its inode and change time), or None if absent."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_mtime_ns

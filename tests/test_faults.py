@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -58,11 +59,87 @@ def test_sigkill_at_any_moment_of_a_write_leaves_a_consistent_entry(tmp_path):
         killed_mid_write += bool(temporaries)
         _consistent(store)  # the previous or a later complete generation, never a mixture
     assert killed_mid_write >= 1  # at least one kill landed inside a write
-    leftovers = list(tmp_path.glob(".*.tmp*"))
+    named = set(json.loads((tmp_path / "artifact.json").read_text())["names"].values())
+    leftovers = [p for p in tmp_path.iterdir() if p.name not in named | {"artifact.json"}]
     assert sorted(store.sweep(older_than_s=0)) == sorted(leftovers)
-    assert not list(tmp_path.glob(".*.tmp*"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact.json", "artifact.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(named | {"artifact.json"})
     _consistent(store)
+
+
+def _generation(store: Store) -> int:
+    state_dict, manifest = store.load("artifact")
+    assert bool((state_dict["w"] == manifest["generation"]).all())
+    return manifest["generation"]
+
+
+def test_a_writer_killed_before_its_manifest_landed_leaves_the_previous_entry(tmp_path,
+                                                                              monkeypatch):
+    store = Store(tmp_path)
+    store.save("artifact", {"w": torch.full((1000,), 1.0)}, {"generation": 1})
+    real_replace = os.replace
+
+    def killed_at_the_commit(source, target):
+        if str(target).endswith("artifact.json"):
+            raise KeyboardInterrupt  # the new data file is in place, its manifest is not
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_commit)
+    with pytest.raises(KeyboardInterrupt):
+        store.save("artifact", {"w": torch.full((1000,), 2.0)}, {"generation": 2})
+    monkeypatch.undo()
+    assert _generation(store) == 1  # the new weights never pass for the old manifest's
+    orphans = [p.name for p in store.sweep(older_than_s=0)]
+    assert len(orphans) == 2 and {Path(name).suffix for name in orphans} == {".pt", ".tmp"}
+    assert _generation(store) == 1
+    store.save("artifact", {"w": torch.full((1000,), 3.0)}, {"generation": 3})
+    assert _generation(store) == 3 and len(list(tmp_path.glob("artifact.*.pt"))) == 1
+
+
+def test_readers_beside_a_writer_always_load_one_whole_generation(tmp_path, caplog):
+    store = Store(tmp_path)
+    store.save("artifact", {"w": torch.full((200_000,), 0.0)}, {"generation": 0})
+    done = threading.Event()
+
+    def write():
+        for generation in range(1, 40):
+            store.save("artifact", {"w": torch.full((200_000,), float(generation))},
+                       {"generation": generation})
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    seen = []
+    while not done.is_set():
+        seen.append(_generation(Store(tmp_path)))
+    writer.join()
+    assert seen == sorted(seen) and len(set(seen)) > 1  # it moved on, and never back
+    assert "corrupt" not in caplog.text
+
+
+def test_an_entry_written_before_data_files_carried_their_hash_still_loads(tmp_path):
+    store = Store(tmp_path)
+    store.save("artifact", {"w": torch.ones(3)}, {"generation": 1})
+    data, = tmp_path.glob("artifact.*.pt")
+    data.rename(tmp_path / "artifact.pt")  # the previous layout: <key>.pt, no names
+    manifest = json.loads((tmp_path / "artifact.json").read_text())
+    del manifest["names"]
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (tmp_path / "artifact.json").write_text(json.dumps(manifest))
+    assert _generation(store) == 1
+    store.save("artifact", {"w": torch.full((3,), 2.0)}, {"generation": 2})
+    assert _generation(store) == 2 and not (tmp_path / "artifact.pt").exists()
+
+
+def test_a_manifest_naming_a_file_outside_its_entry_is_refused(tmp_path, caplog):
+    store = Store(tmp_path)
+    store.save("artifact", {"w": torch.ones(3)}, {})
+    store.save("other", {"w": torch.zeros(3)}, {})
+    manifest = json.loads((tmp_path / "artifact.json").read_text())
+    other = json.loads((tmp_path / "other.json").read_text())
+    manifest.update(sha256=other["sha256"], names=other["names"])  # another entry's file
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (tmp_path / "artifact.json").write_text(json.dumps(manifest))
+    assert store.load("artifact") is None and "other data files" in caplog.text
 
 
 def test_fresh_temporaries_are_not_swept(tmp_path):
