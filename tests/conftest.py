@@ -87,10 +87,16 @@ def multipart(data: bytes, filename: str = "upload") -> tuple[bytes, str]:
         f"multipart/form-data; boundary={boundary}"
 
 
+# Fixtures that build whole things once for their users: the session's every default variant
+# of a full-size VGG-19, compiled (variant_set), tune's search (searched), every export format
+# of the tiny variants (exported).
+SLOW_FIXTURES = {"variant_set", "searched", "exported"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that need the session's whole variant set (every default variant of a full-size
-    VGG-19, compiled) are slow by construction: mark them so ``make test-quick`` leaves them
-    out."""
+    """Tests that use a slow fixture are slow by construction: mark them so ``make test-quick``
+    leaves them out (the others that compile, convert, train or start processes carry the mark
+    themselves)."""
     for item in items:
-        if "variant_set" in getattr(item, "fixturenames", ()):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -103,6 +103,7 @@ def test_events_round_trip_and_stray_lines_are_ignored():
     assert PENDING == "pending choice"
 
 
+@pytest.mark.slow
 def test_the_slot_waits_while_another_process_times(tmp_path):
     """While a builder process times runtimes under the store's timing lock, the server's
     measurement slot (sharing it) waits: no two timings overlap."""

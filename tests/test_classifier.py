@@ -59,6 +59,7 @@ def test_neuron_pruning_removes_the_lowest_l2_rows_and_equals_zeroing_them(vgg19
     assert count_params(vgg19) == 143_667_240  # the input is untouched
 
 
+@pytest.mark.slow
 def test_low_rank_is_the_truncated_svd_split_in_two_linears(vgg19, features):
     rank = 16
     factorised = factorize_linear(vgg19, rank=rank)
@@ -116,6 +117,7 @@ def test_full_rank_reproduces_the_layer(vgg19, features):
         factorize_linear(full, rank=4)
 
 
+@pytest.mark.slow
 def test_layouts_rebuild_compressed_models_and_filter_pruning_composes(vgg19, features):
     pruned, _ = prune_filters(vgg19, ratio=0.5, layers=[34])
     neurons, _ = prune_neurons(pruned, ratio=0.25)

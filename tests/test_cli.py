@@ -106,6 +106,7 @@ def test_bad_arguments_exit_2(args, capsys):
     assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0]
 
 
+@pytest.mark.slow
 def test_console_script_never_shows_a_traceback(tmp_path, photo):
     path = _bad_inputs(tmp_path, photo)[2]  # truncated JPEG
     result = subprocess.run([sys.executable, "-m", "leanvgg", "compare", str(path)],
@@ -124,6 +125,7 @@ def test_help_explains_every_option(capsys):
         assert option in text
 
 
+@pytest.mark.slow
 def test_finetune_then_evaluate_from_the_command_line(tmp_path, monkeypatch, capsys, photo_path,
                                                       tiny_cifar_files):
     from test_evaluate import COLOURS, MAPPING
@@ -163,6 +165,7 @@ def test_missing_data_exits_2(tmp_path, capsys):
     assert "needs --mapping FILE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_serve_stops_cleanly_on_sigterm(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -199,6 +202,7 @@ def _leanvgg(*args: str, home, **kwargs) -> subprocess.CompletedProcess:
                           **kwargs)
 
 
+@pytest.mark.slow
 def test_bad_command_lines_exit_2_with_one_line(tmp_path, photo_path):
     loop = tmp_path / "loop.jpg"
     loop.symlink_to(loop)
@@ -214,6 +218,7 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path, photo_path):
         _leanvgg("compare", str(photo_path), "--weights", "random", home=shared))
 
 
+@pytest.mark.slow
 def test_an_output_that_cannot_be_written_exits_2_before_any_work(tmp_path, photo_path):
     """An unwritable --output or export --out used to end in a traceback after the work."""
     home, a_file = tmp_path / "home", tmp_path / "a-file"
@@ -237,6 +242,7 @@ def test_finetune_subset_larger_than_the_data_exits_2(tmp_path, tiny_cifar_files
     assert "Invalid subset size 1000: the data set has 100 images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_serve_on_a_taken_port_exits_2_at_once(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

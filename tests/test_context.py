@@ -71,6 +71,7 @@ def test_a_profile_holds_for_its_runtime_threads_and_that_runtimes_versions():
         profile_key(_variant("inductor", _context(threads=1)))
 
 
+@pytest.mark.slow
 def test_packages_are_made_and_keyed_for_their_thread_count(tmp_path):
     """Inductor writes the thread count into the code it generates: a package made at 2
     threads used to serve --threads 1 (its key had no thread count)."""
@@ -98,6 +99,7 @@ def _cpu_per_wall(model, size: int, threads: int) -> float:
     return (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["inductor", "onnxruntime", "openvino"])
 def test_threads_reach_every_runtime(tmp_path, runtime):
     """--threads 1 used to reach PyTorch only: ONNX Runtime and OpenVINO sessions were made
@@ -178,6 +180,7 @@ def test_third_party_output_never_reaches_our_stdout(tmp_path, monkeypatch, capf
     assert "Statistics collection" in err  # NNCF's bars went to stderr instead
 
 
+@pytest.mark.slow
 def test_choosing_inductor_imports_no_other_runtime(tmp_path):
     """Deciding where a variant runs finds the runtimes without importing them."""
     code = (

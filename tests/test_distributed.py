@@ -3,11 +3,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import ddp_worker
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_over_the_same_global_batches(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", str(Path(ddp_worker.__file__)), str(tmp_path)]
@@ -39,6 +41,7 @@ def _run(args, *, ranks):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_counts_exactly_what_one_process_counts(tmp_path):
     """7 images over 2 ranks (4 + 3): no image dropped, none counted twice."""
     from test_evaluate import write_colour_folder
@@ -61,6 +64,7 @@ def test_evaluate_under_torchrun_counts_exactly_what_one_process_counts(tmp_path
     assert all(row["images"] == 7 for row in report.values())
 
 
+@pytest.mark.slow
 def test_tune_under_torchrun_picks_what_one_process_picks(tmp_path):
     from tiny import write_cifar
 

@@ -76,6 +76,7 @@ def test_every_conv_and_linear_has_int8_weights_and_int8_activations(float_model
                    for m in int8.modules())
 
 
+@pytest.mark.slow
 def test_packaged_int8_runs_onednn_int8_convolutions(int8, calibration, tmp_path):
     path = tmp_path / "int8.pt2"
     runtime.package(int8, 64, path, threads=2)
@@ -144,6 +145,7 @@ def test_bf16_is_left_out_by_default_where_the_cpu_emulates_it(monkeypatch):
     assert "bf16" in default_names()
 
 
+@pytest.mark.slow
 def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_path, calibration):
     built = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
     again = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
@@ -167,6 +169,7 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
     assert built.variants["turbo160"].summary().input_size == 160
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, photo):
     build_variants(tiny_baseline(), ["baseline", "int8_static"], store=Store(tmp_path),
                    progress=False)
@@ -196,6 +199,7 @@ def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, ph
     assert report["seconds"] < 30  # packaging alone took longer than this (see compile_s)
 
 
+@pytest.mark.slow
 def test_no_recompilation_when_requests_run(tmp_path, photo):
     from leanvgg.images import Picture
 
@@ -212,6 +216,7 @@ def test_no_recompilation_when_requests_run(tmp_path, photo):
     assert len(result.variants) == len(FAST)
 
 
+@pytest.mark.slow
 def test_a_user_calibration_folder_makes_its_own_artifact(tmp_path, photo):
     folder = tmp_path / "calibration"
     folder.mkdir()

@@ -43,6 +43,7 @@ def _consistent(store: Store) -> int:
     return manifest["generation"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_of_a_write_leaves_a_consistent_entry(tmp_path):
     store = Store(tmp_path)
     store.save("artifact", {"w": torch.zeros(25_000_000)}, {"generation": 0})
@@ -229,6 +230,7 @@ def test_a_damaged_manifest_is_rebuilt_not_a_traceback(tmp_path, caplog, damage)
     assert store.load(key) is not None  # and the entry is whole again
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_entry_build_it_once(tmp_path):
     script = textwrap.dedent("""
         import logging, sys

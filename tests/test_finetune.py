@@ -74,6 +74,7 @@ def test_finetune_lowers_the_loss_and_leaves_the_input_alone(tiny_cifar):
     assert not torch.equal(trained.features[0].weight, model.features[0].weight)
 
 
+@pytest.mark.slow
 def test_finetuned_weights_reach_pruned_and_pruned_quantized(tiny_cifar, tmp_path, photo):
     baseline, store = tiny_baseline(), Store(tmp_path / "cache")
     before = build_variants(baseline, store=store, progress=False).variants

@@ -57,6 +57,7 @@ def _post_image(port: int, data: bytes, headers: dict | None = None, timeout: fl
                     {"Content-Type": content_type, **(headers or {})}, timeout)
 
 
+@pytest.mark.slow
 def test_the_answer_follows_the_report_schema(server, photo_path):
     port, _ = server
     status, body = _post_image(port, photo_path.read_bytes())
@@ -219,6 +220,7 @@ def _worst_images() -> dict[str, bytes]:
 RSS_GROWTH_BOUND_MB = 500
 
 
+@pytest.mark.slow
 def test_four_worst_images_at_once_stay_within_the_memory_bound(server):
     port, pid = server
     images = _worst_images()

@@ -50,6 +50,7 @@ def test_auto_falls_back_to_random_loudly(offline, caplog):
     assert "FALLING BACK TO RANDOM WEIGHTS" in caplog.text
 
 
+@pytest.mark.slow
 def test_local_state_dict_file_is_loaded(baseline, tmp_path):
     path = tmp_path / "vgg19.pth"
     torch.save(baseline.model.state_dict(), path)

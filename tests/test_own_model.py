@@ -402,6 +402,7 @@ def test_batchnorm_is_folded_into_its_conv_before_static_int8():
         assert torch.equal(quantized(x).argmax(1), model(x).argmax(1))
 
 
+@pytest.mark.slow
 def test_exports_carry_the_labels_where_the_format_has_a_place(tmp_path):
     import leanvgg
     from leanvgg.portable import read_spec

@@ -67,6 +67,7 @@ def test_vgg19_channel_counts_and_parameter_total(vgg19):
     assert count_params(pruned) == vgg19_params(widths)
 
 
+@pytest.mark.slow
 def test_kept_channels_can_be_rounded_to_kernel_blocks(vgg19):
     pruned, report = prune_filters(vgg19, multiple_of=16)
     assert [(layer.before, layer.after) for layer in report] == [(256, 224)] + [(512, 448)] * 8

@@ -5,6 +5,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).parent.parent / "README.md"
 
 
@@ -14,6 +16,7 @@ def _python_api_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
+@pytest.mark.slow
 def test_the_python_api_examples_run(tmp_path, monkeypatch, photo_path, capsys):
     blocks = _python_api_blocks()
     assert len(blocks) == 2

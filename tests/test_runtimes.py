@@ -71,6 +71,7 @@ def known_costs(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, known_costs):
     first = _build(tmp_path)["int8_static"]
     every = ["inductor", "onnxruntime", "openvino"]
@@ -89,6 +90,7 @@ def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, known_cos
     assert len(stored) == 1 and next(iter(stored.values()))["runtime"] == "onnxruntime"
 
 
+@pytest.mark.slow
 def test_single_images_and_batches_each_run_on_their_chosen_runtime(tmp_path, timings):
     _build(tmp_path)
     # a machine where ONNX Runtime was measured fastest for one image, OpenVINO for batches
@@ -123,6 +125,7 @@ def test_batches_stay_on_the_single_image_runtime_unless_another_is_clearly_fast
         "inductor"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["cpu flags", "library version", "threads"])
 def test_a_new_cpu_library_version_or_thread_count_measures_again(tmp_path, known_costs,
                                                                  monkeypatch, change):
@@ -141,6 +144,7 @@ def test_a_new_cpu_library_version_or_thread_count_measures_again(tmp_path, know
     assert len(Store(tmp_path).documents.load(RUNTIME_CHOICES)) == 2  # the old choice is kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_each_runtime_agrees_with_inductor_on_real_photos(tmp_path, runtime):
     pinned = _build(tmp_path, runtime)
@@ -159,6 +163,7 @@ def test_each_runtime_agrees_with_inductor_on_real_photos(tmp_path, runtime):
         inductor["int8_static"].facts.size_bytes
 
 
+@pytest.mark.slow
 def test_without_the_runtimes_everything_runs_on_inductor_with_one_log_line(
         tmp_path, monkeypatch, caplog, timings):
     for module in ("onnxruntime", "openvino", "onnx", "nncf"):

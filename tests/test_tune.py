@@ -308,6 +308,7 @@ def test_a_report_with_wrong_fields_never_makes_the_api_fail(tmp_path, document)
     assert response.json["search"] is None and "unreadable" in response.json["message"]
 
 
+@pytest.mark.slow
 def test_the_tuned_variant_is_the_cache_entry_the_search_built_and_trained(
         cifar_root, tmp_path, monkeypatch, tiny_cifar_files):
     """No second build, no second fine-tune, no second compilation: the same entries."""

@@ -53,6 +53,7 @@ def small_cache(baseline, tmp_path):
     return tmp_path, built.variants["quantized"].artifact
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
 def test_a_corrupt_entry_is_detected_and_rebuilt(baseline, small_cache, caplog, damage):
     cache, key = small_cache
@@ -72,6 +73,7 @@ def test_a_corrupt_entry_is_detected_and_rebuilt(baseline, small_cache, caplog, 
     assert Store(cache).load(key) is not None
 
 
+@pytest.mark.slow
 def test_an_interrupted_write_keeps_the_previous_entry(baseline, small_cache, monkeypatch):
     cache, key = small_cache
     store = Store(cache)
