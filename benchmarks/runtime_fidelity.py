@@ -6,9 +6,12 @@ The digits-trained VGG-19 with torchvision's real classifier (benchmarks/tune_di
 model; real, held-out handwritten digits at 32 px) made static INT8 by the product's own build
 path (recipe → builder, calibrated on 96 training digits), then run on each runtime
 leanvgg.runtimes offers: Inductor (leanvgg's PT2E INT8, compiled), ONNX Runtime and OpenVINO
-(the same float weights and calibration digits, quantized by their own quantizers). For each:
-held-out accuracy and top-1 agreement with the Inductor path, both with 95 % Wilson intervals,
-and the largest logit difference. Target (issue 15): agreement >= 99 %.
+(the same float weights and calibration digits, quantized by their own quantizers), and, where
+the CPU computes in bf16, OpenVINO at its default precision (openvino_bf16: the same NNCF IR,
+what is not INT8 in bf16). For each: held-out accuracy and top-1 agreement with the Inductor
+path, both with 95 % Wilson intervals, and the largest logit difference; for openvino_bf16 also
+its agreement with the same IR in f32 (the variant's own INT8 model), which decides whether the
+runtime choice may use it. Target (issues 15 and 24): agreement >= 99 %.
 Writes benchmarks/results/runtime_fidelity.json (report schema).
 """
 
@@ -24,6 +27,8 @@ from leanvgg import schema
 from leanvgg.builder import Builder
 from leanvgg.models import Baseline
 from leanvgg.recipes import Candidate
+from leanvgg.capabilities import runtime_refusal
+from leanvgg.context import OPENVINO, OPENVINO_BF16
 from leanvgg.runtimes import RUNTIMES, select
 from leanvgg.stats import wilson
 from leanvgg.store import Store, default_root
@@ -49,6 +54,9 @@ def main() -> None:
         calibration=str(calibration))
     outputs = {}
     for runtime in RUNTIMES:
+        if runtime_refusal(recipe, runtime) is not None:
+            print(f"{runtime}: {runtime_refusal(recipe, runtime)}")
+            continue
         on = select(recipe, builder, runtime)
         assert on.runtime == runtime, on.where
         with torch.inference_mode():
@@ -69,6 +77,11 @@ def main() -> None:
                                                          .abs().max()),
                      "max_logit_diff_vs_fp32": float((logits - fp32).abs().max()),
                      "target_met": agree / n >= TARGET})
+        if runtime == OPENVINO_BF16 and OPENVINO in outputs:
+            same = int((top1 == outputs[OPENVINO].argmax(1)).sum())
+            rows[-1].update({"agreement_with_openvino_f32": same / n,
+                             "agreement_with_openvino_f32_ci": list(wilson(same, n)),
+                             "target_met": min(agree, same) / n >= TARGET})
     fp32_correct = int((fp32.argmax(1) == labels).sum())
     report = schema.document(
         "benchmark/runtime_fidelity", rows,
@@ -77,12 +90,16 @@ def main() -> None:
                 "fp32_accuracy": fp32_correct / len(labels)},
         threads=torch.get_num_threads())
     schema.write(RESULTS / "runtime_fidelity.json", report)
-    print(f"{'runtime':<13}{'agrees with inductor':>22}{'accuracy':>20}{'max |Δlogit|':>14}")
+    print(f"{'runtime':<15}{'agrees with inductor':>22}{'accuracy':>20}{'max |Δlogit|':>14}")
     for r in rows:
         low, high = r["agreement_ci"]
-        print(f"{r['name']:<13}{r['agreement_with_inductor']:>12.2%} ({low:.1%}–{high:.1%})"
+        print(f"{r['name']:<15}{r['agreement_with_inductor']:>12.2%} ({low:.1%}–{high:.1%})"
               f"{r['accuracy']:>12.2%}{'':>8}{r['max_logit_diff_vs_inductor']:>14.4f}"
               f"  {'met' if r['target_met'] else 'MISSED'}")
+        if "agreement_with_openvino_f32" in r:
+            low, high = r["agreement_with_openvino_f32_ci"]
+            print(f"{'':<15}agrees with openvino (f32): {r['agreement_with_openvino_f32']:.2%} "
+                  f"({low:.1%}–{high:.1%})")
     print(f"FP32: {fp32_correct / len(labels):.2%} on {len(labels)} held-out digits; "
           f"saved {RESULTS / 'runtime_fidelity.json'}")
 

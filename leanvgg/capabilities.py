@@ -7,13 +7,15 @@ is built.
 
 from __future__ import annotations
 
-from leanvgg.context import INDUCTOR, ONNXRUNTIME, OPENVINO
+from leanvgg.context import INDUCTOR, ONNXRUNTIME, OPENVINO, OPENVINO_BF16
+from leanvgg.machine import native_bf16
 from leanvgg.recipes import CastBf16, QuantizeDynamicInt8, QuantizeStaticInt8, Recipe, Step
 
 FP32, INT8_STATIC, INT8_DYNAMIC, BF16 = "fp32", "int8_static", "int8_dynamic", "bf16"
 FORMATS = ("pt2", "onnx", "openvino", "safetensors")
-FORMAT_OF = {INDUCTOR: "pt2", ONNXRUNTIME: "onnx", OPENVINO: "openvino"}  # what each runs
-RUNTIME_OF = {fmt: runtime for runtime, fmt in FORMAT_OF.items()}  # what runs each format
+# what each runs (openvino_bf16 runs the same IR as openvino, at OpenVINO's default precision)
+FORMAT_OF = {INDUCTOR: "pt2", ONNXRUNTIME: "onnx", OPENVINO: "openvino", OPENVINO_BF16: "openvino"}
+RUNTIME_OF = {"pt2": INDUCTOR, "onnx": ONNXRUNTIME, "openvino": OPENVINO}  # what runs each format
 
 _DYNAMIC = ("{name} cannot be {done} {target}: torch.ao's packed dynamic INT8 Linears go "
             "through neither torch.export nor ONNX/OpenVINO conversion. Export it as "
@@ -56,5 +58,8 @@ def runtime_refusal(recipe: Recipe, runtime: str) -> str | None:
     compiled recipes leave PyTorch: eager ones (the article's) run as the article ran them."""
     if not recipe.compiled:
         return f"{recipe.name} runs eagerly in PyTorch, as the article ran it"
+    if runtime == OPENVINO_BF16 and not native_bf16():
+        return (f"{runtime} runs what is not INT8 in bf16, which this CPU only emulates "
+                "(no AVX-512 BF16 or AMX): OpenVINO's default there is f32, as openvino runs")
     reason = _FORMAT_REFUSALS[FORMAT_OF[runtime]].get(precision_of(recipe))
     return reason and reason.format(name=recipe.name, done="run on", target=runtime)

@@ -21,8 +21,8 @@ import torch
 
 from leanvgg.builder import Builder, Variant, calibration_of, evaluation_key, stored_profile
 from leanvgg.capabilities import BF16, INT8_DYNAMIC, INT8_STATIC, export_refusal
-from leanvgg.capabilities import RUNTIME_OF, precision_of
-from leanvgg.context import PYTORCH
+from leanvgg.capabilities import FORMAT_OF, RUNTIME_OF, precision_of
+from leanvgg.context import OPENVINO_BF16, PYTORCH
 from leanvgg.facts import PINNED, Placement
 from leanvgg.images import WORK_SIDE, transform
 from leanvgg.interop import (INPUT, onnxruntime_settings, openvino_config, openvino_model,
@@ -104,7 +104,7 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
     model_json = out / f"{variant.name}.model.json"
     formats = _described_formats(model_json, variant.artifact)
     # safetensors: leanvgg.load's eager module, on PyTorch
-    runtime = RUNTIME_OF.get(fmt, PYTORCH)
+    runtime = _runtime_of(variant, fmt)
     evaluations = builder.store.documents.load(EVALUATION) or {}
     formats[fmt] = {"files": [p.name for p in _files(path)], **entry, "runtime": runtime,
                     "accuracy": evaluations.get(evaluation_key(_on(variant, runtime)))}
@@ -140,6 +140,14 @@ def _readable(path: Path) -> None:
     except (OSError, ValueError):
         pass
     path.chmod(0o666 & ~umask)
+
+
+def _runtime_of(variant: Variant, fmt: str) -> str:
+    """The runtime that runs ``fmt``: the variant's own where it runs that format here (so an
+    IR the choice placed on openvino_bf16 is described with OpenVINO's default precision)."""
+    if FORMAT_OF.get(variant.runtime) == fmt:
+        return variant.runtime
+    return RUNTIME_OF.get(fmt, PYTORCH)
 
 
 def _on(variant: Variant, runtime: str) -> Variant:
@@ -199,13 +207,17 @@ def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict
     write_openvino(openvino_model(builder.float_model(variant.recipe), variant.input_size,
                                   calibration=calibration), path,
                    metadata=file_metadata(builder.baseline))
-    # what leanvgg compiles it with: OpenVINO would otherwise run what is not INT8 in bf16 on
-    # CPUs with native bf16
-    settings = openvino_config(builder.context.threads)
+    # what leanvgg compiles it with: the f32 hint, unless the runtime choice measured OpenVINO's
+    # default (what is not INT8 in bf16, on CPUs with native bf16) faster and as faithful here
+    default = _runtime_of(variant, "openvino") == OPENVINO_BF16
+    settings = openvino_config(builder.context.threads, f32=not default)
+    note = _int8_note(variant, "NNCF's post-training quantization", calibration)
     return path, {"labels": "rt_info ['leanvgg', 'labels'] (a JSON list, in output order)",
                   "run": f"openvino.Core().compile_model({path.name!r}, 'CPU', {settings!r})"
-                         "(x.numpy())[0]", "settings": settings, "batch": "any",
-                  **_int8_note(variant, "NNCF's post-training quantization", calibration)}
+                         "(x.numpy())[0]", "settings": settings, "batch": "any", **note,
+                  "precision": note["precision"] + (
+                      ", the rest in bf16 (OpenVINO's default on this CPU)" if default else
+                      ", the rest in f32 (INFERENCE_PRECISION_HINT)")}
 
 
 def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:

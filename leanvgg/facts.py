@@ -115,6 +115,8 @@ class Placement:
     batch_medians_ms: dict[str, float] | None = None  # per batch of ``batch_size``
     runs: int | None = None
     measured_at: str | None = None
+    # candidates left out of the measurement, with why (openvino_bf16 changing top-1s)
+    excluded: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +126,8 @@ class Placement:
         """A stored choice (raises KeyError/TypeError when it is not one)."""
         return cls(**{k: data[k] for k in ("runtime", "batch_runtime", "threads", "how")},
                    **{k: data.get(k) for k in ("asked", "reason", "medians_ms", "batch_size",
-                                               "batch_medians_ms", "runs", "measured_at")})
+                                               "batch_medians_ms", "runs", "measured_at",
+                                               "excluded")})
 
 
 class State(str, Enum):

@@ -21,6 +21,7 @@ everything runs on Inductor, as before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import tempfile
@@ -34,8 +35,9 @@ import torch
 from torch import nn
 
 from leanvgg.builder import Builder, NotBuilt, Variant, calibration_of, facts_of
-from leanvgg.capabilities import FORMAT_OF, runtime_refusal
-from leanvgg.context import AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, PYTORCH, RUNTIMES, RunContext
+from leanvgg.capabilities import FORMAT_OF, RUNTIME_OF, runtime_refusal
+from leanvgg.context import (AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, OPENVINO_BF16, PYTORCH,
+                             RUNTIMES, RunContext)
 from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED,
                            Placement, State)
 from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
@@ -49,12 +51,16 @@ from leanvgg.documents import RUNTIME_CHOICES
 log = logging.getLogger(__name__)
 
 CHOICES = (AUTO, *RUNTIMES)
-_MODULES = {ONNXRUNTIME: ("onnx", "onnxruntime"), OPENVINO: ("openvino", "nncf")}
+_MODULES = {ONNXRUNTIME: ("onnx", "onnxruntime"), OPENVINO: ("openvino", "nncf"),
+            OPENVINO_BF16: ("openvino", "nncf")}
 BATCH = 8  # the batch size the batch runtime is chosen at (the dashboard's throughput view)
 # Batches stay on the single-image runtime unless another is faster by more than this: a
 # smaller difference is run-to-run noise here (repeated runs differ by ~2 %), and one runtime
 # holds one model in memory instead of two.
 SAME = 0.02
+# openvino_bf16 is kept among the candidates only where its top-1 agrees this often with the
+# same IR run in f32 (the variant's own INT8 model) on the calibration photos' crops
+AGREEMENT = 0.99
 
 
 class Foreign(nn.Module):
@@ -108,14 +114,16 @@ def candidates(recipe: Recipe) -> list[str]:
     libraries are installed; none for eager recipes."""
     if runtime_refusal(recipe, INDUCTOR) is not None:
         return []
-    return [INDUCTOR, *(r for r in (ONNXRUNTIME, OPENVINO)
+    return [INDUCTOR, *(r for r in (ONNXRUNTIME, OPENVINO, OPENVINO_BF16)
                         if runtime_refusal(recipe, r) is None and installed(r))]
 
 
 def choice_key(recipe: Recipe, artifact: str, context: RunContext) -> str:
-    """What a choice holds for: these weights at this size, the threads, CPU and the versions
-    of every candidate runtime."""
+    """What a choice holds for: these weights at this size, the candidates measured (a new one,
+    such as openvino_bf16, is measured before it is chosen or not), the threads, CPU and the
+    versions of every candidate runtime."""
     return (f"{recipe.name}|{artifact}|{recipe.input_size}px|"
+            f"candidates={','.join(candidates(recipe))}|"
             + context.on(AUTO).key("threads", "cpu", "versions"))
 
 
@@ -189,6 +197,9 @@ def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
     on_state(State.CHOOSING)
     context = builder.context
     runners = {r: _model(variant, r, builder, on_state) for r in candidates(variant.recipe)}
+    excluded = _unfaithful(runners, variant)
+    for runtime in excluded:
+        del runners[runtime]
     # the caller keeps its own timings away meanwhile (the server holds its measurement slot);
     # the store's timing lock keeps a server's away while a builder process times
     with builder.store.measuring():
@@ -199,7 +210,7 @@ def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
     batched = batch_runtime(per_batch, chosen)
     placement = Placement(chosen, batched, context.threads, MEASURED, asked=AUTO,
                           medians_ms=medians, batch_size=BATCH, batch_medians_ms=per_batch,
-                          runs=runs,
+                          runs=runs, excluded=excluded or None,
                           measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     key = choice_key(variant.recipe, variant.artifact, context)
     # other processes may record theirs meanwhile
@@ -212,6 +223,27 @@ def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
     single, batch_model = runners[chosen], runners[batched]  # the others are let go
     model = single if batched == chosen else ByBatch(single, lambda: batch_model)
     return dataclasses.replace(variant, model=model, placement=placement)
+
+
+def _unfaithful(runners: dict[str, nn.Module], variant: Variant) -> dict[str, str]:
+    """The candidates that would change what the variant predicts, with why: openvino_bf16
+    unless its top-1 agrees with the same IR in f32 on at least ``AGREEMENT`` of the
+    calibration photos' crops (real photos; bf16 changes the precision, not the INT8 model)."""
+    if OPENVINO_BF16 not in runners or OPENVINO not in runners:
+        return {}
+    images = calibration_of(variant.recipe)
+    if images is None:
+        return {}
+    with torch.inference_mode():
+        ours, reference = (torch.cat([runners[r](row[None]) for row in images]).argmax(1)
+                           for r in (OPENVINO_BF16, OPENVINO))
+    agreement = float((ours == reference).float().mean())
+    log.info("%s: %s agrees with %s on top-1 for %.1f %% of %d calibration crops",
+             variant.name, OPENVINO_BF16, OPENVINO, 100 * agreement, len(images))
+    if agreement >= AGREEMENT:
+        return {}
+    return {OPENVINO_BF16: f"top-1 agrees with {OPENVINO} (f32) on {100 * agreement:.1f} % of "
+                           f"{len(images)} calibration crops, below {100 * AGREEMENT:g} %"}
 
 
 def batch_runtime(per_batch: dict[str, float], single: str) -> str:
@@ -266,22 +298,25 @@ def _model(variant: Variant, runtime: str, builder: Builder,
                     shutil.copyfile(Path(folder) / f"model{suffix}", target)
 
         paths = _converted(variant, builder, runtime, _SUFFIXES[runtime], on_state, write)
-        runner, source = openvino_runner, paths[".xml"]  # its .bin beside it
+        source = paths[".xml"]  # its .bin beside it
+        # openvino: the f32 hint; openvino_bf16: OpenVINO's default precision
+        runner = functools.partial(openvino_runner, f32=runtime == OPENVINO)
     with released():  # the file it mapped (OpenVINO's .bin), once it has its own copy
         model = Foreign(runner(source, threads), runtime)
         warm_up(model, variant.input_size, threads)
     return model
 
 
-_SUFFIXES = {ONNXRUNTIME: (".onnx",), OPENVINO: (".xml", ".bin")}
+_SUFFIXES = {ONNXRUNTIME: (".onnx",), OPENVINO: (".xml", ".bin"), OPENVINO_BF16: (".xml", ".bin")}
 
 
 def _conversion_key(artifact: str, input_size: int, runtime: str, builder: Builder) -> str:
     """A converted model's key: the variant's weights, the format, the input size and the
-    converting libraries' versions."""
+    converting libraries' versions (openvino and openvino_bf16 run one IR)."""
+    converts_for = RUNTIME_OF[FORMAT_OF[runtime]]
     return artifact_key(artifact, {
         "op": "convert", "format": FORMAT_OF[runtime], "input_size": input_size,
-        "context": builder.context.on(runtime).key("runtime", "versions")})
+        "context": builder.context.on(converts_for).key("runtime", "versions")})
 
 
 def _converted_only(recipe: Recipe, builder: Builder, runtime: str,
@@ -328,6 +363,6 @@ def _converted(variant: Variant, builder: Builder, runtime: str, suffixes: tuple
                     {"recipe": variant.name, "artifact": variant.artifact,
                      "facts": variant.facts.to_dict(),
                      "converted": FORMAT_OF[runtime], "input_size": variant.input_size,
-                     "context": builder.context.on(runtime).record()})
+                     "context": builder.context.on(RUNTIME_OF[FORMAT_OF[runtime]]).record()})
                 found = builder.store.load_files(key, suffixes)
     return found[0]

@@ -8,8 +8,12 @@ import sys
 import pytest
 import torch
 
+from leanvgg import cache, capabilities, machine, runtimes
 from leanvgg import context as context_module
-from leanvgg import runtimes
+from leanvgg.builder import Variant
+from leanvgg.context import RunContext
+from leanvgg.facts import ArtifactFacts, Placement
+from leanvgg.recipes import RECIPES
 from leanvgg.measure import Latency
 from leanvgg.images import decode, read_file
 from leanvgg.documents import RUNTIME_CHOICES
@@ -57,8 +61,10 @@ COSTS = {1: {"inductor": 30.0, "onnxruntime": 20.0, "openvino": 25.0},
 
 @pytest.fixture
 def known_costs(monkeypatch):
-    """The runtime choice's round-robins time every runner at its known cost; returns the
-    (runtimes, batch sizes) of each round-robin."""
+    """The runtime choice's round-robins time every runner at its known cost, on a CPU without
+    native bf16 (so the candidates are the same on every machine); returns the (runtimes, batch
+    sizes) of each round-robin."""
+    monkeypatch.setattr(capabilities, "native_bf16", lambda: False)
     calls = []
 
     def timed(jobs, **kwargs):
@@ -200,3 +206,82 @@ def test_a_variant_on_another_runtime_alone_never_loads_its_eager_model(tmp_path
     assert again.facts == first.facts and again.artifact == first.artifact
     assert again.model.runtime == "openvino"
     torch.testing.assert_close(_logits(again), _logits(first), rtol=0, atol=0)
+
+
+def test_openvino_at_its_default_precision_is_a_candidate_only_where_bf16_is_native(
+        monkeypatch):
+    recipe = RECIPES["int8_static"]
+    monkeypatch.setattr(capabilities, "native_bf16", lambda: False)
+    assert "only emulates" in capabilities.runtime_refusal(recipe, "openvino_bf16")
+    assert "openvino_bf16" not in runtimes.candidates(recipe)
+    monkeypatch.setattr(capabilities, "native_bf16", lambda: True)
+    assert capabilities.runtime_refusal(recipe, "openvino_bf16") is None
+    if runtimes.installed("openvino"):
+        assert runtimes.candidates(recipe)[-2:] == ["openvino", "openvino_bf16"]
+    assert "cannot be run on openvino_bf16" in capabilities.runtime_refusal(
+        RECIPES["bf16"], "openvino_bf16")  # a bf16 model goes to neither OpenVINO
+    assert capabilities.FORMAT_OF["openvino_bf16"] == "openvino"
+    assert capabilities.RUNTIME_OF["openvino"] == "openvino"
+
+
+class _Logits(torch.nn.Module):
+    """Logits from the image itself (its mean per colour channel), top-1 flipped on the images
+    whose indices are in ``flipped``: a runtime that changes some predictions."""
+
+    def __init__(self, flipped=()):
+        super().__init__()
+        self.flipped, self.seen = set(flipped), 0
+
+    def forward(self, x):
+        logits = torch.stack([x.mean((2, 3))[:, c] * (c + 1) for c in range(3)], 1)
+        if self.seen in self.flipped:
+            logits = -logits
+        self.seen += 1
+        return logits
+
+
+@pytest.mark.parametrize("flipped, kept", [((), True), ((5,), False)])
+def test_openvino_bf16_is_measured_only_where_its_top1_agrees_with_openvino_f32(flipped, kept):
+    context = RunContext.here(2)
+    variant = Variant(RECIPES["int8_static"], torch.nn.Identity(),
+                      ArtifactFacts(size_bytes=0, params=0, params_total=0, macs=0), "weights",
+                      context, Placement("inductor", "inductor", 2, "pinned"))
+    runners = {"inductor": _Logits(), "openvino": _Logits(), "openvino_bf16": _Logits(flipped)}
+    excluded = runtimes._unfaithful(runners, variant)
+    if kept:  # 24 of 24 crops agree
+        assert excluded == {}
+    else:  # 23 of 24: 95.8 %
+        assert excluded == {"openvino_bf16": "top-1 agrees with openvino (f32) on 95.8 % of 24 "
+                                             "calibration crops, below 99 %"}
+    assert runners["openvino_bf16"].seen == runners["openvino"].seen == 24
+    assert runners["inductor"].seen == 0  # only the two precisions of one IR are compared
+
+
+@pytest.mark.slow
+def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(tmp_path, monkeypatch,
+                                                                        known_costs):
+    if not runtimes.installed("openvino"):
+        pytest.skip("openvino is not installed (leanvgg[export])")
+    assert _build(tmp_path)["int8_static"].runtime == "onnxruntime"  # chosen among three
+    monkeypatch.setattr(capabilities, "native_bf16", lambda: True)
+    costs = {1: {**COSTS[1], "openvino_bf16": 10.0},
+             runtimes.BATCH: {**COSTS[runtimes.BATCH], "openvino_bf16": 99.0}}
+    monkeypatch.setattr(sys.modules[__name__], "COSTS", costs)
+    variant = _build(tmp_path)["int8_static"]  # a new candidate: that choice no longer holds
+    three, every = ["inductor", "onnxruntime", "openvino"], [
+        "inductor", "onnxruntime", "openvino", "openvino_bf16"]
+    assert [names for names, _ in known_costs] == [three, three, every, every]
+    facts = variant.summary()
+    assert (facts.runtime, facts.batch_runtime) == ("openvino_bf16", "openvino_bf16")
+    assert facts.placement["medians_ms"] == costs[1] and facts.placement["excluded"] is None
+    settings = variant.model.settings
+    assert "INFERENCE_PRECISION_HINT" in settings  # as OpenVINO reports it back
+    bf16 = settings["INFERENCE_PRECISION_HINT"]
+    assert bf16 == ("bf16" if machine.native_bf16() else "f32")  # its default on this CPU
+    converted = [e for e in cache.entries(Store(tmp_path)) if e.kind == "converted"]
+    assert sorted(e.recipe for e in converted) == ["int8_static", "int8_static"]  # onnx, one IR
+    again = _build(tmp_path)["int8_static"]  # the stored choice, on the same IR
+    assert again.summary().placement["how"] == "stored" and again.runtime == "openvino_bf16"
+    pinned = _build(tmp_path, "openvino")["int8_static"]
+    assert pinned.model.settings["INFERENCE_PRECISION_HINT"] == "f32"
+    assert _logits(again).argmax(1).tolist() == _logits(pinned).argmax(1).tolist()
