@@ -54,8 +54,9 @@ def main() -> None:
         calibration=str(calibration))
     outputs = {}
     for runtime in RUNTIMES:
-        if runtime_refusal(recipe, runtime) is not None:
-            print(f"{runtime}: {runtime_refusal(recipe, runtime)}")
+        refusal = runtime_refusal(recipe, runtime)
+        if refusal is not None:
+            print(f"{runtime}: {refusal}")
             continue
         on = select(recipe, builder, runtime)
         assert on.runtime == runtime, on.where

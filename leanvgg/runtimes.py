@@ -313,10 +313,14 @@ _SUFFIXES = {ONNXRUNTIME: (".onnx",), OPENVINO: (".xml", ".bin"), OPENVINO_BF16:
 def _conversion_key(artifact: str, input_size: int, runtime: str, builder: Builder) -> str:
     """A converted model's key: the variant's weights, the format, the input size and the
     converting libraries' versions (openvino and openvino_bf16 run one IR)."""
-    converts_for = RUNTIME_OF[FORMAT_OF[runtime]]
     return artifact_key(artifact, {
         "op": "convert", "format": FORMAT_OF[runtime], "input_size": input_size,
-        "context": builder.context.on(converts_for).key("runtime", "versions")})
+        "context": builder.context.on(_converts_for(runtime)).key("runtime", "versions")})
+
+
+def _converts_for(runtime: str) -> str:
+    """The runtime a conversion is made and recorded for (openvino for openvino_bf16)."""
+    return RUNTIME_OF[FORMAT_OF[runtime]]
 
 
 def _converted_only(recipe: Recipe, builder: Builder, runtime: str,
@@ -363,6 +367,6 @@ def _converted(variant: Variant, builder: Builder, runtime: str, suffixes: tuple
                     {"recipe": variant.name, "artifact": variant.artifact,
                      "facts": variant.facts.to_dict(),
                      "converted": FORMAT_OF[runtime], "input_size": variant.input_size,
-                     "context": builder.context.on(RUNTIME_OF[FORMAT_OF[runtime]]).record()})
+                     "context": builder.context.on(_converts_for(runtime)).record()})
                 found = builder.store.load_files(key, suffixes)
     return found[0]
