@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve compare build test test-quick bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-tune bench-startup bench-memory clean
+.PHONY: serve compare build test test-quick bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-fast-accuracy bench-tune bench-startup bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench-fidelity: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/fidelity.py $(ARGS)
 	$(BIN)/python benchmarks/runtime_fidelity.py
+
+# The fast variants' accuracy cost (turbo_svd's classifier SVD) on real digits, 95 % intervals.
+bench-fast-accuracy: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/fast_variants_digits.py $(ARGS)
 
 # leanvgg tune's search on the digits-trained VGG-19 (Pareto front, sensitivity, choice).
 bench-tune: $(STAMP)

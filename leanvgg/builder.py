@@ -25,7 +25,7 @@ from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_pa
                              state_dict_bytes)
 from leanvgg.models import Baseline, from_layout, layout_of
 from leanvgg.packages import Packages
-from leanvgg.recipes import QuantizeStaticInt8, Recipe, artifact_key, bind
+from leanvgg.recipes import QuantizeStaticInt8, Recipe, artifact_key, bind, merge_facts
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class Builder:
                         log.info("Building %s: %s", recipe.name, step.to_json())
                         model, new_facts = step.apply(previous)
                         loaded = self._save(recipe, n_steps, key, previous_key, model.eval(),
-                                            {**previous_facts, **new_facts},
+                                            merge_facts(previous_facts, new_facts),
                                             _layout(model, previous))
             self.memo[key] = loaded
         return (*self.memo[key], key)
@@ -202,7 +202,7 @@ class Builder:
                 self.memo[key] = found
                 return (*found, key)
         made, new_facts = produce(model, facts)
-        merged = {**facts, **new_facts}
+        merged = merge_facts(facts, new_facts)
         if write:
             self._save(recipe, position + 1, key, previous_key, made.eval(), merged,
                        _layout(made, model))

@@ -46,7 +46,7 @@ from leanvgg.variants import (NotTuned, build_in_stages, build_variants, finetun
 
 log = logging.getLogger("leanvgg")
 # recipes with their own fine-tuning artifact (others share one of these)
-FINETUNABLE = ("pruned", "turbo")
+FINETUNABLE = ("pruned", "turbo", "turbo_svd")
 
 # One epoch over 500 images took about 11 minutes on the 2-core dev machine (0.73 images/s for
 # the pruned VGG-19 at 224×224, batch 16): minutes, not hours.
@@ -254,7 +254,8 @@ def _add_finetune(commands, shared: _Shared) -> None:
     fit.add_argument("--seed", type=int, default=0, help="subset and shuffling seed (default 0)")
     fit.add_argument("--variant", choices=FINETUNABLE, default="pruned",
                      help="whose pruned model to fine-tune: 'pruned' (shared with "
-                          "pruned_quantized) or 'turbo' (shared with turbo160) (default pruned)")
+                          "pruned_quantized), 'turbo' (shared with turbo160) or 'turbo_svd' "
+                          "(default pruned)")
     fit.set_defaults(func=_finetune)
 
 

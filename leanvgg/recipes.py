@@ -15,7 +15,7 @@ from torch import nn
 
 from leanvgg.context import INDUCTOR
 from leanvgg.data import calibration_batch, calibration_digest
-from leanvgg.lowrank import factorize_linear, retained_energy
+from leanvgg.lowrank import factorize
 from leanvgg.prune import VGG19_HIDDEN_LINEARS, deep_convs, prune_filters, prune_neurons
 from leanvgg.quantize import quantize_dynamic_int8, quantize_static_int8, static_int8_skeleton
 from leanvgg.runtime import to_bf16
@@ -96,22 +96,40 @@ class PruneNeurons:
 
 @dataclass(frozen=True)
 class LowRank:
-    """Truncated-SVD factorisation of ``classifier[layer]`` into two Linears of width ``rank``."""
+    """Truncated-SVD factorisation of ``classifier[layer]`` into two Linears of width ``rank``.
+
+    ``rank`` None: ``share`` of the layer's smaller dimension, filled in for the model at hand
+    by ``bind`` (1/4 of VGG-19's 4,096 is Fast R-CNN's 1,024; a user's narrower head keeps the
+    same proportion).
+    """
 
     automatic: ClassVar[bool] = True
-    rank: int = 256
+    rank: int | None = 256
     layer: int = 0
+    share: float | None = None
 
     def apply(self, model: nn.Module) -> tuple[nn.Module, dict]:
-        energy = retained_energy(model.classifier[self.layer], self.rank)
-        return factorize_linear(model, rank=self.rank, layer=self.layer), {
-            "low_rank": {"layer": self.layer, "rank": self.rank, "retained_energy": energy},
+        rank = self.bound(model).rank
+        factorised, energy = factorize(model, rank=rank, layer=self.layer)
+        return factorised, {
+            "low_rank": [{"layer": self.layer, "rank": rank, "retained_energy": energy}],
             "fine_tuned": False}
+
+    def bound(self, model: nn.Module) -> LowRank:
+        """This step with its rank for ``model`` (itself when the rank is given)."""
+        if self.rank is not None:
+            return self
+        linear = model.classifier[self.layer]
+        width = min(linear.in_features, linear.out_features)
+        return dataclasses.replace(self, rank=max(1, round(width * self.share)), share=None)
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         return model  # the stored layout records the factorised layer's rank
 
     def to_json(self) -> dict:
+        if self.rank is None:
+            raise ValueError("LowRank(rank=None) names its rank once bound to a model "
+                             "(recipes.bind).")
         return {"op": "low_rank", "method": "truncated_svd", "layer": self.layer,
                 "rank": self.rank}
 
@@ -220,6 +238,13 @@ class FineTune:
                 "seed": self.seed, "input_size": self.input_size}
 
 
+def merge_facts(facts: dict, new: dict) -> dict:
+    """The facts after one more step: its own replace the earlier ones, except reports that are
+    lists (one entry per layer), which add up: two factorisations report both layers."""
+    return {**facts, **new, **{key: facts[key] + value for key, value in new.items()
+                               if isinstance(value, list) and isinstance(facts.get(key), list)}}
+
+
 def skeleton_step(spec: dict) -> Step:
     """A step rebuilt from its ``to_json()``, enough for its ``skeleton`` (the module structure
     it produces): how an export is loaded without the data or files that made it."""
@@ -249,10 +274,12 @@ def finetune_loss(model: nn.Module) -> str:
 
 def bind(recipe: Recipe, model: nn.Module) -> Recipe:
     """The recipe with what depends on the model's layout filled in (the convs ``Prune``
-    removes filters from, the loss of ``FineTune``); a bound recipe is returned unchanged."""
+    removes filters from, the rank of a ``LowRank`` given as a share, the loss of
+    ``FineTune``); a bound recipe is returned unchanged."""
     steps = tuple(
         dataclasses.replace(step, layers=deep_convs(model))
         if isinstance(step, Prune) and step.layers is None else
+        step.bound(model) if isinstance(step, LowRank) else
         dataclasses.replace(step, loss=finetune_loss(model))
         if isinstance(step, FineTune) and step.loss is None else step
         for step in recipe.steps)
@@ -312,6 +339,11 @@ def precision_steps(precision: str, input_size: int = 224,
 
 # Kept filters rounded down to multiples of 16 (256→224, 512→448): whole kernel blocks.
 _TURBO_PRUNE = Prune(multiple_of=16)
+# fc6 (classifier.0) to a quarter of its width, fc7 (classifier.3) to a sixteenth: at batch 1
+# the classifier's weights stream from memory on every image (Girshick, Fast R-CNN, 2015, §3.1:
+# these ranks cost VGG-16 0.3 mAP)
+_CLASSIFIER_SVD = (LowRank(rank=None, layer=0, share=1 / 4), LowRank(rank=None, layer=3,
+                                                                     share=1 / 16))
 
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
@@ -335,6 +367,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe("turbo160", "turbo calibrated for and fed 160×160 inputs",
                steps=(_TURBO_PRUNE, FineTune(), *precision_steps("int8", 160)),
                input_size=160, compiled=True),
+        Recipe("turbo_svd", "turbo with fc6 and fc7 factorised by truncated SVD (Fast R-CNN's "
+               "ranks 1,024 and 256 on a 4,096-wide head) before fine-tuning: under a third "
+               "of turbo's classifier weights",
+               steps=(_TURBO_PRUNE, *_CLASSIFIER_SVD, FineTune(), *precision_steps("int8")),
+               compiled=True),
     )
 }
 

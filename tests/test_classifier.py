@@ -12,7 +12,8 @@ from leanvgg.lowrank import factorize_linear, retained_energy, truncated_svd
 from leanvgg.measure import count_macs, count_params
 from leanvgg.models import from_layout, layout_of
 from leanvgg.prune import l2_norm, prune_filters, prune_neurons
-from leanvgg.recipes import Candidate, LowRank, PruneNeurons
+from leanvgg.recipes import RECIPES, Candidate, LowRank, PruneNeurons, bind, merge_facts
+from tiny import tiny_vgg
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +87,37 @@ def test_low_rank_is_the_truncated_svd_split_in_two_linears(vgg19, features):
 
 
 @pytest.mark.parametrize("spectrum", ["flat", "decaying"])
-def test_the_truncated_svd_is_within_a_fraction_of_a_percent_of_the_optimum(spectrum):
-    """Eckart–Young: no rank-r matrix is closer to W than its top-r SVD; the randomized one is
-    measured against that optimum (from the exact singular values)."""
+@pytest.mark.parametrize("wide", [True, False])
+def test_the_truncated_svd_is_the_optimum(spectrum, wide):
+    """Eckart–Young: no rank-r matrix is closer to W than its top-r SVD; the Gram route must
+    reach that optimum and the exact singular triplets, for wide and tall matrices."""
     torch.manual_seed(0)
     weight = torch.randn(256, 1024, dtype=torch.float64)
     if spectrum == "decaying":
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         weight = (u * (0.97 ** torch.arange(256))) @ vh
+    weight = weight if wide else weight.T
     rank = 32
     u, s, v = truncated_svd(weight, rank)
-    exact = torch.linalg.svdvals(weight)
+    exact_u, exact, exact_vh = torch.linalg.svd(weight, full_matrices=False)
     optimum = exact[rank:].square().sum().sqrt()
     error = (weight - (u * s) @ v.T).norm()
-    assert optimum <= error <= 1.005 * optimum
-    torch.testing.assert_close(s, exact[:rank], rtol=1e-2, atol=0)
+    assert float(error) == pytest.approx(float(optimum), rel=1e-9)
+    torch.testing.assert_close(s, exact[:rank], rtol=1e-9, atol=0)
+    assert u.shape == (weight.shape[0], rank) and v.shape == (weight.shape[1], rank)
+    # singular vectors are unique up to sign (the spectrum has no repeated values)
+    signs = (u * exact_u[:, :rank]).sum(0).sign()
+    torch.testing.assert_close(u * signs, exact_u[:, :rank], rtol=0, atol=1e-6)
+    torch.testing.assert_close(v * signs, exact_vh[:rank].T, rtol=0, atol=1e-6)
+
+
+def test_a_rank_beyond_the_matrix_rank_gets_zero_directions():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 8, dtype=torch.float64) @ torch.randn(8, 200, dtype=torch.float64)
+    u, s, v = truncated_svd(weight, 12)  # numerical rank 8
+    assert bool(torch.isfinite(u).all() and torch.isfinite(v).all())
+    assert bool((s[8:] == 0).all() and (v[:, 8:] == 0).all())
+    torch.testing.assert_close((u * s) @ v.T, weight, rtol=0, atol=1e-9)
 
 
 def test_full_rank_reproduces_the_layer(vgg19, features):
@@ -140,10 +157,10 @@ def test_recipe_steps_record_what_they_did_and_order_structure_first(vgg19):
     model, facts = PruneNeurons(ratio=0.5).apply(vgg19)
     assert facts["neuron_pruning"][0]["after"] == 2048 and len(facts["neuron_pruning"]) == 2
     low, facts = LowRank(rank=16).apply(model)
-    assert facts["low_rank"] == {"layer": 0, "rank": 16,
-                                 "retained_energy": pytest.approx(facts["low_rank"][
-                                     "retained_energy"])}
-    assert 0 < facts["low_rank"]["retained_energy"] < 1
+    energy = retained_energy(model.classifier[0], 16)
+    assert facts["low_rank"] == [{"layer": 0, "rank": 16,
+                                  "retained_energy": pytest.approx(energy, rel=1e-12)}]
+    assert 0 < energy < 1
     assert low.classifier[0][0].out_features == 16
     recipe = Candidate(0.3, "int8", 160, neuron_ratio=0.5, rank=256).recipe(
         "t", "", layers=[34])
@@ -152,3 +169,23 @@ def test_recipe_steps_record_what_they_did_and_order_structure_first(vgg19):
     assert recipe.compiled and recipe.input_size == 160
     with pytest.raises(ValueError, match="fine-tuned"):
         Candidate(0.3, "fp32", 160, fine_tuned=True).recipe("t", "", layers=[34])
+
+
+def test_turbo_svd_binds_fast_rcnns_ranks_to_the_head_at_hand(vgg19):
+    """A quarter of fc6's and a sixteenth of fc7's width: 1,024 and 256 on VGG-19's 4,096-wide
+    head, the same proportions on a user's narrower one; two factorisations report both."""
+    def ranks(model):
+        return [(s.layer, s.rank) for s in bind(RECIPES["turbo_svd"], model).steps
+                if isinstance(s, LowRank)]
+
+    assert ranks(vgg19) == [(0, 1024), (3, 256)]
+    assert ranks(tiny_vgg()) == [(0, 16), (3, 4)]
+    with pytest.raises(ValueError, match="once bound"):
+        RECIPES["turbo_svd"].steps[1].to_json()
+    small = tiny_vgg()
+    model, facts = small, {}
+    for step in bind(RECIPES["turbo_svd"], small).steps[1:3]:
+        model, new = step.apply(model)
+        facts = merge_facts(facts, new)
+    assert [(r["layer"], r["rank"]) for r in facts["low_rank"]] == [(0, 16), (3, 4)]
+    assert (model.classifier[0][0].out_features, model.classifier[3][0].out_features) == (16, 4)

@@ -22,7 +22,7 @@ from leanvgg.store import Store
 from leanvgg.variants import build_variants, default_names
 from tiny import tiny_baseline, tiny_vgg
 
-FAST = ["baseline", "int8_static", "turbo", "turbo160"]
+FAST = ["baseline", "int8_static", "turbo", "turbo160", "turbo_svd"]
 QDQ = torch.ops.quantized_decomposed
 
 
@@ -167,6 +167,14 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
     assert turbo["macs"] < built.variants["int8_static"].summary().macs
     assert turbo["size_mb"] < built.variants["int8_static"].summary().size_mb
     assert built.variants["turbo160"].summary().input_size == 160
+    # turbo_svd: turbo's pruned convs, fc6 and fc7 at a quarter and a sixteenth of the tiny
+    # head's 64 neurons (1,024 and 256 on VGG-19's 4,096)
+    svd = built.variants["turbo_svd"]
+    assert [r["rank"] for r in svd.facts.reports["low_rank"]] == [16, 4]
+    assert all(0 < r["retained_energy"] < 1 for r in svd.facts.reports["low_rank"])
+    assert svd.facts.reports["pruning"] == built.variants["turbo"].facts.reports["pruning"]
+    assert svd.facts.params_total < built.variants["turbo"].facts.params_total
+    assert svd.facts.size_bytes < built.variants["turbo"].facts.size_bytes
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ def test_registry_holds_the_articles_five_and_the_fast_variants():
     article = [name for name, recipe in RECIPES.items() if recipe.article]
     assert article == ["baseline", "pruned", "quantized", "pruned_quantized", "res160"]
     fast = [name for name, recipe in RECIPES.items() if recipe.compiled]
-    assert fast == ["int8_static", "bf16", "turbo", "turbo160"]
+    assert fast == ["int8_static", "bf16", "turbo", "turbo160", "turbo_svd"]
     assert RECIPES["res160"].input_size == RECIPES["turbo160"].input_size == 160
 
 
