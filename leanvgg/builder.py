@@ -8,6 +8,8 @@ very cache entry the ``tuned`` variant loads.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_pa
 from leanvgg.models import Baseline, from_layout, layout_of
 from leanvgg.packages import Packages
 from leanvgg.recipes import QuantizeStaticInt8, Recipe, artifact_key, bind, merge_facts
+from leanvgg.residency import released
 from leanvgg.store import Store
 
 log = logging.getLogger(__name__)
@@ -237,19 +240,26 @@ class Builder:
         return (*found, key)
 
     def _load(self, recipe: Recipe, n_steps: int, key: str) -> tuple[nn.Module, dict] | None:
-        entry = self.store.load(key, validate=_check_manifest)
-        if entry is None:
-            return None
-        state_dict, manifest = entry
-        try:
-            model = from_layout(manifest["layout"])
-            for step in recipe.steps[:n_steps]:
-                model = step.skeleton(model)
-            # assign: the module keeps the memory-mapped tensors instead of copying them
-            model.load_state_dict(state_dict, assign=True)
-        except Exception as err:  # a layout that does not build, or weights that do not fit it
-            log.warning("Cache entry %s does not fit its layout (%s); rebuilding it.", key, err)
-            return None
+        # the state dict is memory-mapped; what the model copies out of the mapping when it is
+        # loaded (quantized tensors, packed INT8 Linears) is given back, its own tensors stay
+        loaded: list[nn.Module] = []
+        with released(keep=lambda: [t for m in loaded
+                                    for t in itertools.chain(m.parameters(), m.buffers())]):
+            entry = self.store.load(key, validate=_check_manifest)
+            if entry is None:
+                return None
+            state_dict, manifest = entry
+            try:
+                model = from_layout(manifest["layout"])
+                for step in recipe.steps[:n_steps]:
+                    model = step.skeleton(model)
+                # assign: the module keeps the memory-mapped tensors instead of copying them
+                model.load_state_dict(state_dict, assign=True)
+            except Exception as err:  # a layout that does not build, or weights not fitting it
+                log.warning("Cache entry %s does not fit its layout (%s); rebuilding it.", key,
+                            err)
+                return None
+            loaded.append(model)
         log.info("Loaded %s (%d steps) from the cache.", recipe.name, n_steps)
         return model.eval(), {**manifest["facts"], "size_bytes": manifest["bytes"]}
 
@@ -267,6 +277,41 @@ class Builder:
         })
         self.memo[key] = model, {**facts, "size_bytes": manifest["bytes"]}
         return self.memo[key]
+
+
+def stored_baseline(baseline: Baseline, store: Store) -> Baseline:
+    """The baseline with its weights memory-mapped from the store (saved there once, as the
+    first link of every recipe's chain of keys) instead of held in the process's own memory.
+
+    Mapped, the 548 MB of VGG-19's FP32 weights are clean file pages: the server and its
+    builder process share them through the page cache instead of holding a copy each, and
+    they do not count as the process's anonymous memory. The caller drops the original model
+    (and ``residency.trim()`` gives its heap back). An entry that does not fit is rewritten.
+    """
+    key = artifact_key(None, weights_id=baseline.weights_id)
+    for _ in range(2):
+        entry = store.load(key, validate=_check_manifest)
+        if entry is not None:
+            state_dict, manifest = entry
+            try:
+                with torch.device("meta"):  # no memory for weights about to be replaced
+                    model = from_layout(manifest["layout"])
+                model.load_state_dict(state_dict, assign=True)
+                return dataclasses.replace(baseline, model=model.eval())
+            except Exception as err:  # a layout that does not build, or weights not fitting it
+                log.warning("Cache entry %s does not fit its layout (%s); rewriting it.", key,
+                            err)
+        model = baseline.model
+        try:
+            with store.lock(key):
+                store.save(key, model.state_dict(), {
+                    "recipe": "baseline", "weights": baseline.weights_id, "previous": None,
+                    "step": None, "layout": layout_of(model),
+                    "facts": {"size_bytes": state_dict_bytes(model), **_param_facts(model)}})
+        except OSError as err:  # a full disk: the weights stay where they are
+            log.warning("Cannot store the baseline's weights (%s); keeping them in memory.", err)
+            return baseline
+    return baseline  # the store would not keep it: the weights stay where they are
 
 
 def facts_of(facts: dict) -> ArtifactFacts:

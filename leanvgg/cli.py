@@ -34,7 +34,9 @@ from leanvgg.runtimes import CHOICES as RUNTIME_CHOICES
 from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.labels import GENERIC, IMAGENET, Labels, LabelsError, attach, read_labels, remember
+from leanvgg.builder import stored_baseline
 from leanvgg.models import WEIGHTS_CHOICES, Baseline, WeightsError, load_baseline
+from leanvgg.residency import trim
 from leanvgg.recipes import RECIPES, at_input_size, finetune_loss
 from leanvgg.machine import native_bf16
 from leanvgg.documents import SEARCH, SEARCH_PLOT, TUNED
@@ -490,6 +492,10 @@ def _build(args: argparse.Namespace) -> int:
     if args.events:
         from leanvgg.service.worker import Event
 
+        # a server's builder process: the weights mapped from the store, as the server maps
+        # them (one copy in the page cache for both processes)
+        baseline = stored_baseline(baseline, store)
+        trim()
         build_in_stages(baseline, args.variants, store=store, calibration=args.calibration,
                         runtime=args.runtime, threads=args.threads,
                         emit=lambda *a, **k: print(Event(*a, **k).line(), flush=True))

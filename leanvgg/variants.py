@@ -27,6 +27,7 @@ from leanvgg.recipes import (RECIPES, QuantizeStaticInt8, Recipe, at_input_size,
 from leanvgg.machine import native_bf16
 from leanvgg.runtimes import AUTO, CHOICES, INDUCTOR, missing_runtimes_note, select
 from leanvgg.documents import EVALUATION, TUNED
+from leanvgg.residency import trim
 from leanvgg.store import Store
 
 
@@ -171,6 +172,7 @@ class VariantBuilder:
         with self.measuring:
             variant = select(self.registry[name], self.builder, self.runtime,
                              on_state=on_state)
+        trim()  # what loading freed (the skeleton its weights replaced) leaves the process
         measured = self.accuracy.get(evaluation_key(variant))
         try:
             accuracy = Accuracy.from_dict(measured) if measured else None

@@ -8,12 +8,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from leanvgg.builder import NotBuilt
+from leanvgg.builder import NotBuilt, stored_baseline
 from leanvgg.facts import PENDING, State
 from leanvgg.labels import attach
 import leanvgg.service.worker as worker
 from leanvgg.service.queue import Slot
 from leanvgg.models import Baseline, load_baseline
+from leanvgg.residency import trim
 from leanvgg.store import Store
 from leanvgg.variants import Variant, VariantBuilder, VariantSet, failure_reason
 
@@ -75,8 +76,10 @@ class VariantPool:
         ``on_store`` hears the store once it is open (before the first variant)."""
         try:
             store = self.store if self.store is not None else Store()
-            baseline = (self.weights if isinstance(self.weights, Baseline)
-                        else attach(load_baseline(self.weights), store))
+            # its weights mapped from the store: shared with the builder process, not copied
+            baseline = stored_baseline(self.weights if isinstance(self.weights, Baseline)
+                                       else attach(load_baseline(self.weights), store), store)
+            trim()  # the copy they were loaded into
             in_process = self.build_in == PROCESS and worker.reloadable(baseline)
             builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
                                      threads=self.threads, measuring=self.measuring,
