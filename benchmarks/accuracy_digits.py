@@ -119,6 +119,17 @@ def wide_digits(epochs: int, seed: int) -> WideDigits:
     return WideDigits(train, test, model, training, name, calibration)
 
 
+def wide_digits_from_command_line(doc: str) -> WideDigits:
+    """``wide_digits`` for a benchmark's ``--epochs`` (of the trained model, default 10) and
+    ``--seed``, its ``doc`` as the help text."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10, help="of the trained model")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    return wide_digits(args.epochs, args.seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,12 +17,11 @@ Writes benchmarks/results/fast_variants_digits.json (report schema).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy_digits import wide_digits
+from accuracy_digits import wide_digits_from_command_line
 from scipy.stats import bootstrap
 
 from leanvgg import schema
@@ -61,12 +60,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=10, help="of the trained model")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    setup = wide_digits(args.epochs, args.seed)
+    setup = wide_digits_from_command_line(__doc__)
     images, labels = setup.test.tensors
     baseline = Baseline(setup.model, setup.name, f"digits-{setup.name}", meaningful=True,
                         input_size=images.shape[-1])

@@ -64,14 +64,19 @@ def main() -> None:
     import torch
 
     from leanvgg import schema
+    from leanvgg.builder import stored_baseline
     from leanvgg.models import load_baseline
+    from leanvgg.residency import trim
     from leanvgg.service import ComparisonService
     from leanvgg.store import Store
     from leanvgg.variants import VariantBuilder, VariantSet
 
     runtime = runtime_floor_mb()
-    baseline = load_baseline("random", progress=False)
-    builder = VariantBuilder(baseline, Store(), runtime=args.runtime,
+    store = Store()
+    # as the server: the baseline's weights mapped from the store, the copy they came in freed
+    baseline = stored_baseline(load_baseline("random", progress=False), store)
+    trim()
+    builder = VariantBuilder(baseline, store, runtime=args.runtime,
                              load_only=args.load_only)
     names = builder.resolve(args.variants.split(",") if args.variants else None)
     ready, steps = {}, []

@@ -17,11 +17,10 @@ Writes benchmarks/results/runtime_fidelity.json (report schema).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
-from accuracy_digits import wide_digits
+from accuracy_digits import wide_digits_from_command_line
 
 from leanvgg import schema
 from leanvgg.builder import Builder
@@ -38,12 +37,7 @@ TARGET = 0.99
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=10, help="of the trained model")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    setup = wide_digits(args.epochs, args.seed)
+    setup = wide_digits_from_command_line(__doc__)
     model, name, calibration = setup.model, setup.name, setup.calibration
     images, labels = setup.test.tensors
     size = images.shape[-1]

@@ -250,8 +250,11 @@ class Builder:
                 return None
             state_dict, manifest = entry
             try:
-                model = from_layout(manifest["layout"])
-                for step in recipe.steps[:n_steps]:
+                steps = recipe.steps[:n_steps]
+                # PT2E's skeleton runs the model; other steps' skeletons stay on meta
+                model = from_layout(manifest["layout"], materialized=any(
+                    isinstance(step, _SKELETONS_THAT_RUN) for step in steps))
+                for step in steps:
                     model = step.skeleton(model)
                 # assign: the module keeps the memory-mapped tensors instead of copying them
                 model.load_state_dict(state_dict, assign=True)
@@ -358,6 +361,11 @@ def stored_profile(profiles: Mapping[str, dict], variant: Variant) -> Profile | 
 def _layout(model: nn.Module, previous: nn.Module) -> dict:
     # wrapped results (INT8 graphs, bf16) keep their source VGG's layout
     return layout_of(model if isinstance(model, VGG) else previous)
+
+
+# steps whose skeleton runs the model it is given (PT2E traces and calibrates it): they need
+# real (zero) weights
+_SKELETONS_THAT_RUN = (QuantizeStaticInt8,)
 
 
 def _check_manifest(manifest: dict) -> None:

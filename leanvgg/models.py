@@ -325,8 +325,10 @@ def layout_of(model: VGG) -> dict:
     return {**layout, "ranks": ranks} if ranks else layout
 
 
-def from_layout(layout: dict) -> VGG:
-    """A zero-filled VGG with exactly the given layout, ready for ``load_state_dict``."""
+def from_layout(layout: dict, *, materialized: bool = True) -> VGG:
+    """A zero-filled VGG with exactly the given layout, ready for ``load_state_dict``;
+    ``materialized=False``: its tensors left on the meta device (no memory, no time), for
+    ``load_state_dict(assign=True)`` to put the loaded ones in their place."""
     features = [int(c) if c != "M" else "M" for c in layout["cfg"]]
     dims = layout["linear_features"]
     ranks = {int(k): int(v) for k, v in layout.get("ranks", {}).items()}
@@ -337,6 +339,8 @@ def from_layout(layout: dict) -> VGG:
             rank = ranks.get(position)
             model.classifier[position] = nn.Linear(d_in, d_out) if rank is None else (
                 nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out)))
+    if not materialized:
+        return model.eval()
     model.to_empty(device="cpu")
     with torch.no_grad():
         for tensor in model.state_dict().values():

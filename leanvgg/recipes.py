@@ -17,7 +17,8 @@ from leanvgg.context import INDUCTOR
 from leanvgg.data import calibration_batch, calibration_digest
 from leanvgg.lowrank import factorize
 from leanvgg.prune import VGG19_HIDDEN_LINEARS, deep_convs, prune_filters, prune_neurons
-from leanvgg.quantize import quantize_dynamic_int8, quantize_static_int8, static_int8_skeleton
+from leanvgg.quantize import (dynamic_int8_skeleton, quantize_dynamic_int8,
+                              quantize_static_int8, static_int8_skeleton)
 from leanvgg.runtime import to_bf16
 
 ARTIFACT_FORMAT = 1  # bump when the meaning of a stored artifact changes
@@ -136,7 +137,7 @@ class LowRank:
 
 @dataclass(frozen=True)
 class QuantizeDynamicInt8:
-    """Dynamic INT8 of every Linear layer; needs no calibration, so skeleton == apply."""
+    """Dynamic INT8 of every Linear layer; needs no calibration."""
 
     automatic: ClassVar[bool] = True
 
@@ -144,7 +145,7 @@ class QuantizeDynamicInt8:
         return quantize_dynamic_int8(model), {"quantization": "dynamic int8 (Linear layers)"}
 
     def skeleton(self, model: nn.Module) -> nn.Module:
-        return quantize_dynamic_int8(model)
+        return dynamic_int8_skeleton(model)
 
     def to_json(self) -> dict:
         return {"op": "quantize_dynamic_int8", "backend": "torch.ao", "dtype": "qint8"}

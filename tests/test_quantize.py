@@ -4,7 +4,9 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from leanvgg.measure import count_params, state_dict_bytes
-from leanvgg.quantize import quantize_dynamic_int8
+from leanvgg.models import from_layout, layout_of
+from leanvgg.quantize import dynamic_int8_skeleton, quantize_dynamic_int8
+from tiny import tiny_vgg
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,21 @@ def test_a_tensor_file_is_a_calibration_source_keyed_by_its_content(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "flat.pt")
     with pytest.raises(DataUnavailable, match="N × 3 × H × W"):
         calibration_batch(32, tmp_path / "flat.pt")
+
+
+def test_a_stored_state_dict_loads_into_the_skeleton_with_the_same_outputs():
+    """The skeleton skips quantizing and packing weights that loading replaces; what it holds
+    once loaded is the quantized model itself: structure, shapes, weights, outputs."""
+    model = tiny_vgg()  # eval mode: dropout is the identity
+    quantized = quantize_dynamic_int8(model)
+    skeleton = dynamic_int8_skeleton(from_layout(layout_of(model), materialized=False))
+    skeleton.load_state_dict(quantized.state_dict(), assign=True)
+    assert layout_of(skeleton) == layout_of(quantized) == layout_of(model)
+    for mine, theirs in zip(skeleton.classifier, quantized.classifier):
+        assert type(mine) is type(theirs)
+        if isinstance(theirs, DynamicQuantizedLinear):
+            assert torch.equal(mine.weight().int_repr(), theirs.weight().int_repr())
+            assert torch.equal(mine.bias(), theirs.bias())
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(skeleton(x), quantized(x))
