@@ -297,8 +297,7 @@ def stored_baseline(baseline: Baseline, store: Store) -> Baseline:
         if entry is not None:
             state_dict, manifest = entry
             try:
-                with torch.device("meta"):  # no memory for weights about to be replaced
-                    model = from_layout(manifest["layout"])
+                model = from_layout(manifest["layout"], materialized=False)
                 model.load_state_dict(state_dict, assign=True)
                 return dataclasses.replace(baseline, model=model.eval())
             except Exception as err:  # a layout that does not build, or weights not fitting it
