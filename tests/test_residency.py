@@ -71,7 +71,7 @@ def test_pages_of_the_tensors_kept_stay_resident(tmp_path):
     data = np.arange(16 * 2**20, dtype=np.uint8)
     path = tmp_path / "weights.bin"
     path.write_bytes(data.tobytes())
-    kept: list[torch.Tensor] = []  # what keep() returns when the block ends
+    kept = []  # what keep() returns when the block ends
     with open(path, "rb") as f, released(keep=lambda: kept):
         mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         view = np.frombuffer(mapped, dtype=np.uint8)
@@ -81,7 +81,8 @@ def test_pages_of_the_tensors_kept_stay_resident(tmp_path):
         int(view.sum())
     assert 4 * 1024 <= resident_kb(view.ctypes.data) < 4 * 1024 + 64  # only the kept 4 MB
     assert int(kept[0].sum()) == int(data[4 * 2**20:8 * 2**20].sum())
-    del view, kept
+    del view
+    kept.clear()
     mapped.close()
 
 
