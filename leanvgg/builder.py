@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,8 @@ from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_pa
                              state_dict_bytes)
 from leanvgg.models import Baseline, from_layout, layout_of
 from leanvgg.packages import Packages
-from leanvgg.recipes import QuantizeStaticInt8, Recipe, artifact_key, bind, merge_facts
+from leanvgg.recipes import (QuantizeStaticInt8, Recipe, Step, artifact_key, bind,
+                             merge_facts)
 from leanvgg.residency import released
 from leanvgg.store import Store
 
@@ -164,8 +165,7 @@ class Builder:
             key = artifact_key(None, weights_id=self.baseline.weights_id)
             if key not in self.memo:
                 model = self.baseline.model
-                self.memo[key] = model, {"size_bytes": state_dict_bytes(model),
-                                         **_param_facts(model)}
+                self.memo[key] = model, _weights_facts(model)
             return (*self.memo[key], key)
         previous, previous_facts, previous_key = self.artifact(recipe, n_steps - 1)
         step = recipe.steps[n_steps - 1]
@@ -240,31 +240,12 @@ class Builder:
         return (*found, key)
 
     def _load(self, recipe: Recipe, n_steps: int, key: str) -> tuple[nn.Module, dict] | None:
-        # the state dict is memory-mapped; what the model copies out of the mapping when it is
-        # loaded (quantized tensors, packed INT8 Linears) is given back, its own tensors stay
-        loaded: list[nn.Module] = []
-        with released(keep=lambda: [t for m in loaded
-                                    for t in itertools.chain(m.parameters(), m.buffers())]):
-            entry = self.store.load(key, validate=_check_manifest)
-            if entry is None:
-                return None
-            state_dict, manifest = entry
-            try:
-                steps = recipe.steps[:n_steps]
-                # PT2E's skeleton runs the model; other steps' skeletons stay on meta
-                model = from_layout(manifest["layout"], materialized=any(
-                    isinstance(step, _SKELETONS_THAT_RUN) for step in steps))
-                for step in steps:
-                    model = step.skeleton(model)
-                # assign: the module keeps the memory-mapped tensors instead of copying them
-                model.load_state_dict(state_dict, assign=True)
-            except Exception as err:  # a layout that does not build, or weights not fitting it
-                log.warning("Cache entry %s does not fit its layout (%s); rebuilding it.", key,
-                            err)
-                return None
-            loaded.append(model)
+        found = _from_store(self.store, key, recipe.steps[:n_steps])
+        if found is None:
+            return None
+        model, manifest = found
         log.info("Loaded %s (%d steps) from the cache.", recipe.name, n_steps)
-        return model.eval(), {**manifest["facts"], "size_bytes": manifest["bytes"]}
+        return model, {**manifest["facts"], "size_bytes": manifest["bytes"]}
 
     def _save(self, recipe: Recipe, n_steps: int, key: str, previous_key: str,
               model: nn.Module, facts: dict, layout: dict) -> tuple[nn.Module, dict]:
@@ -289,31 +270,59 @@ def stored_baseline(baseline: Baseline, store: Store) -> Baseline:
     Mapped, the 548 MB of VGG-19's FP32 weights are clean file pages: the server and its
     builder process share them through the page cache instead of holding a copy each, and
     they do not count as the process's anonymous memory. The caller drops the original model
-    (and ``residency.trim()`` gives its heap back). An entry that does not fit is rewritten.
+    (the next variant prepared trims the heap it leaves). An entry that does not fit is
+    rewritten.
     """
     key = artifact_key(None, weights_id=baseline.weights_id)
     for _ in range(2):
-        entry = store.load(key, validate=_check_manifest)
-        if entry is not None:
-            state_dict, manifest = entry
-            try:
-                model = from_layout(manifest["layout"], materialized=False)
-                model.load_state_dict(state_dict, assign=True)
-                return dataclasses.replace(baseline, model=model.eval())
-            except Exception as err:  # a layout that does not build, or weights not fitting it
-                log.warning("Cache entry %s does not fit its layout (%s); rewriting it.", key,
-                            err)
+        found = _from_store(store, key, ())
+        if found is not None:
+            return dataclasses.replace(baseline, model=found[0])
         model = baseline.model
         try:
             with store.lock(key):
                 store.save(key, model.state_dict(), {
                     "recipe": "baseline", "weights": baseline.weights_id, "previous": None,
-                    "step": None, "layout": layout_of(model),
-                    "facts": {"size_bytes": state_dict_bytes(model), **_param_facts(model)}})
+                    "step": None, "layout": layout_of(model), "facts": _weights_facts(model)})
         except OSError as err:  # a full disk: the weights stay where they are
             log.warning("Cannot store the baseline's weights (%s); keeping them in memory.", err)
             return baseline
     return baseline  # the store would not keep it: the weights stay where they are
+
+
+def _from_store(store: Store, key: str, steps: Sequence[Step]
+                ) -> tuple[nn.Module, dict] | None:
+    """The model stored under ``key`` (the result of ``steps``) and its manifest, or None when
+    the entry is absent, corrupt or does not fit its layout (logged; the caller makes it again).
+
+    The state dict is memory-mapped and assigned, not copied; what the model copies out of the
+    mapping when it is loaded (quantized tensors, packed INT8 Linears) is given back, the pages
+    of its own tensors stay. Skeletons stay on the meta device unless a step's skeleton runs
+    the model (PT2E's).
+    """
+    loaded: list[nn.Module] = []
+    with released(keep=lambda: [t for m in loaded
+                                for t in itertools.chain(m.parameters(), m.buffers())]):
+        entry = store.load(key, validate=_check_manifest)
+        if entry is None:
+            return None
+        state_dict, manifest = entry
+        try:
+            model = from_layout(manifest["layout"], materialized=any(
+                isinstance(step, _SKELETONS_THAT_RUN) for step in steps))
+            for step in steps:
+                model = step.skeleton(model)
+            model.load_state_dict(state_dict, assign=True)
+        except Exception as err:  # a layout that does not build, or weights not fitting it
+            log.warning("Cache entry %s does not fit its layout (%s); rebuilding it.", key, err)
+            return None
+        loaded.append(model)
+    return model.eval(), manifest
+
+
+def _weights_facts(model: nn.Module) -> dict:
+    """What the baseline's weights are: their bytes and parameter counts."""
+    return {"size_bytes": state_dict_bytes(model), **_param_facts(model)}
 
 
 def facts_of(facts: dict) -> ArtifactFacts:

@@ -36,7 +36,6 @@ from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.labels import GENERIC, IMAGENET, Labels, LabelsError, attach, read_labels, remember
 from leanvgg.builder import stored_baseline
 from leanvgg.models import WEIGHTS_CHOICES, Baseline, WeightsError, load_baseline
-from leanvgg.residency import trim
 from leanvgg.recipes import RECIPES, at_input_size, finetune_loss
 from leanvgg.machine import native_bf16
 from leanvgg.documents import SEARCH, SEARCH_PLOT, TUNED
@@ -495,7 +494,6 @@ def _build(args: argparse.Namespace) -> int:
         # a server's builder process: the weights mapped from the store, as the server maps
         # them (one copy in the page cache for both processes)
         baseline = stored_baseline(baseline, store)
-        trim()
         build_in_stages(baseline, args.variants, store=store, calibration=args.calibration,
                         runtime=args.runtime, threads=args.threads,
                         emit=lambda *a, **k: print(Event(*a, **k).line(), flush=True))

@@ -23,7 +23,6 @@ from torch import nn
 from torchvision.models import VGG
 
 
-
 def factorize_linear(model: VGG, *, rank: int, layer: int = 0) -> VGG:
     """A copy of ``model`` whose ``classifier[layer]`` is two Linears of inner width ``rank``
     (``factorize`` without the retained energy)."""

@@ -51,8 +51,8 @@ from leanvgg.documents import RUNTIME_CHOICES
 log = logging.getLogger(__name__)
 
 CHOICES = (AUTO, *RUNTIMES)
-_MODULES = {ONNXRUNTIME: ("onnx", "onnxruntime"), OPENVINO: ("openvino", "nncf"),
-            OPENVINO_BF16: ("openvino", "nncf")}
+# per format (openvino and openvino_bf16 run one IR): the libraries that convert and run it
+_MODULES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino", "nncf")}
 BATCH = 8  # the batch size the batch runtime is chosen at (the dashboard's throughput view)
 # Batches stay on the single-image runtime unless another is faster by more than this: a
 # smaller difference is run-to-run noise here (repeated runs differ by ~2 %), and one runtime
@@ -106,7 +106,7 @@ class ByBatch(nn.Module):
 def installed(runtime: str) -> bool:
     """Whether ``runtime``'s libraries are installed here (Inductor always is); found without
     importing them."""
-    return modules_installed(*_MODULES.get(runtime, ()))
+    return modules_installed(*_MODULES.get(FORMAT_OF.get(runtime), ()))
 
 
 def candidates(recipe: Recipe) -> list[str]:
@@ -283,7 +283,7 @@ def _model(variant: Variant, runtime: str, builder: Builder,
     threads = builder.context.threads
     recipe = variant.recipe
     if runtime == ONNXRUNTIME:
-        paths = _converted(variant, builder, runtime, _SUFFIXES[runtime], on_state,
+        paths = _converted(variant, builder, runtime, on_state,
                            lambda targets: write_onnx(builder.float_model(recipe),
                                                       variant.input_size, targets[".onnx"],
                                                       calibration=calibration_of(recipe)))
@@ -297,7 +297,7 @@ def _model(variant: Variant, runtime: str, builder: Builder,
                 for suffix, target in targets.items():
                     shutil.copyfile(Path(folder) / f"model{suffix}", target)
 
-        paths = _converted(variant, builder, runtime, _SUFFIXES[runtime], on_state, write)
+        paths = _converted(variant, builder, runtime, on_state, write)
         source = paths[".xml"]  # its .bin beside it
         # openvino: the f32 hint; openvino_bf16: OpenVINO's default precision
         runner = functools.partial(openvino_runner, f32=runtime == OPENVINO)
@@ -307,7 +307,7 @@ def _model(variant: Variant, runtime: str, builder: Builder,
     return model
 
 
-_SUFFIXES = {ONNXRUNTIME: (".onnx",), OPENVINO: (".xml", ".bin"), OPENVINO_BF16: (".xml", ".bin")}
+_SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}  # a conversion's files, per format
 
 
 def _conversion_key(artifact: str, input_size: int, runtime: str, builder: Builder) -> str:
@@ -332,7 +332,8 @@ def _converted_only(recipe: Recipe, builder: Builder, runtime: str,
     recipe = builder.bind(recipe)
     artifact = builder.key(recipe)
     manifest = builder.store.manifest(
-        _conversion_key(artifact, recipe.input_size, runtime, builder), _SUFFIXES[runtime])
+        _conversion_key(artifact, recipe.input_size, runtime, builder),
+        _SUFFIXES[FORMAT_OF[runtime]])
     facts = manifest and manifest.get("facts")  # its files are checked when they are loaded
     if not isinstance(facts, dict):
         return None
@@ -344,13 +345,14 @@ def _converted_only(recipe: Recipe, builder: Builder, runtime: str,
     return Variant(recipe, None, facts, artifact, builder.context)
 
 
-def _converted(variant: Variant, builder: Builder, runtime: str, suffixes: tuple[str, ...],
+def _converted(variant: Variant, builder: Builder, runtime: str,
                on_state: Callable[[State], object],
                write: Callable[[dict[str, Path]], None]) -> dict[str, Path]:
     """A converted model in the store (one entry, however many files: OpenVINO's .xml and
     .bin), keyed by ``_conversion_key``, with the variant's facts in its manifest; made by
     ``write`` (one path per suffix) under the entry's lock when missing."""
     key = _conversion_key(variant.artifact, variant.input_size, runtime, builder)
+    suffixes = _SUFFIXES[FORMAT_OF[runtime]]
     found = builder.store.load_files(key, suffixes)
     if found is None and builder.load_only:
         raise NotBuilt(f"{variant.name}: its {FORMAT_OF[runtime]} conversion is not in the "

@@ -14,7 +14,6 @@ from leanvgg.labels import attach
 import leanvgg.service.worker as worker
 from leanvgg.service.queue import Slot
 from leanvgg.models import Baseline, load_baseline
-from leanvgg.residency import trim
 from leanvgg.store import Store
 from leanvgg.variants import Variant, VariantBuilder, VariantSet, failure_reason
 
@@ -79,7 +78,6 @@ class VariantPool:
             # its weights mapped from the store: shared with the builder process, not copied
             baseline = stored_baseline(self.weights if isinstance(self.weights, Baseline)
                                        else attach(load_baseline(self.weights), store), store)
-            trim()  # the copy they were loaded into
             in_process = self.build_in == PROCESS and worker.reloadable(baseline)
             builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
                                      threads=self.threads, measuring=self.measuring,
