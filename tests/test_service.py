@@ -18,7 +18,11 @@ from leanvgg.service import pool as pool_module
 from leanvgg import variants as variants_module
 from leanvgg.compare import Settings
 from leanvgg.service import ComparisonService
+from leanvgg.context import OPENVINO
 from leanvgg.documents import PROFILES
+from leanvgg.facts import MEASURED, Placement
+from leanvgg.service.profiles import ProfileKeeper
+from leanvgg.service.queue import MeasurementQueue
 from leanvgg.store import Store
 from leanvgg.variants import VariantSet, build_variants
 from leanvgg.web import create_app, make_server
@@ -261,6 +265,30 @@ def test_the_slot_is_given_back_when_the_measurement_block_ends(tiny_set, photo)
         assert event == "row" and service.queue.slot.locked()
     assert not service.queue.slot.locked() and service.queue.admitted == 0
     assert events.gi_frame is None  # closed at once (its thread setting undone), not collected
+
+
+def test_a_profile_holds_only_for_the_runtime_it_was_measured_on(tiny_set, tmp_path):
+    """A variant that moves to another runtime (Inductor first, then the one measured fastest)
+    was shown with the profile of the model it no longer ran: profiles were kept by name."""
+    import dataclasses
+
+    keeper = ProfileKeeper(Settings(runs=3, warmup=1, threads=1), MeasurementQueue(1, 1.0),
+                           threading.Event(), None, Store(tmp_path))
+    variants = dict(tiny_set.variants)
+    keeper.measure(variants)
+    assert set(keeper.profiles(variants)) == {"baseline", "res160"}
+    moved = dataclasses.replace(variants["res160"], placement=Placement(
+        OPENVINO, OPENVINO, 1, MEASURED))
+    assert keeper.profiles({"res160": moved}) == {}
+    assert keeper.stale(moved) and not keeper.stale(variants["res160"])
+    keeper.measure({"res160": moved})
+    assert keeper.profiles({"res160": moved})["res160"].latency.count == 3
+    # both are stored, each under its own runtime: a restart finds the one that holds
+    again = ProfileKeeper(Settings(runs=3, warmup=1, threads=1), MeasurementQueue(1, 1.0),
+                          threading.Event(), None)
+    again.load(Store(tmp_path))
+    assert not again.stale(moved) and not again.stale(variants["res160"])
+    assert len(Store(tmp_path).documents.load(PROFILES)) == 3
 
 
 def test_profiles_from_several_writers_are_all_kept(tmp_path):

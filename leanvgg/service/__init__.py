@@ -158,8 +158,15 @@ class ComparisonService:
     def variant_set(self) -> VariantSet:
         return self.pool.variant_set()
 
-    def profiles(self) -> dict[str, Profile]:
-        return self.keeper.profiles()
+    def profiles(self, variants: dict[str, Variant] | None = None) -> dict[str, Profile]:
+        """The latency profiles that hold for ``variants`` (default: those ready now) as they
+        run now, by name."""
+        if variants is None:
+            try:
+                variants = self.variant_set().variants
+            except NotReady:
+                return {}
+        return self.keeper.profiles(variants)
 
     def measure_profiles(self, variants: dict[str, Variant]) -> dict[str, Profile]:
         return self.keeper.measure(variants)
@@ -248,9 +255,10 @@ class ComparisonService:
         # runner had its warm-up call when it was loaded)
         settings = (dataclasses.replace(self.settings, runs=runs) if runs
                     else dataclasses.replace(ONE_PASS, threads=self.settings.threads))
+        variants = ticket.variant_set.variants
         comparison = Comparison(ticket.batches, ticket.variant_set,
                                 dataclasses.replace(settings, batch_size=batch_size),
-                                profiles=None if runs else self.profiles())
+                                profiles=None if runs else self.profiles(variants))
         rows = []
         for row in comparison.rows():
             rows.append(row)

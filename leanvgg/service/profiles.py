@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 
 import torch
 
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 class ProfileKeeper:
     """The variants' latency profiles: read from the store, measured where missing or older
     than ``refresh_s`` (round-robin, one pass at a time, only while no comparison is admitted),
-    stored under the document's lock, then served."""
+    stored under the document's lock, then served.
+
+    A profile holds for a variant as it runs now (``profile_key``: its weights, runtime,
+    threads, CPU and versions): a variant that moves to another runtime (from Inductor to the
+    one measured fastest) has none until it is measured there."""
 
     def __init__(self, settings: Settings, queue: MeasurementQueue, stop: threading.Event,
                  refresh_s: float | None = 3600.0, store: Store | None = None) -> None:
@@ -34,7 +39,7 @@ class ProfileKeeper:
         self.refresh_s = refresh_s
         self._store = store
         self._stored: dict = {}
-        self._profiles: dict[str, Profile] = {}
+        self._profiles: dict[str, Profile] = {}  # by profile_key
         self._lock = threading.Lock()
 
     def load(self, store: Store) -> None:
@@ -42,19 +47,24 @@ class ProfileKeeper:
         self._store = store
         self._stored = store.documents.load(PROFILES) or {}
 
-    def profiles(self) -> dict[str, Profile]:
+    def profiles(self, variants: Mapping[str, Variant]) -> dict[str, Profile]:
+        """The profiles measured (here or stored) that hold for ``variants`` as they run now,
+        by name; a variant without one is left out."""
+        keys = {name: profile_key(variant) for name, variant in variants.items()}
         with self._lock:
-            return dict(self._profiles)
+            found = {name: self._profiles.get(key) for name, key in keys.items()}
+        return {name: profile for name, profile in found.items() if profile is not None}
 
     def stale(self, variant: Variant) -> bool:
         """Whether ``variant`` lacks a profile (measured or stored) younger than refresh_s."""
+        key = profile_key(variant)
         with self._lock:
-            profile = self._profiles.get(variant.name)
+            profile = self._profiles.get(key)
         if profile is None:
             stored = stored_profile(self._stored, variant)
             if stored is not None:
                 with self._lock:
-                    self._profiles[variant.name] = profile = stored
+                    self._profiles[key] = profile = stored
         if profile is None:
             return True
         return (self.refresh_s is not None
@@ -104,11 +114,11 @@ class ProfileKeeper:
         now = time.time()
         profiles = {name: Profile(Latency.from_seconds(s), now, threads)
                     for name, s in samples.items()}
+        keyed = {profile_key(variants[name]): p for name, p in profiles.items()}
         if self._store is not None:  # other servers on this cache may store theirs meanwhile
             self._stored = self._store.documents.update(PROFILES, lambda stored: {
-                **stored, **{profile_key(variants[name]): p.to_dict()
-                             for name, p in profiles.items()}})
+                **stored, **{key: p.to_dict() for key, p in keyed.items()}})
         with self._lock:  # served once stored: a profile shown is one a restart finds
-            self._profiles.update(profiles)
+            self._profiles.update(keyed)
         log.info("Latency profiles measured (%d passes each).", self.settings.runs)
         return profiles

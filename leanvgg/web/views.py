@@ -99,7 +99,7 @@ def variants():
         ready = variant_set.variants
     except NotReady:
         pass
-    profiles = service.profiles()
+    profiles = service.profiles(ready)
     rows = []
     for state in service.variant_statuses():
         row = {"name": state.name, "state": state.state, "settled": state.state.settled,
