@@ -1,6 +1,7 @@
 """The CPU-native fast variants: static INT8 (really INT8), bf16, turbo; built, cached, reloaded."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,15 @@ def calibration():
 @pytest.fixture(scope="module")
 def int8(float_model, calibration):
     return quantize_static_int8(float_model, calibration)
+
+
+@pytest.fixture(scope="module")
+def fast_built(tmp_path_factory):
+    """The FAST variants of the tiny VGG built from an empty cache once for the module, made
+    for 1 thread: the cache folder (tests that write copy it first) and the variant set."""
+    home = tmp_path_factory.mktemp("fast")
+    return home, build_variants(tiny_baseline(), FAST, store=Store(home), progress=False,
+                                threads=1)
 
 
 def test_calibration_uses_real_photos_with_licences():
@@ -146,9 +156,11 @@ def test_bf16_is_left_out_by_default_where_the_cpu_emulates_it(monkeypatch):
 
 
 @pytest.mark.slow
-def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_path, calibration):
-    built = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
-    again = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False)
+def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(fast_built, tmp_path,
+                                                                         calibration):
+    home, built = fast_built
+    again = build_variants(tiny_baseline(), FAST, progress=False, threads=1,
+                           store=Store(shutil.copytree(home, tmp_path / "home")))
     for name in FAST[1:]:
         first, second = built.variants[name], again.variants[name]
         assert isinstance(first.model, runtime.Packaged)
@@ -178,9 +190,8 @@ def test_fast_variants_build_report_costs_and_reload_with_the_same_outputs(tmp_p
 
 
 @pytest.mark.slow
-def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, photo):
-    build_variants(tiny_baseline(), ["baseline", "int8_static"], store=Store(tmp_path),
-                   progress=False)
+def test_a_second_process_loads_compiled_variants_without_compiling(fast_built, tmp_path):
+    home = shutil.copytree(fast_built[0], tmp_path / "home")
     script = textwrap.dedent("""
         import json, sys, time
         sys.path.insert(0, sys.argv[2])
@@ -194,11 +205,12 @@ def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, ph
         builder.package = runtime.package = refuse
         start = time.perf_counter()
         built = variants.build_variants(tiny_baseline(), ["baseline", "int8_static"],
-                                        store=Store(sys.argv[1]), progress=False)
+                                        store=Store(sys.argv[1]), progress=False,
+                                        threads=1)
         print(json.dumps({"seconds": time.perf_counter() - start,
                           "costs": built.variants["int8_static"].summary().preparation_s}))
     """)
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path),
+    result = subprocess.run([sys.executable, "-c", script, str(home),
                              str(Path(__file__).parent)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,11 +220,10 @@ def test_a_second_process_loads_compiled_variants_without_compiling(tmp_path, ph
 
 
 @pytest.mark.slow
-def test_no_recompilation_when_requests_run(tmp_path, photo):
+def test_no_recompilation_when_requests_run(fast_built, photo):
     from leanvgg.images import Picture
 
-    built = build_variants(tiny_baseline(), FAST, store=Store(tmp_path), progress=False,
-                           threads=1)
+    built = fast_built[1]
     picture = Picture(photo.crop((0, 0, 300, 300)), photo.width, photo.height)
     counters = torch._dynamo.utils.counters
     before = dict(counters["stats"])
@@ -225,15 +236,16 @@ def test_no_recompilation_when_requests_run(tmp_path, photo):
 
 
 @pytest.mark.slow
-def test_a_user_calibration_folder_makes_its_own_artifact(tmp_path, photo):
+def test_a_user_calibration_folder_makes_its_own_artifact(fast_built, tmp_path, photo):
     folder = tmp_path / "calibration"
     folder.mkdir()
     photo.save(folder / "cat.png")
-    store = Store(tmp_path / "cache")
+    store = Store(shutil.copytree(fast_built[0], tmp_path / "cache"))
     bundled = build_variants(tiny_baseline(), ["baseline", "int8_static"], store=store,
-                             progress=False).variants["int8_static"]
+                             progress=False, threads=1).variants["int8_static"]
     own = build_variants(tiny_baseline(), ["baseline", "int8_static"], store=store,
-                         progress=False, calibration=str(folder)).variants["int8_static"]
+                         progress=False, threads=1,
+                         calibration=str(folder)).variants["int8_static"]
     assert own.artifact != bundled.artifact
     assert own.facts.calibration["images"] == 4 and bundled.facts.calibration["images"] == 24
     with pytest.raises(variants.NotTuned, match="leanvgg tune"):

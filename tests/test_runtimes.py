@@ -3,6 +3,7 @@ CPU or a library changes, each runtime agreeing with Inductor on real photos, an
 alone (with one log line) where the other runtimes are not installed."""
 
 import logging
+import shutil
 import sys
 
 import pytest
@@ -30,6 +31,26 @@ FROM_FP32 = {"onnxruntime": 1.5, "openvino": 8.0}
 def _build(home, runtime="auto", threads=None):
     return build_variants(decisive_baseline(), NAMES, store=Store(home), progress=False,
                           runtime=runtime, threads=threads).variants
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A cache holding NAMES built once for the module, int8_static packaged for Inductor and
+    converted for ONNX Runtime and OpenVINO, with no runtime chosen yet (each build pinned one):
+    the state a first ``auto`` start finds once its variants are built. Module-scoped, so it is
+    made before any test's monkeypatching."""
+    home = tmp_path_factory.mktemp("converted")
+    for runtime in ("inductor", "onnxruntime", "openvino"):
+        _build(home, runtime)
+    return home
+
+
+@pytest.fixture
+def home(converted, tmp_path):
+    """This test's own copy of ``converted``: for tests of choosing, loading and measuring
+    again, which built the same four entries from an empty folder each (building into one is
+    what tests/test_fast.py, test_context.py, test_export.py and ``converted`` itself do)."""
+    return shutil.copytree(converted, tmp_path / "home")
 
 
 def _logits(variant) -> torch.Tensor:
@@ -78,8 +99,8 @@ def known_costs(monkeypatch):
 
 
 @pytest.mark.slow
-def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, known_costs):
-    first = _build(tmp_path)["int8_static"]
+def test_auto_measures_once_per_machine_and_keeps_the_choice(home, known_costs):
+    first = _build(home)["int8_static"]
     every = ["inductor", "onnxruntime", "openvino"]
     assert known_costs == [(every, {1}), (every, {runtimes.BATCH})]  # images, then batches
     facts = first.summary()
@@ -87,24 +108,24 @@ def test_auto_measures_once_per_machine_and_keeps_the_choice(tmp_path, known_cos
     assert facts.placement["how"] == "measured" and facts.placement["medians_ms"] == COSTS[1]
     assert facts.placement["batch_medians_ms"] == COSTS[runtimes.BATCH]
     assert isinstance(first.model, runtimes.ByBatch)
-    assert _build(tmp_path)["baseline"].summary().runtime == "pytorch"  # eager: no choice
-    second = _build(tmp_path)["int8_static"]  # a later start: nothing measured again
+    assert _build(home)["baseline"].summary().runtime == "pytorch"  # eager: no choice
+    second = _build(home)["int8_static"]  # a later start: nothing measured again
     assert len(known_costs) == 2 and second.summary().placement["how"] == "stored"
     assert (second.summary().runtime, second.summary().batch_runtime) == \
         ("onnxruntime", "inductor")
-    stored = Store(tmp_path).documents.load(RUNTIME_CHOICES)
+    stored = Store(home).documents.load(RUNTIME_CHOICES)
     assert len(stored) == 1 and next(iter(stored.values()))["runtime"] == "onnxruntime"
 
 
 @pytest.mark.slow
-def test_single_images_and_batches_each_run_on_their_chosen_runtime(tmp_path, timings):
-    _build(tmp_path)
+def test_single_images_and_batches_each_run_on_their_chosen_runtime(home, timings):
+    _build(home)
     # a machine where ONNX Runtime was measured fastest for one image, OpenVINO for batches
-    store = Store(tmp_path)
+    store = Store(home)
     (key, record), = store.documents.load(RUNTIME_CHOICES).items()
     store.documents.save(RUNTIME_CHOICES, {key: {**record, "runtime": "onnxruntime",
                                             "batch_runtime": "openvino"}})
-    variant = _build(tmp_path)["int8_static"]
+    variant = _build(home)["int8_static"]
     assert len(timings) == 2  # the stored choice was used as it is
     facts = variant.summary()
     assert (facts.runtime, facts.batch_runtime) == ("onnxruntime", "openvino")
@@ -117,7 +138,7 @@ def test_single_images_and_batches_each_run_on_their_chosen_runtime(tmp_path, ti
     with torch.inference_mode():
         batched = model(photos)
     assert [m.runtime for m in model.made] == ["openvino"]
-    pinned = _build(tmp_path, "openvino")["int8_static"]
+    pinned = _build(home, "openvino")["int8_static"]
     torch.testing.assert_close(batched, _logits(pinned), rtol=1e-4, atol=1e-5)
     assert batched.argmax(1).tolist() == one.argmax(1).tolist()
 
@@ -133,9 +154,9 @@ def test_batches_stay_on_the_single_image_runtime_unless_another_is_clearly_fast
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change", ["cpu flags", "library version", "threads"])
-def test_a_new_cpu_library_version_or_thread_count_measures_again(tmp_path, known_costs,
+def test_a_new_cpu_library_version_or_thread_count_measures_again(home, known_costs,
                                                                  monkeypatch, change):
-    _build(tmp_path)
+    _build(home)
     threads = None
     if change == "cpu flags":
         monkeypatch.setattr(context_module, "flags_hash", lambda: "another")
@@ -145,16 +166,16 @@ def test_a_new_cpu_library_version_or_thread_count_measures_again(tmp_path, know
                             lambda: {**versions, "onnxruntime": "99.0"})
     else:
         threads = 1 if torch.get_num_threads() != 1 else 2
-    _build(tmp_path, threads=threads)
+    _build(home, threads=threads)
     assert len(known_costs) == 4  # batch 1 and batch 8, twice
-    assert len(Store(tmp_path).documents.load(RUNTIME_CHOICES)) == 2  # the old choice is kept
+    assert len(Store(home).documents.load(RUNTIME_CHOICES)) == 2  # the old choice is kept
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_each_runtime_agrees_with_inductor_on_real_photos(tmp_path, runtime):
-    pinned = _build(tmp_path, runtime)
-    inductor = _build(tmp_path, "inductor")
+def test_each_runtime_agrees_with_inductor_on_real_photos(home, runtime):
+    pinned = _build(home, runtime)
+    inductor = _build(home, "inductor")
     assert pinned["int8_static"].summary().runtime == runtime
     assert inductor["int8_static"].summary().runtime == "inductor"
     theirs, ours = _logits(pinned["int8_static"]), _logits(inductor["int8_static"])
@@ -171,18 +192,18 @@ def test_each_runtime_agrees_with_inductor_on_real_photos(tmp_path, runtime):
 
 @pytest.mark.slow
 def test_without_the_runtimes_everything_runs_on_inductor_with_one_log_line(
-        tmp_path, monkeypatch, caplog, timings):
+        home, converted, tmp_path, monkeypatch, caplog, timings):
     for module in ("onnxruntime", "openvino", "onnx", "nncf"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     with caplog.at_level(logging.WARNING):
-        variant = _build(tmp_path)["int8_static"]
+        variant = _build(home)["int8_static"]
     assert variant.summary().runtime == "inductor" and timings == []
     lines = [r.getMessage() for r in caplog.records
              if r.levelno >= logging.WARNING and r.name.startswith("leanvgg")]
     assert len(lines) == 1 and "pip install 'leanvgg[export]'" in lines[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        pinned = _build(tmp_path / "pinned", "openvino")["int8_static"]
+        pinned = _build(shutil.copytree(converted, tmp_path / "pinned"), "openvino")["int8_static"]
     assert pinned.summary().runtime == "inductor"
     assert pinned.summary().placement["asked"] == "openvino"
     assert pinned.summary().placement["how"] == "fallback"
@@ -191,9 +212,9 @@ def test_without_the_runtimes_everything_runs_on_inductor_with_one_log_line(
         "(pip install 'leanvgg[export]')"]
 
 
-def test_a_variant_on_another_runtime_alone_never_loads_its_eager_model(tmp_path,
+def test_a_variant_on_another_runtime_alone_never_loads_its_eager_model(home,
                                                                         monkeypatch):
-    first = _build(tmp_path, "openvino")["int8_static"]
+    first = _build(home, "openvino")["int8_static"]
     assert first.summary().runtime == first.summary().batch_runtime == "openvino"
     from leanvgg.builder import Builder
 
@@ -201,7 +222,7 @@ def test_a_variant_on_another_runtime_alone_never_loads_its_eager_model(tmp_path
         raise AssertionError(f"loaded {recipe.name}'s eager model after {n_steps} steps")
 
     monkeypatch.setattr(Builder, "artifact", refused)
-    again = build_variants(decisive_baseline(), ["int8_static"], store=Store(tmp_path),
+    again = build_variants(decisive_baseline(), ["int8_static"], store=Store(home),
                            progress=False, runtime="openvino").variants["int8_static"]
     assert again.facts == first.facts and again.artifact == first.artifact
     assert again.model.runtime == "openvino"
@@ -258,16 +279,16 @@ def test_openvino_bf16_is_measured_only_where_its_top1_agrees_with_openvino_f32(
 
 
 @pytest.mark.slow
-def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(tmp_path, monkeypatch,
+def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(home, monkeypatch,
                                                                         known_costs):
     if not runtimes.installed("openvino"):
         pytest.skip("openvino is not installed (leanvgg[export])")
-    assert _build(tmp_path)["int8_static"].runtime == "onnxruntime"  # chosen among three
+    assert _build(home)["int8_static"].runtime == "onnxruntime"  # chosen among three
     monkeypatch.setattr(capabilities, "native_bf16", lambda: True)
     costs = {1: {**COSTS[1], "openvino_bf16": 10.0},
              runtimes.BATCH: {**COSTS[runtimes.BATCH], "openvino_bf16": 99.0}}
     monkeypatch.setattr(sys.modules[__name__], "COSTS", costs)
-    variant = _build(tmp_path)["int8_static"]  # a new candidate: that choice no longer holds
+    variant = _build(home)["int8_static"]  # a new candidate: that choice no longer holds
     three, every = ["inductor", "onnxruntime", "openvino"], [
         "inductor", "onnxruntime", "openvino", "openvino_bf16"]
     assert [names for names, _ in known_costs] == [three, three, every, every]
@@ -278,10 +299,10 @@ def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(tmp_pat
     assert "INFERENCE_PRECISION_HINT" in settings  # as OpenVINO reports it back
     bf16 = settings["INFERENCE_PRECISION_HINT"]
     assert bf16 == ("bf16" if machine.native_bf16() else "f32")  # its default on this CPU
-    converted = [e for e in cache.entries(Store(tmp_path)) if e.kind == "converted"]
-    assert sorted(e.recipe for e in converted) == ["int8_static", "int8_static"]  # onnx, one IR
-    again = _build(tmp_path)["int8_static"]  # the stored choice, on the same IR
+    conversions = [e for e in cache.entries(Store(home)) if e.kind == "converted"]
+    assert sorted(e.recipe for e in conversions) == ["int8_static", "int8_static"]  # onnx, one IR
+    again = _build(home)["int8_static"]  # the stored choice, on the same IR
     assert again.summary().placement["how"] == "stored" and again.runtime == "openvino_bf16"
-    pinned = _build(tmp_path, "openvino")["int8_static"]
+    pinned = _build(home, "openvino")["int8_static"]
     assert pinned.model.settings["INFERENCE_PRECISION_HINT"] == "f32"
     assert _logits(again).argmax(1).tolist() == _logits(pinned).argmax(1).tolist()
