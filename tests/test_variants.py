@@ -1,4 +1,5 @@
 import logging
+import shutil
 
 import pytest
 import torch
@@ -46,11 +47,20 @@ def test_cached_variants_reload_with_identical_outputs(variant_set, cache_dir, p
             assert variant.facts == variant_set.variants[name].facts
 
 
+@pytest.fixture(scope="module")
+def _quantized(baseline, tmp_path_factory):
+    """A cache holding only the quantized variant (the quickest to build), built once for the
+    module, and its key."""
+    home = tmp_path_factory.mktemp("quantized")
+    built = build_variants(baseline, ["quantized"], store=Store(home), progress=False)
+    return home, built.variants["quantized"].artifact
+
+
 @pytest.fixture
-def small_cache(baseline, tmp_path):
-    """A cache holding only the quantized variant (the quickest to build), and its key."""
-    built = build_variants(baseline, ["quantized"], store=Store(tmp_path), progress=False)
-    return tmp_path, built.variants["quantized"].artifact
+def small_cache(_quantized, tmp_path):
+    """This test's own copy of ``_quantized`` (tests damage it), and the entry's key."""
+    home, key = _quantized
+    return shutil.copytree(home, tmp_path / "cache"), key
 
 
 @pytest.mark.slow
