@@ -109,7 +109,7 @@ def run_server(home: str, uploads: int, runtime: dict) -> dict:
         serving = _wait(base, started, lambda body: any(
             v["name"] == "baseline" and v["state"] == "ready" for v in body["variants"]))
         # uploads while the builder process builds and chooses: each must still be answered
-        during, ready, ready_at = [], None, {}
+        during, timeline, ready, ready_at = [], [], None, {}
         while True:
             with _request(base + "/api/variants") as response:
                 body = json.loads(response.read())
@@ -122,7 +122,10 @@ def run_server(home: str, uploads: int, runtime: dict) -> dict:
                 ready = now
             if settled and not body.get("builder_process") and not body.get("pending_choice"):
                 break
-            during.append(_upload(base))
+            took = _upload(base)
+            during.append(took)
+            timeline.append({"at_s": round(now, 1), "upload_s": round(took, 3),
+                             "while": "choosing runtimes" if settled else "building"})
             time.sleep(2)
         chosen = time.perf_counter() - started
         ready = chosen if ready is None else ready
@@ -145,6 +148,10 @@ def run_server(home: str, uploads: int, runtime: dict) -> dict:
             "uploads_during_build": len(during),
             "upload_during_build_max_s": max(during, default=0.0),
             "upload_during_build_p50_s": statistics.median(during) if during else 0.0,
+            "upload_during_build_max_s_by_phase": {
+                phase: max(u["upload_s"] for u in timeline if u["while"] == phase)
+                for phase in {u["while"] for u in timeline}},
+            "uploads_during_build_timeline": timeline,
             "profiles_done_s": profiled,
             "first_upload_s": first, "later_upload_s": statistics.median(later),
             "first_row_s": first_row, "streamed_answer_s": streamed,
@@ -187,6 +194,8 @@ def main() -> None:
                        ("profiles_done_s", "start → all profiles measured (s)"),
                        ("upload_p50_s", f"{args.uploads} uploads, median (s)")]:
         print(f"{label:<34}{cold[key]:>12.2f}{warm[key]:>12.2f}")
+    for phase, worst in sorted(cold["upload_during_build_max_s_by_phase"].items()):
+        print(f"{'  cold, max while ' + phase + ' (s)':<34}{worst:>12.2f}")
     for moment in ("after_ready", "after_uploads"):
         for name in ("cold", "warm"):
             found = {"cold": cold, "warm": warm}[name]

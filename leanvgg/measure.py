@@ -7,8 +7,8 @@ import io
 import math
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -188,7 +188,8 @@ def warm_up(model: nn.Module, input_size: int, threads: int) -> None:
 
 
 def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
-                warmup: int, progress: bool = False, threads: int | None = None
+                warmup: int, progress: bool = False, threads: int | None = None,
+                turns: Callable[[], AbstractContextManager] | None = None
                 ) -> dict[str, tuple[Latency, torch.Tensor]]:
     """Time each ``(model, batch)`` job, one forward pass at a time, never two at once.
 
@@ -197,32 +198,57 @@ def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int
     landing on whichever model happens to be timed first. Each job's returned output is produced
     by its last timed pass, so predictions and timings come from the same computation.
     ``threads``: PyTorch's thread count meanwhile (None: unchanged); other runtimes run on the
-    count their runners were built for.
+    count their runners were built for. ``turns``: a lock on the machine (``Store.measuring``)
+    held for each round (and each model's warm-up) and let go between them, so that whoever
+    waits for it (a comparison) waits one round, not the whole measurement.
     """
     with using_threads(threads):
         return {name: (latency, output) for name, latency, output in
-                time_models_iter(jobs, runs=runs, warmup=warmup, progress=progress)}
+                time_models_iter(jobs, runs=runs, warmup=warmup, progress=progress,
+                                 turns=turns)}
 
 
 def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
-                     warmup: int, progress: bool = False
+                     warmup: int, progress: bool = False,
+                     turns: Callable[[], AbstractContextManager] | None = None
                      ) -> Iterator[tuple[str, Latency, torch.Tensor]]:
     """``time_models``, yielding each job as soon as its last timed pass ends (in job order)."""
     samples: dict[str, list[float]] = {name: [] for name in jobs}
+    finished = []
     with torch.inference_mode(), tqdm(total=len(jobs) * (warmup + runs), desc="measuring",
                                       unit="pass", disable=not progress) as bar:
         for model, batch in jobs.values():
-            for _ in range(warmup):
-                model(batch)
-                bar.update()
+            with _turn(turns):
+                for _ in range(warmup):
+                    model(batch)
+                    bar.update()
         for round_ in range(runs):
-            for name, (model, batch) in jobs.items():
-                start = time.perf_counter()
-                output = model(batch)
-                samples[name].append(time.perf_counter() - start)
-                bar.update()
-                if round_ == runs - 1:
-                    yield name, Latency.from_seconds(samples[name]), output
+            with _turn(turns):
+                for name, (model, batch) in jobs.items():
+                    start = time.perf_counter()
+                    output = model(batch)
+                    samples[name].append(time.perf_counter() - start)
+                    bar.update()
+                    if round_ == runs - 1:
+                        finished.append((name, Latency.from_seconds(samples[name]), output))
+                    if turns is None:  # each job as soon as it is done (a streamed row)
+                        yield from finished
+                        finished.clear()
+            yield from finished  # after the turn: the caller never holds it
+            finished.clear()
+
+
+# After a turn, the time a waiter woken by its release has to take the lock before the next
+# turn asks for it again (flock hands it to whoever asks first, not to who waited longest).
+HANDOVER_S = 0.005
+
+
+@contextmanager
+def _turn(turns: Callable[[], AbstractContextManager] | None) -> Iterator[None]:
+    with (turns or nullcontext)():
+        yield
+    if turns is not None:
+        time.sleep(HANDOVER_S)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -201,11 +202,13 @@ def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
     for runtime in excluded:
         del runners[runtime]
     # the caller keeps its own timings away meanwhile (the server holds its measurement slot);
-    # the store's timing lock keeps a server's away while a builder process times
-    with builder.store.measuring():
-        medians = _medians(runners, _example(variant, 1), context, runs=runs, warmup=warmup)
-        per_batch = _medians(runners, _example(variant, BATCH), context,
-                             runs=max(3, runs // 2), warmup=1)
+    # the store's timing lock keeps a server's away while a builder process times, one round
+    # at a time: a comparison sent meanwhile waits for a round, not for the whole choice
+    turns = builder.store.measuring
+    medians = _medians(runners, _example(variant, 1), context, runs=runs, warmup=warmup,
+                       turns=turns)
+    per_batch = _medians(runners, _example(variant, BATCH), context,
+                         runs=max(3, runs // 2), warmup=1, turns=turns)
     chosen = min(medians, key=medians.get)
     batched = batch_runtime(per_batch, chosen)
     placement = Placement(chosen, batched, context.threads, MEASURED, asked=AUTO,
@@ -259,9 +262,10 @@ def _example(variant: Variant, batch: int) -> torch.Tensor:
 
 
 def _medians(runners: dict[str, nn.Module], example: torch.Tensor, context: RunContext, *,
-             runs: int, warmup: int) -> dict[str, float]:
+             runs: int, warmup: int, turns: Callable[[], AbstractContextManager]
+             ) -> dict[str, float]:
     timed = time_models({r: (m, example) for r, m in runners.items()}, runs=runs,
-                        warmup=warmup, threads=context.threads)
+                        warmup=warmup, threads=context.threads, turns=turns)
     return {r: latency.median for r, (latency, _) in timed.items()}
 
 

@@ -1,6 +1,7 @@
 """The server loads; a builder process builds (issue 23): what compiling, calibrating and
 converting leave behind never enters the serving process, and comparisons never wait for it."""
 
+import sys
 import time
 
 import pytest
@@ -101,6 +102,18 @@ def test_events_round_trip_and_stray_lines_are_ignored():
     assert worker.Event.parse("Compiling kernels...") is None
     assert worker.Event.parse('{"no": "variant"}') is None
     assert PENDING == "pending choice"
+
+
+def test_the_builder_process_runs_below_the_server_and_ends_with_it(tmp_path):
+    """It runs at the niceness that leaves the CPU to the server's comparisons, with the
+    store it was given; its events arrive as it prints them."""
+    import os
+    import threading
+
+    script = ("import json, os; print(json.dumps({'variant': os.environ['LEANVGG_HOME'], "
+              "'state': str(os.nice(0))}), flush=True)")
+    events = list(worker.run([sys.executable, "-c", script], tmp_path, threading.Event()))
+    assert events == [worker.Event(str(tmp_path), str(min(19, os.nice(0) + worker.NICE)))]
 
 
 @pytest.mark.slow

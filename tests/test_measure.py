@@ -79,6 +79,55 @@ def test_time_models_warms_up_then_alternates_timed_runs():
         assert 0 < stats.min <= stats.median <= stats.p90
 
 
+def test_time_models_takes_turns_on_the_machine_lock_round_by_round(tmp_path):
+    """With ``turns``, the lock is held for each model's warm-up and each round, never across
+    two; whoever waits for it (another process's comparison) gets it within a round."""
+    import contextlib
+    import threading
+    import time
+
+    from leanvgg.store import Store
+
+    calls = []
+
+    @contextlib.contextmanager
+    def turn():
+        calls.append("take")
+        yield
+        calls.append("give")
+
+    jobs = {}
+    for name in ("a", "b"):
+        model = nn.Identity()
+        model.register_forward_hook(lambda *_, name=name: calls.append(name))
+        jobs[name] = (model, torch.zeros(1, 3))
+    time_models(jobs, runs=3, warmup=2, turns=turn)
+    assert calls == (["take", "a", "a", "give", "take", "b", "b", "give"]
+                     + ["take", "a", "b", "give"] * 3)
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x
+
+    store, waited, done = Store(tmp_path), [], threading.Event()
+
+    def other_process():  # its own lock file description, as another process has
+        time.sleep(0.3)
+        asked = time.monotonic()
+        with store.measuring():
+            waited.append((time.monotonic() - asked, done.is_set()))
+
+    waiter = threading.Thread(target=other_process)
+    waiter.start()
+    time_models({"a": (Slow(), torch.zeros(1)), "b": (Slow(), torch.zeros(1))}, runs=20,
+                warmup=1, turns=store.measuring)  # 2 s in all
+    done.set()
+    waiter.join()
+    (seconds, after_the_end), = waited
+    assert not after_the_end and seconds < 0.5  # one round is 0.1 s
+
+
 def test_top_k_orders_by_probability():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     top = top_k(logits, ["a", "b", "c", "d"], 3)

@@ -22,6 +22,11 @@ from leanvgg.models import WEIGHTS_CHOICES, Baseline
 log = logging.getLogger(__name__)
 
 BUILT, PLACED, FAILED = "built", "placed", "failed"
+# The builder process's niceness: it uses only the CPU the server leaves, so a comparison
+# sent while variants build is answered at the server's own speed (2 cores shared otherwise).
+# Its timings are unaffected: it times runtimes under the store's timing lock, which the
+# server's comparisons wait for.
+NICE = 19
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def run(argv: list[str], store_root: Path, stop: threading.Event) -> Iterator[Ev
     ends; ``stop`` (or this generator's closing) terminates it. Its log goes to our stderr."""
     process = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, bufsize=1,
-        env={**os.environ, "LEANVGG_HOME": str(store_root)}, preexec_fn=_die_with_parent)
+        env={**os.environ, "LEANVGG_HOME": str(store_root)}, preexec_fn=_in_child)
     watcher = threading.Thread(target=_stop_when, args=(stop, process), daemon=True,
                                name="leanvgg-builder-watch")
     watcher.start()
@@ -102,8 +107,10 @@ def _stop_when(stop: threading.Event, process: subprocess.Popen) -> None:
             return
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the server dies, so no builder outlives it (Linux)."""
+def _in_child() -> None:
+    """In the child, before it runs: lower its priority (``NICE``) and get SIGTERM if the
+    server dies, so no builder outlives it (Linux)."""
+    os.nice(NICE)
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
