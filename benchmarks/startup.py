@@ -95,7 +95,7 @@ def _floor(base: str, runtime: dict) -> float:
     return runtime["rss_mb"] + sum(unique.values())
 
 
-def run_server(home: str, uploads: int, runtime: dict) -> dict:
+def run_server(home: str, uploads: int, runtime: dict, *, during: bool = True) -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -109,7 +109,8 @@ def run_server(home: str, uploads: int, runtime: dict) -> dict:
         serving = _wait(base, started, lambda body: any(
             v["name"] == "baseline" and v["state"] == "ready" for v in body["variants"]))
         # uploads while the builder process builds and chooses: each must still be answered
-        during, timeline, ready, ready_at = [], [], None, {}
+        timeline, ready, ready_at = [], None, {}
+        uploading, during = during, []
         while True:
             with _request(base + "/api/variants") as response:
                 body = json.loads(response.read())
@@ -122,11 +123,12 @@ def run_server(home: str, uploads: int, runtime: dict) -> dict:
                 ready = now
             if settled and not body.get("builder_process") and not body.get("pending_choice"):
                 break
-            took = _upload(base)
-            during.append(took)
-            timeline.append({"at_s": round(now, 1), "upload_s": round(took, 3),
-                             "while": "choosing runtimes" if settled else "building"})
-            time.sleep(2)
+            if uploading:
+                took = _upload(base)
+                during.append(took)
+                timeline.append({"at_s": round(now, 1), "upload_s": round(took, 3),
+                                 "while": "choosing runtimes" if settled else "building"})
+            time.sleep(2 if uploading else 0.5)
         chosen = time.perf_counter() - started
         ready = chosen if ready is None else ready
         after_ready = smaps(server.pid)
@@ -166,23 +168,32 @@ def main() -> None:
     parser.add_argument("--home", default=None,
                         help="an empty folder for the cache, kept afterwards (default: a "
                              "temporary one), e.g. for benchmarks/memory.py on a warm cache")
+    parser.add_argument("--idle-start", action="store_true",
+                        help="send no uploads while the variants build (the build's own speed; "
+                             "saved as startup-idle.json)")
+    parser.add_argument("--cold-only", action="store_true", help="skip the warm start")
     args = parser.parse_args()
 
     import torch
 
     from leanvgg import schema
+    from leanvgg.service import worker
 
     runtime = runtime_floor_mb()
     with tempfile.TemporaryDirectory(prefix="leanvgg-startup-") as temporary:
         home = args.home or temporary
-        cold = run_server(home, args.uploads, runtime)
-        warm = run_server(home, args.uploads, runtime)
+        cold = run_server(home, args.uploads, runtime, during=not args.idle_start)
+        warm = None if args.cold_only else run_server(home, args.uploads, runtime)
+    runs = {"cold": cold, "warm": warm} if warm is not None else {"cold": cold}
+    out = RESULTS / ("startup-idle.json" if args.idle_start else "startup.json")
     report = schema.document(
-        "benchmark/startup", [{"name": "cold cache", **cold}, {"name": "warm cache", **warm}],
-        config={"weights": "random (sizes and timings real)", "uploads": args.uploads},
+        "benchmark/startup", [{"name": f"{name} cache", **found} for name, found in runs.items()],
+        config={"weights": "random (sizes and timings real)", "uploads": args.uploads,
+                "uploads_during_start": not args.idle_start,
+                "build_jobs": worker.JOBS},
         threads=torch.get_num_threads(), runtime_floor=runtime)
-    schema.write(RESULTS / "startup.json", report)
-    print(f"{'':<34}{'cold cache':>12}{'warm cache':>12}")
+    schema.write(out, report)
+    print(f"{'':<34}" + "".join(f"{name + ' cache':>12}" for name in runs))
     for key, label in [("answering_s", "start → page and /healthz (s)"),
                        ("serving_s", "start → baseline answering (s)"),
                        ("ready_s", "start → every variant ready (s)"),
@@ -193,18 +204,17 @@ def main() -> None:
                        ("first_row_s", "upload → first row (s)"),
                        ("profiles_done_s", "start → all profiles measured (s)"),
                        ("upload_p50_s", f"{args.uploads} uploads, median (s)")]:
-        print(f"{label:<34}{cold[key]:>12.2f}{warm[key]:>12.2f}")
+        print(f"{label:<34}" + "".join(f"{found[key]:>12.2f}" for found in runs.values()))
     for phase, worst in sorted(cold["upload_during_build_max_s_by_phase"].items()):
         print(f"{'  cold, max while ' + phase + ' (s)':<34}{worst:>12.2f}")
     for moment in ("after_ready", "after_uploads"):
-        for name in ("cold", "warm"):
-            found = {"cold": cold, "warm": warm}[name]
+        for name, found in runs.items():
             m, floor = found[moment], found["floor_mb"]
             print(f"{name} {moment}: RSS {m['rss_mb']:.0f} MB ({m['rss_mb'] / floor:.2f}× the "
                   f"floor {floor:.0f} MB), PSS {m['pss_mb']:.0f}, anonymous "
                   f"{m['anonymous_mb']:.0f} MB")
     print(f"cold start, each variant ready at (s): {cold['ready_at_s']}")
-    print(f"saved {RESULTS / 'startup.json'}")
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

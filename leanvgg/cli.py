@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from leanvgg.export import ExportError, export_each
 from leanvgg.export import check as check_export
 from leanvgg.interop import MissingRuntime
 from leanvgg.portable import LoadError
-from leanvgg.runtimes import AUTO
+from leanvgg.runtimes import AUTO, INDUCTOR
 from leanvgg.runtimes import CHOICES as RUNTIME_CHOICES
 from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
@@ -38,12 +39,13 @@ from leanvgg.builder import stored_baseline
 from leanvgg.models import WEIGHTS_CHOICES, Baseline, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES, at_input_size, finetune_loss
 from leanvgg.machine import native_bf16
+from leanvgg.context import RunContext
 from leanvgg.documents import SEARCH, SEARCH_PLOT, TUNED
 from leanvgg.store import CacheError, Store
 from leanvgg.tune import Space, search
 from leanvgg.tune_report import format_front, plot_front, tuned_config
-from leanvgg.variants import (NotTuned, build_in_stages, build_variants, finetune_variant,
-                              register_tuned, resolve_names)
+from leanvgg.variants import (NotTuned, VariantBuilder, build_in_stages, build_variants,
+                              finetune_variant, register_tuned, resolve_names)
 
 log = logging.getLogger("leanvgg")
 # recipes with their own fine-tuning artifact (others share one of these)
@@ -228,6 +230,8 @@ def _add_build(commands, shared: _Shared) -> None:
                     "~/.cache/leanvgg), each made for --threads.")
     # the server's builder process (leanvgg.service.worker): JSON events on stdout
     command.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
+    # its helper: the first stage only, beside it (each builds the variants it claims first)
+    command.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)
     command.set_defaults(func=_build)
 
 
@@ -489,14 +493,24 @@ def _build(args: argparse.Namespace) -> int:
     store = Store()
     baseline = _baseline(args, store)
     if args.events:
-        from leanvgg.service.worker import Event
+        from leanvgg.service import worker
 
         # a server's builder process: the weights mapped from the store, as the server maps
-        # them (one copy in the page cache for both processes)
+        # them (one copy in the page cache for all processes)
         baseline = stored_baseline(baseline, store)
-        build_in_stages(baseline, args.variants, store=store, calibration=args.calibration,
-                        runtime=args.runtime, threads=args.threads,
-                        emit=lambda *a, **k: print(Event(*a, **k).line(), flush=True))
+        stop, beside = threading.Event(), None
+        if worker.JOBS > 1 and not args.helper:  # its helper, on the first stage
+            names = VariantBuilder(baseline, store, args.calibration).resolve(args.variants)
+            beside = worker.run(worker.command(
+                baseline, names, threads=RunContext.here(args.threads).threads,
+                runtime=INDUCTOR if args.runtime == AUTO else args.runtime,
+                calibration=args.calibration, helper=True), store.root, stop)
+        try:
+            build_in_stages(baseline, args.variants, store=store, calibration=args.calibration,
+                            runtime=args.runtime, threads=args.threads, beside=beside,
+                            emit=lambda *a, **k: print(worker.Event(*a, **k).line(), flush=True))
+        finally:
+            stop.set()
         return 0
     variant_set = build_variants(baseline, args.variants, store=store,
                                  calibration=args.calibration, runtime=args.runtime,
@@ -682,8 +696,6 @@ def _tune_data(args: argparse.Namespace, baseline: Baseline
 
 
 def _export(args: argparse.Namespace) -> int:
-    from leanvgg.variants import VariantBuilder
-
     store = Store()
     baseline = _baseline(args, store)
     builder = VariantBuilder(baseline, store, args.calibration, threads=args.threads)

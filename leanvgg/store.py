@@ -109,6 +109,7 @@ class Store:
     def __init__(self, root: Path | None = None) -> None:
         self.root = private_root(Path(root) if root is not None else default_root())
         self.documents = Documents(self.root, self.lock)  # evaluations, profiles, choices...
+        self._claims: dict[str, int] = {}  # key -> the descriptor holding its claim
 
     def _paths(self, key: str, suffix: str = ".pt") -> tuple[Path, Path]:
         """The legacy data path (before data files carried their hash) and the manifest's."""
@@ -149,6 +150,28 @@ class Store:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def claim(self, key: str) -> bool:
+        """Take ``key`` for this store object until ``release_claims`` (or the process ends):
+        True when it is ours (now, or already), False while another holds it. Builder
+        processes working side by side split their variants this way: each builds the next
+        one nobody has claimed. The kernel drops a claim when its holder dies."""
+        if key in self._claims:
+            return True
+        fd = os.open(self.root / f".claim.{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._claims[key] = fd
+        return True
+
+    def release_claims(self) -> None:
+        """Let go of every claim this store object holds."""
+        for fd in self._claims.values():
+            os.close(fd)
+        self._claims.clear()
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +31,9 @@ from leanvgg.runtimes import AUTO, CHOICES, INDUCTOR, missing_runtimes_note, sel
 from leanvgg.documents import EVALUATION, TUNED
 from leanvgg.residency import trim
 from leanvgg.store import Store
+
+if TYPE_CHECKING:
+    from leanvgg.service.worker import Event as BuildEvent
 
 
 log = logging.getLogger(__name__)
@@ -165,6 +170,10 @@ class VariantBuilder:
                                "first.")
         return resolve_names(names, self.registry)
 
+    def claim_key(self, name: str) -> str:
+        """What a process claims to build ``name`` (``Store.claim``): the name and its weights."""
+        return f"{name}.{self.builder.key(self.registry[name])}"
+
     def prepare(self, name: str, on_state: Callable[[State], object] = lambda state: None
                 ) -> Variant:
         """The ready variant, with the latest evaluation of these very weights on the runtime
@@ -199,40 +208,81 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
 
 def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: Store,
                     calibration: str | None, runtime: str, threads: int | None,
-                    emit: Callable[..., object]) -> None:
+                    emit: Callable[..., object],
+                    beside: Iterable[BuildEvent] | None = None) -> None:
     """What a builder process does for a server: every variant into the cache on Inductor (or
     the runtime pinned) first, then, under ``auto``, each compiled variant's runtime choice
     measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
     state, ``built`` once a variant can be loaded, ``placed`` once its choice is stored, and
-    ``failed``. Models are let go as soon as they are stored: the server loads its own."""
+    ``failed``. Models are let go as soon as they are stored: the server loads its own.
+
+    Each variant of the first stage is built by whoever claims it first (``Store.claim``):
+    ``beside``, the events of another process doing the same first stage meanwhile (a builder
+    process's helper: compiling leaves a core idle half the time), are passed on to ``emit``,
+    and what it built gets its runtime choice here. A variant it claimed but never finished
+    (it died) is built here after it ends."""
     first = VariantBuilder(baseline, store, calibration, threads=threads,
                            runtime=INDUCTOR if runtime == AUTO else runtime)
     names = first.resolve(names)
-    built = []
-    for name in names:
+    lock = threading.Lock()
+
+    def said(*args, **kwargs) -> None:  # one line at a time, from either thread
+        with lock:
+            emit(*args, **kwargs)
+
+    built, done = set(), set()  # built: in the cache; done: built or failed, by either
+
+    def hear() -> None:
         try:
-            variant = first.prepare(name, lambda state, name=name: emit(name, state.value))
-        except Exception as err:  # one variant's failure never takes the others down
-            log.exception("Variant %s failed", name)
-            emit(name, State.FAILED.value, reason=failure_reason(err))
-            continue
-        emit(name, "built", runtime=variant.runtime)
-        built.append((name, variant.recipe.compiled))
-        del variant
-        first.builder.forget()
+            for event in beside:
+                said(event.variant, event.state, reason=event.reason, runtime=event.runtime)
+                if event.state in ("built", State.FAILED.value):
+                    with lock:
+                        done.add(event.variant)
+                        if event.state == "built":
+                            built.add(event.variant)
+        except Exception as err:  # what it left undone is built here
+            log.warning("The helper builder stopped: %s", err)
+
+    def build_unclaimed() -> None:
+        for name in names:
+            if name in done or not store.claim(first.claim_key(name)):
+                continue
+            try:
+                variant = first.prepare(name, lambda state, name=name: said(name, state.value))
+            except Exception as err:  # one variant's failure never takes the others down
+                log.exception("Variant %s failed", name)
+                said(name, State.FAILED.value, reason=failure_reason(err))
+                done.add(name)
+                continue
+            said(name, "built", runtime=variant.runtime)
+            built.add(name)
+            done.add(name)
+            del variant
+            first.builder.forget()
+
+    if beside is None:
+        build_unclaimed()
+    else:
+        listener = threading.Thread(target=hear, daemon=True, name="leanvgg-builder-beside")
+        listener.start()
+        build_unclaimed()
+        listener.join()
+        build_unclaimed()  # what the helper claimed and left undone (it stopped)
+    store.release_claims()
     if runtime != AUTO:
         return
     second = VariantBuilder(baseline, store, calibration, threads=threads, runtime=AUTO)
-    for name, compiled in built:
-        if not compiled:
+    for name in names:
+        if name not in built or not second.registry[name].compiled:
             continue
         try:
-            variant = second.prepare(name, lambda state, name=name: emit(name, state.value))
+            variant = second.prepare(name, lambda state, name=name: said(name, state.value))
         except Exception as err:  # it stays where it runs now
             log.exception("Choosing a runtime for %s failed", name)
-            emit(name, "placed", reason=f"the runtime choice failed: {failure_reason(err)}")
+            said(name, "placed", reason=f"the runtime choice failed: {failure_reason(err)}")
             continue
-        emit(name, "placed", runtime=variant.runtime)
+        said(name, "placed", runtime=variant.runtime)
         del variant
         second.builder.forget()
 

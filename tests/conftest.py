@@ -11,7 +11,7 @@ from PIL import Image
 
 from leanvgg.models import load_baseline
 from leanvgg.store import Store
-from leanvgg.variants import build_variants
+from leanvgg.variants import build_variants, default_names
 
 PHOTO = Path(str(importlib.resources.files("skimage.data") / "chelsea.png"))  # a real cat photo
 
@@ -52,7 +52,15 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def variant_set(baseline, cache_dir):
-    """Every default variant built once from random weights into a session-wide cache."""
+    """Every default variant built once from random weights into a session-wide cache, by the
+    server's builder process (with its helper: two variants at a time), then loaded here."""
+    from leanvgg.service import worker
+
+    argv = worker.command(baseline, default_names(), threads=1, runtime="inductor",
+                          calibration=None)
+    events = list(worker.run(argv, cache_dir, threading.Event()))
+    assert sorted(e.variant for e in events if e.state == worker.BUILT) == sorted(
+        default_names()), events
     return build_variants(baseline, store=Store(cache_dir), progress=False, threads=1)
 
 

@@ -141,3 +141,41 @@ def test_the_slot_waits_while_another_process_times(tmp_path):
     with plain:
         assert plain.locked()
     assert not plain.locked()
+
+
+def test_a_claim_is_held_until_released_and_by_one_store_at_a_time(tmp_path):
+    mine, theirs = Store(tmp_path), Store(tmp_path)  # as two processes' stores
+    assert mine.claim("turbo.k") and mine.claim("turbo.k")  # ours, already
+    assert not theirs.claim("turbo.k") and theirs.claim("int8_static.k")
+    mine.release_claims()
+    assert theirs.claim("turbo.k")
+
+
+def test_the_first_stage_is_split_with_a_helper_and_its_leftovers_built_here(tmp_path):
+    """Each variant is built by whoever claims it first; what the helper built is passed on,
+    not built again; what it claimed and never finished (it died) is built here after it."""
+    from leanvgg.variants import VariantBuilder, build_in_stages
+    from tiny import tiny_baseline
+
+    baseline, home = tiny_baseline(), tmp_path / "h"
+    helper_store = Store(home)
+    helper = VariantBuilder(baseline, helper_store)
+    for name in ("pruned", "quantized"):  # the helper got there first
+        assert helper_store.claim(helper.claim_key(name))
+
+    def beside():
+        yield worker.Event("pruned", "building")
+        yield worker.Event("pruned", "built", runtime="pytorch")
+        yield worker.Event("quantized", "building")
+        helper_store.release_claims()  # and it dies
+
+    heard = []
+    build_in_stages(baseline, ["baseline", "pruned", "quantized"], store=Store(home),
+                    calibration=None, runtime="inductor", threads=1, beside=beside(),
+                    emit=lambda *a, **k: heard.append((a[0], a[1])))
+    assert sorted(name for name, state in heard if state == "built") == [
+        "baseline", "pruned", "quantized"]  # each once, in whichever order they finished
+    pruned = helper.builder.key(helper.registry["pruned"])
+    quantized = helper.builder.key(helper.registry["quantized"])
+    assert not Store(home).has(pruned)  # the helper said so; it was not built here
+    assert Store(home).has(quantized)  # built here once the helper had gone

@@ -27,6 +27,12 @@ BUILT, PLACED, FAILED = "built", "placed", "failed"
 # Its timings are unaffected: it times runtimes under the store's timing lock, which the
 # server's comparisons wait for.
 NICE = 19
+# Variants built at a time in the first stage: a helper process builds beside the builder
+# process (compiling leaves one of 2 cores idle about half the time; with the server loading
+# beside them, every default variant was ready in 167 s instead of 186 s, measured on a 2-core
+# Sapphire Rapids by benchmarks/startup.py --idle-start); one where there is one core,
+# or as LEANVGG_BUILD_JOBS says (1: no helper, and one builder's memory instead of two).
+JOBS = int(os.environ.get("LEANVGG_BUILD_JOBS") or min(2, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,14 @@ def reloadable(baseline: Baseline) -> bool:
 
 
 def command(baseline: Baseline, names: Sequence[str], *, threads: int, runtime: str,
-            calibration: str | None) -> list[str]:
-    """The builder process's command line for these variants of ``baseline``."""
+            calibration: str | None, helper: bool = False) -> list[str]:
+    """The builder process's command line for these variants of ``baseline`` (``helper``: its
+    helper's, which builds the first stage beside it and chooses no runtime)."""
     argv = [sys.executable, "-m", "leanvgg", "--verbose", "build", "--events", "--weights",
             baseline.weights, "--input-size", str(baseline.input_size), "--threads",
             str(threads), "--runtime", runtime, "--variants", ",".join(names)]
-    return argv + (["--calibration", calibration] if calibration else [])
+    return (argv + (["--calibration", calibration] if calibration else [])
+            + (["--helper"] if helper else []))
 
 
 def run(argv: list[str], store_root: Path, stop: threading.Event) -> Iterator[Event]:
