@@ -508,6 +508,7 @@ def _build(args: argparse.Namespace) -> int:
         try:
             build_in_stages(baseline, args.variants, store=store, calibration=args.calibration,
                             runtime=args.runtime, threads=args.threads, beside=beside,
+                            helper=args.helper,
                             emit=lambda *a, **k: print(worker.Event(*a, **k).line(), flush=True))
         finally:
             stop.set()

@@ -209,7 +209,7 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
 def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: Store,
                     calibration: str | None, runtime: str, threads: int | None,
                     emit: Callable[..., object],
-                    beside: Iterable[BuildEvent] | None = None) -> None:
+                    beside: Iterable[BuildEvent] | None = None, helper: bool = False) -> None:
     """What a builder process does for a server: every variant into the cache on Inductor (or
     the runtime pinned) first, then, under ``auto``, each compiled variant's runtime choice
     measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
@@ -220,7 +220,8 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
     ``beside``, the events of another process doing the same first stage meanwhile (a builder
     process's helper: compiling leaves a core idle half the time), are passed on to ``emit``,
     and what it built gets its runtime choice here. A variant it claimed but never finished
-    (it died) is built here after it ends."""
+    (it died) is built here after it ends. ``helper``: this is the helper, which builds only
+    what it claims (and chooses no runtime: the caller pins one)."""
     first = VariantBuilder(baseline, store, calibration, threads=threads,
                            runtime=INDUCTOR if runtime == AUTO else runtime)
     names = first.resolve(names)
@@ -244,9 +245,9 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         except Exception as err:  # what it left undone is built here
             log.warning("The helper builder stopped: %s", err)
 
-    def build_unclaimed() -> None:
+    def build(claiming: bool) -> None:
         for name in names:
-            if name in done or not store.claim(first.claim_key(name)):
+            if name in done or (claiming and not store.claim(first.claim_key(name))):
                 continue
             try:
                 variant = first.prepare(name, lambda state, name=name: said(name, state.value))
@@ -261,14 +262,14 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             del variant
             first.builder.forget()
 
-    if beside is None:
-        build_unclaimed()
-    else:
-        listener = threading.Thread(target=hear, daemon=True, name="leanvgg-builder-beside")
+    listener = threading.Thread(target=hear, daemon=True, name="leanvgg-builder-beside")
+    if beside is not None:
         listener.start()
-        build_unclaimed()
+    build(claiming=True)
+    if beside is not None:
         listener.join()
-        build_unclaimed()  # what the helper claimed and left undone (it stopped)
+    if not helper:  # what others claimed and left undone (a helper that stopped), or that
+        build(claiming=False)  # another server's builder holds: its entry locks wait for it
     store.release_claims()
     if runtime != AUTO:
         return

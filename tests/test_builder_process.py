@@ -179,3 +179,22 @@ def test_the_first_stage_is_split_with_a_helper_and_its_leftovers_built_here(tmp
     quantized = helper.builder.key(helper.registry["quantized"])
     assert not Store(home).has(pruned)  # the helper said so; it was not built here
     assert Store(home).has(quantized)  # built here once the helper had gone
+
+
+def test_a_claim_held_elsewhere_is_skipped_by_a_helper_but_not_left_undone_by_a_builder(
+        tmp_path):
+    """A helper builds only what it claims; a builder with no helper beside it (another
+    server's builder holds a claim on the same store) still gets every variant it was asked
+    for: it waits on the entry's lock, then builds or loads it."""
+    from leanvgg.variants import VariantBuilder, build_in_stages
+    from tiny import tiny_baseline
+
+    baseline, home = tiny_baseline(), tmp_path / "h"
+    elsewhere = Store(home)
+    assert elsewhere.claim(VariantBuilder(baseline, elsewhere).claim_key("quantized"))
+    for helper, expected in ((True, ["baseline"]), (False, ["baseline", "quantized"])):
+        heard = []
+        build_in_stages(baseline, ["baseline", "quantized"], store=Store(home),
+                        calibration=None, runtime="inductor", threads=1, helper=helper,
+                        emit=lambda *a, **k: heard.append((a[0], a[1])))
+        assert [name for name, state in heard if state == "built"] == expected
