@@ -95,7 +95,7 @@ def _floor(base: str, runtime: dict) -> float:
     return runtime["rss_mb"] + sum(unique.values())
 
 
-def run_server(home: str, uploads: int, runtime: dict, *, during: bool = True) -> dict:
+def run_server(home: str, uploads: int, runtime: dict, *, uploading: bool = True) -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -110,7 +110,6 @@ def run_server(home: str, uploads: int, runtime: dict, *, during: bool = True) -
             v["name"] == "baseline" and v["state"] == "ready" for v in body["variants"]))
         # uploads while the builder process builds and chooses: each must still be answered
         timeline, ready, ready_at = [], None, {}
-        uploading, during = during, []
         while True:
             with _request(base + "/api/variants") as response:
                 body = json.loads(response.read())
@@ -124,12 +123,11 @@ def run_server(home: str, uploads: int, runtime: dict, *, during: bool = True) -
             if settled and not body.get("builder_process") and not body.get("pending_choice"):
                 break
             if uploading:
-                took = _upload(base)
-                during.append(took)
-                timeline.append({"at_s": round(now, 1), "upload_s": round(took, 3),
+                timeline.append({"at_s": round(now, 1), "upload_s": _upload(base),
                                  "while": "choosing runtimes" if settled else "building"})
             time.sleep(2 if uploading else 0.5)
         chosen = time.perf_counter() - started
+        during = [u["upload_s"] for u in timeline]
         ready = chosen if ready is None else ready
         after_ready = smaps(server.pid)
         first = _upload(base)
@@ -182,7 +180,7 @@ def main() -> None:
     runtime = runtime_floor_mb()
     with tempfile.TemporaryDirectory(prefix="leanvgg-startup-") as temporary:
         home = args.home or temporary
-        cold = run_server(home, args.uploads, runtime, during=not args.idle_start)
+        cold = run_server(home, args.uploads, runtime, uploading=not args.idle_start)
         warm = None if args.cold_only else run_server(home, args.uploads, runtime)
     runs = {"cold": cold, "warm": warm} if warm is not None else {"cold": cold}
     out = RESULTS / ("startup-idle.json" if args.idle_start else "startup.json")

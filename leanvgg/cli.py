@@ -39,7 +39,6 @@ from leanvgg.builder import stored_baseline
 from leanvgg.models import WEIGHTS_CHOICES, Baseline, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES, at_input_size, finetune_loss
 from leanvgg.machine import native_bf16
-from leanvgg.context import RunContext
 from leanvgg.documents import SEARCH, SEARCH_PLOT, TUNED
 from leanvgg.store import CacheError, Store
 from leanvgg.tune import Space, search
@@ -498,16 +497,18 @@ def _build(args: argparse.Namespace) -> int:
         # a server's builder process: the weights mapped from the store, as the server maps
         # them (one copy in the page cache for all processes)
         baseline = stored_baseline(baseline, store)
-        stop, beside = threading.Event(), None
-        if worker.JOBS > 1 and not args.helper:  # its helper, on the first stage
-            names = VariantBuilder(baseline, store, args.calibration).resolve(args.variants)
-            beside = worker.run(worker.command(
-                baseline, names, threads=RunContext.here(args.threads).threads,
+        stop = threading.Event()
+
+        def helper(names: list[str], threads: int):  # its helper, on the first stage
+            return worker.run(worker.command(
+                baseline, names, threads=threads,
                 runtime=INDUCTOR if args.runtime == AUTO else args.runtime,
                 calibration=args.calibration, helper=True), store.root, stop)
+
         try:
             build_in_stages(baseline, args.variants, store=store, calibration=args.calibration,
-                            runtime=args.runtime, threads=args.threads, beside=beside,
+                            runtime=args.runtime, threads=args.threads,
+                            beside=helper if worker.JOBS > 1 and not args.helper else None,
                             helper=args.helper,
                             emit=lambda *a, **k: print(worker.Event(*a, **k).line(), flush=True))
         finally:

@@ -230,12 +230,12 @@ def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs
                     samples[name].append(time.perf_counter() - start)
                     bar.update()
                     if round_ == runs - 1:
-                        finished.append((name, Latency.from_seconds(samples[name]), output))
-                    if turns is None:  # each job as soon as it is done (a streamed row)
-                        yield from finished
-                        finished.clear()
-            yield from finished  # after the turn: the caller never holds it
-            finished.clear()
+                        job = name, Latency.from_seconds(samples[name]), output
+                        if turns is None:  # each job as soon as it is done (a streamed row)
+                            yield job
+                        else:
+                            finished.append(job)
+    yield from finished  # after the last turn: the caller never holds it
 
 
 # After a turn, the time a waiter woken by its release has to take the lock before the next

@@ -209,7 +209,8 @@ def finetune_variant(baseline: Baseline, dataset: Dataset, membership: torch.Ten
 def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: Store,
                     calibration: str | None, runtime: str, threads: int | None,
                     emit: Callable[..., object],
-                    beside: Iterable[BuildEvent] | None = None, helper: bool = False) -> None:
+                    beside: Callable[[list[str], int], Iterable[BuildEvent]] | None = None,
+                    helper: bool = False) -> None:
     """What a builder process does for a server: every variant into the cache on Inductor (or
     the runtime pinned) first, then, under ``auto``, each compiled variant's runtime choice
     measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
@@ -217,9 +218,9 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
     ``failed``. Models are let go as soon as they are stored: the server loads its own.
 
     Each variant of the first stage is built by whoever claims it first (``Store.claim``):
-    ``beside``, the events of another process doing the same first stage meanwhile (a builder
-    process's helper: compiling leaves a core idle half the time), are passed on to ``emit``,
-    and what it built gets its runtime choice here. A variant it claimed but never finished
+    ``beside(names, threads)`` starts another process doing the same first stage meanwhile (a
+    builder process's helper: compiling leaves a core idle half the time) and gives its
+    events, which are passed on to ``emit``; what it built gets its runtime choice here. A variant it claimed but never finished
     (it died) is built here after it ends. ``helper``: this is the helper, which builds only
     what it claims (and chooses no runtime: the caller pins one)."""
     first = VariantBuilder(baseline, store, calibration, threads=threads,
@@ -235,7 +236,7 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
 
     def hear() -> None:
         try:
-            for event in beside:
+            for event in beside(names, first.builder.context.threads):
                 said(event.variant, event.state, reason=event.reason, runtime=event.runtime)
                 if event.state in ("built", State.FAILED.value):
                     with lock:

@@ -171,7 +171,8 @@ def test_the_first_stage_is_split_with_a_helper_and_its_leftovers_built_here(tmp
 
     heard = []
     build_in_stages(baseline, ["baseline", "pruned", "quantized"], store=Store(home),
-                    calibration=None, runtime="inductor", threads=1, beside=beside(),
+                    calibration=None, runtime="inductor", threads=1,
+                    beside=lambda names, threads: beside(),
                     emit=lambda *a, **k: heard.append((a[0], a[1])))
     assert sorted(name for name, state in heard if state == "built") == [
         "baseline", "pruned", "quantized"]  # each once, in whichever order they finished
