@@ -30,7 +30,7 @@ from leanvgg.export import ExportError, export_each
 from leanvgg.export import check as check_export
 from leanvgg.interop import MissingRuntime
 from leanvgg.portable import LoadError
-from leanvgg.runtimes import AUTO, INDUCTOR
+from leanvgg.runtimes import AUTO
 from leanvgg.runtimes import CHOICES as RUNTIME_CHOICES
 from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
@@ -501,8 +501,7 @@ def _build(args: argparse.Namespace) -> int:
 
         def helper(names: list[str], threads: int):  # its helper, on the first stage
             return worker.run(worker.command(
-                baseline, names, threads=threads,
-                runtime=INDUCTOR if args.runtime == AUTO else args.runtime,
+                baseline, names, threads=threads, runtime=args.runtime,
                 calibration=args.calibration, helper=True), store.root, stop)
 
         try:

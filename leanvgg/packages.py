@@ -47,6 +47,16 @@ class Packages:
         entry = self._entry(artifact, input_size)
         return entry[0] if entry is not None else None
 
+    def facts(self, artifact: str, input_size: int) -> dict | None:
+        """The facts in a made package's manifest (its file present, not hashed: nothing is
+        loaded), or None when it is not made."""
+        manifest = self.store.manifest(self.key(artifact, input_size), (SUFFIX,))
+        try:
+            _check_manifest(manifest or {})
+        except ValueError:
+            return None
+        return manifest["facts"]
+
     def load(self, recipe: Recipe, artifact: str) -> tuple[nn.Module, dict] | None:
         """The loaded (and warmed-up) package with its facts, or None when not made."""
         entry = self._entry(artifact, recipe.input_size)

@@ -285,23 +285,10 @@ def _model(variant: Variant, runtime: str, builder: Builder,
     if runtime == INDUCTOR:
         return variant.model
     threads = builder.context.threads
-    recipe = variant.recipe
+    paths = _converted(variant, builder, runtime, on_state, _writer(variant, runtime, builder))
     if runtime == ONNXRUNTIME:
-        paths = _converted(variant, builder, runtime, on_state,
-                           lambda targets: write_onnx(builder.float_model(recipe),
-                                                      variant.input_size, targets[".onnx"],
-                                                      calibration=calibration_of(recipe)))
         runner, source = onnxruntime_runner, paths[".onnx"]
     else:
-        def write(targets: dict[str, Path]) -> None:  # converted (and quantized) once
-            ir = openvino_model(builder.float_model(recipe), variant.input_size,
-                                calibration=calibration_of(recipe))
-            with tempfile.TemporaryDirectory(prefix="leanvgg-ir-") as folder:
-                write_openvino(ir, Path(folder) / "model.xml")
-                for suffix, target in targets.items():
-                    shutil.copyfile(Path(folder) / f"model{suffix}", target)
-
-        paths = _converted(variant, builder, runtime, on_state, write)
         source = paths[".xml"]  # its .bin beside it
         # openvino: the f32 hint; openvino_bf16: OpenVINO's default precision
         runner = functools.partial(openvino_runner, f32=runtime == OPENVINO)
@@ -309,6 +296,53 @@ def _model(variant: Variant, runtime: str, builder: Builder,
         model = Foreign(runner(source, threads), runtime)
         warm_up(model, variant.input_size, threads)
     return model
+
+
+def _writer(variant: Variant, runtime: str, builder: Builder
+            ) -> Callable[[dict[str, Path]], None]:
+    """What converts (and quantizes) the variant's float model for ``runtime`` into the
+    store's target files, one per suffix."""
+    recipe = variant.recipe
+    if runtime == ONNXRUNTIME:
+        return lambda targets: write_onnx(builder.float_model(recipe), variant.input_size,
+                                          targets[".onnx"], calibration=calibration_of(recipe))
+
+    def write(targets: dict[str, Path]) -> None:
+        ir = openvino_model(builder.float_model(recipe), variant.input_size,
+                            calibration=calibration_of(recipe))
+        with tempfile.TemporaryDirectory(prefix="leanvgg-ir-") as folder:
+            write_openvino(ir, Path(folder) / "model.xml")
+            for suffix, target in targets.items():
+                shutil.copyfile(Path(folder) / f"model{suffix}", target)
+
+    return write
+
+
+def conversions_to_choose(recipe: Recipe, builder: Builder) -> list[str]:
+    """The formats (onnx, openvino) ``auto`` would convert ``recipe``'s variant to before
+    timing it, none when its choice is stored already or there is nothing to choose from:
+    work that a process with nothing else to build can do ahead of the choice
+    (``convert_ahead``)."""
+    if plan(recipe, builder, AUTO) is not None:  # stored, pinned, or nothing to choose from
+        return []
+    return list(dict.fromkeys(FORMAT_OF[r] for r in candidates(recipe) if r != INDUCTOR))
+
+
+def convert_ahead(recipe: Recipe, builder: Builder, format_: str,
+                  on_state: Callable[[State], object] = lambda state: None) -> None:
+    """Store ``recipe``'s conversion to ``format_`` (onnx, openvino) unless stored, timing
+    nothing: a builder's helper makes the conversions while the builder still builds, so
+    that the runtime choice, timed by one process alone, finds them made. The facts its
+    manifest keeps are its package's (once another process compiling it is done), else the
+    eager variant's."""
+    recipe = builder.bind(recipe)
+    artifact = builder.key(recipe)
+    with builder.store.lock(builder.packages.key(artifact, recipe.input_size)):
+        facts = builder.packages.facts(artifact, recipe.input_size)  # waited for, if compiling
+    variant = (Variant(recipe, None, facts_of(facts), artifact, builder.context)
+               if facts is not None else builder.variant(recipe, on_state, compiled=False))
+    runtime = RUNTIME_OF[format_]
+    _converted(variant, builder, runtime, on_state, _writer(variant, runtime, builder))
 
 
 _SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}  # a conversion's files, per format

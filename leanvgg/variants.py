@@ -27,7 +27,8 @@ from leanvgg.models import Baseline
 from leanvgg.recipes import (RECIPES, QuantizeStaticInt8, Recipe, at_input_size, bind,
                              tuned_recipe)
 from leanvgg.machine import native_bf16
-from leanvgg.runtimes import AUTO, CHOICES, INDUCTOR, missing_runtimes_note, select
+from leanvgg.runtimes import (AUTO, CHOICES, INDUCTOR, conversions_to_choose, convert_ahead,
+                              missing_runtimes_note, select)
 from leanvgg.documents import EVALUATION, TUNED
 from leanvgg.residency import trim
 from leanvgg.store import Store
@@ -220,13 +221,20 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
     Each variant of the first stage is built by whoever claims it first (``Store.claim``):
     ``beside(names, threads)`` starts another process doing the same first stage meanwhile (a
     builder process's helper: compiling leaves a core idle half the time) and gives its
-    events, which are passed on to ``emit``; what it built gets its runtime choice here. A variant it claimed but never finished
-    (it died) is built here after it ends. ``helper``: this is the helper, which builds only
-    what it claims (and chooses no runtime: the caller pins one)."""
+    events, which are passed on to ``emit``; what it built gets its runtime choice here. A
+    variant it claimed but never finished (it died) is built here after it ends. Under
+    ``auto``, once every variant is claimed, each process goes on with the conversions the
+    choice will time (``runtimes.convert_ahead``), claimed the same way, so that the choice
+    (timed here alone, after the helper ended) finds them made. While two processes build,
+    each computes on half the cores: two at full width oversubscribe the machine (every
+    variant but turbo_svd ready in 89 s instead of 137 s on two cores). ``helper``: this is
+    the helper, which builds only what it claims and chooses no runtime."""
     first = VariantBuilder(baseline, store, calibration, threads=threads,
                            runtime=INDUCTOR if runtime == AUTO else runtime)
     names = first.resolve(names)
+    order = longest_first(names, first.registry)
     lock = threading.Lock()
+    cores = torch.get_num_threads()
 
     def said(*args, **kwargs) -> None:  # one line at a time, from either thread
         with lock:
@@ -246,10 +254,17 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         except Exception as err:  # what it left undone is built here
             log.warning("The helper builder stopped: %s", err)
 
+    listener = threading.Thread(target=hear, daemon=True, name="leanvgg-builder-beside")
+
+    def width() -> int:  # the cores this process computes on now
+        side_by_side = helper or listener.is_alive()
+        return max(1, cores // 2) if side_by_side else cores
+
     def build(claiming: bool) -> None:
-        for name in names:
+        for name in order:
             if name in done or (claiming and not store.claim(first.claim_key(name))):
                 continue
+            torch.set_num_threads(width())
             try:
                 variant = first.prepare(name, lambda state, name=name: said(name, state.value))
             except Exception as err:  # one variant's failure never takes the others down
@@ -263,16 +278,34 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             del variant
             first.builder.forget()
 
-    listener = threading.Thread(target=hear, daemon=True, name="leanvgg-builder-beside")
+    def convert() -> None:  # ahead of the choice; what is left is converted when it is made
+        for name in order:
+            recipe = first.registry[name]
+            if not recipe.compiled or (name in done and name not in built):  # it failed
+                continue
+            for format_ in conversions_to_choose(recipe, first.builder):
+                if not store.claim(f"convert.{format_}.{first.claim_key(name)}"):
+                    continue
+                torch.set_num_threads(width())
+                try:
+                    convert_ahead(recipe, first.builder, format_)
+                except Exception:  # the choice converts it again, and says why it cannot
+                    log.exception("Converting %s to %s ahead of its runtime choice failed",
+                                  name, format_)
+                first.builder.forget()
+
     if beside is not None:
         listener.start()
     build(claiming=True)
+    if runtime == AUTO:
+        convert()
     if beside is not None:
         listener.join()
+    torch.set_num_threads(cores)
     if not helper:  # what others claimed and left undone (a helper that stopped), or that
         build(claiming=False)  # another server's builder holds: its entry locks wait for it
     store.release_claims()
-    if runtime != AUTO:
+    if runtime != AUTO or helper:
         return
     second = VariantBuilder(baseline, store, calibration, threads=threads, runtime=AUTO)
     for name in names:
@@ -287,6 +320,18 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         said(name, "placed", runtime=variant.runtime)
         del variant
         second.builder.forget()
+
+
+def longest_first(names: Iterable[str], registry: Mapping[str, Recipe]) -> list[str]:
+    """The order two processes claim variants to build in: eager ones first (seconds each:
+    the article's five are ready soonest), then compiled ones with the most automatic steps
+    first (turbo_svd's pruning and two SVDs before int8_static's quantization alone), so that
+    the longest is not the one left running alone at the end; otherwise in registry order."""
+    def rank(name: str) -> tuple[bool, int]:
+        recipe = registry[name]
+        return recipe.compiled, -sum(step.automatic for step in recipe.steps) * recipe.compiled
+
+    return sorted(names, key=rank)
 
 
 def failure_reason(err: Exception) -> str:

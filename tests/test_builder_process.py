@@ -199,3 +199,61 @@ def test_a_claim_held_elsewhere_is_skipped_by_a_helper_but_not_left_undone_by_a_
                         calibration=None, runtime="inductor", threads=1, helper=helper,
                         emit=lambda *a, **k: heard.append((a[0], a[1])))
         assert [name for name, state in heard if state == "built"] == expected
+
+
+
+def test_two_processes_building_side_by_side_each_compute_on_half_the_cores(
+        tmp_path, monkeypatch):
+    """Two builder processes at full width oversubscribe the machine: each computes on half
+    the cores while the other builds, and a builder takes them all back once its helper ended
+    (here for what the helper claimed and left undone)."""
+    import threading
+
+    from leanvgg.variants import VariantBuilder, build_in_stages
+    from tiny import tiny_baseline
+
+    baseline, home = tiny_baseline(), tmp_path / "h"
+    widths, pruned_started = [], threading.Event()
+    prepare = VariantBuilder.prepare
+
+    def recording(self, name, *args, **kwargs):
+        widths.append((name, torch.get_num_threads()))
+        if name == "pruned":
+            pruned_started.set()
+        return prepare(self, name, *args, **kwargs)
+
+    helper_store = Store(home)
+    assert helper_store.claim(VariantBuilder(baseline, helper_store).claim_key("quantized"))
+
+    def beside():  # claimed quantized, then dies while the builder builds pruned
+        assert pruned_started.wait(120)
+        helper_store.release_claims()
+        yield from ()
+
+    monkeypatch.setattr(VariantBuilder, "prepare", recording)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_in_stages(baseline, ["baseline", "pruned", "quantized"], store=Store(home),
+                        calibration=None, runtime="inductor", threads=2,
+                        beside=lambda names, threads: beside(), emit=lambda *a, **k: None)
+        assert widths == [("baseline", 1), ("pruned", 1), ("quantized", 2)]
+        assert torch.get_num_threads() == 2
+        widths.clear()
+        build_in_stages(baseline, ["baseline", "res160"], store=Store(home), calibration=None,
+                        runtime="inductor", threads=2, helper=True, emit=lambda *a, **k: None)
+        assert widths == [("baseline", 1), ("res160", 1)]  # a helper always has a builder
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_variants_are_claimed_eager_first_then_the_longest_compiled_builds_first():
+    from leanvgg.recipes import RECIPES
+    from leanvgg.variants import longest_first
+
+    order = longest_first(reversed(list(RECIPES)), RECIPES)
+    eager = [name for name in RECIPES if not RECIPES[name].compiled]
+    assert order[:len(eager)] == list(reversed(eager))  # as given: seconds each
+    assert order.index("turbo_svd") < order.index("turbo") < order.index("int8_static")
+    assert order.index("turbo_svd") < order.index("bf16")

@@ -306,3 +306,40 @@ def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(home, m
     pinned = _build(home, "openvino")["int8_static"]
     assert pinned.model.settings["INFERENCE_PRECISION_HINT"] == "f32"
     assert _logits(again).argmax(1).tolist() == _logits(pinned).argmax(1).tolist()
+
+
+@pytest.mark.slow
+def test_a_helper_converts_ahead_and_the_choice_then_converts_nothing(tmp_path, monkeypatch):
+    """Once every variant is claimed, a helper makes the conversions ``auto`` will time and
+    chooses nothing; the builder's choice, timed after it, finds them made."""
+    from leanvgg.variants import VariantBuilder, build_in_stages
+
+    baseline, home = decisive_baseline(), tmp_path / "h"
+    heard = []
+
+    def stages(**kwargs):
+        heard.clear()
+        build_in_stages(baseline, NAMES, store=Store(home), calibration=None, runtime="auto",
+                        threads=1, emit=lambda *a, **k: heard.append((*a[:2], k.get("runtime"))),
+                        **kwargs)
+
+    stages(helper=True)
+    assert ("int8_static", "built", "inductor") in heard
+    assert not [event for event in heard if event[1] == "placed"]
+    assert not Store(home).documents.load(RUNTIME_CHOICES)
+    made = VariantBuilder(baseline, Store(home), threads=1)
+    recipe, builder = made.registry["int8_static"], made.builder
+    for runtime in ("onnxruntime", "openvino"):
+        key = runtimes._conversion_key(builder.key(recipe), recipe.input_size, runtime, builder)
+        assert Store(home).manifest(key, runtimes._SUFFIXES[capabilities.FORMAT_OF[runtime]])
+
+    def again(*args, **kwargs):
+        raise AssertionError("the runtime choice converted again what the helper made")
+
+    monkeypatch.setattr(runtimes, "write_onnx", again)
+    monkeypatch.setattr(runtimes, "openvino_model", again)
+    stages()
+    placed = [event for event in heard if event[1] == "placed"]
+    assert placed == [("int8_static", "placed", placed[0][2])]
+    assert placed[0][2] in runtimes.candidates(recipe)
+    assert runtimes.conversions_to_choose(recipe, builder) == []  # chosen: nothing to convert

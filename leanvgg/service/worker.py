@@ -69,7 +69,8 @@ def reloadable(baseline: Baseline) -> bool:
 def command(baseline: Baseline, names: Sequence[str], *, threads: int, runtime: str,
             calibration: str | None, helper: bool = False) -> list[str]:
     """The builder process's command line for these variants of ``baseline`` (``helper``: its
-    helper's, which builds the first stage beside it and chooses no runtime)."""
+    helper's, which builds the first stage, and the conversions the runtime choice will time,
+    beside it and chooses no runtime)."""
     argv = [sys.executable, "-m", "leanvgg", "--verbose", "build", "--events", "--weights",
             baseline.weights, "--input-size", str(baseline.input_size), "--threads",
             str(threads), "--runtime", runtime, "--variants", ",".join(names)]
