@@ -28,9 +28,11 @@ BUILT, PLACED, FAILED = "built", "placed", "failed"
 # server's comparisons wait for.
 NICE = 19
 # Variants built at a time in the first stage: a helper process builds beside the builder
-# process (compiling leaves one of 2 cores idle about half the time; with the server loading
-# beside them, every default variant was ready in 167 s instead of 186 s, measured on a 2-core
-# Sapphire Rapids by benchmarks/startup.py --idle-start); one where there is one core,
+# process, each on half the cores, then makes conversions ahead of the runtime choice
+# (compiling leaves one of 2 cores idle about half the time; with the server loading beside
+# them, every default variant was ready in 167 s instead of 186 s with the helper at full
+# width, and in 143 s with this split, choice done in 278 s instead of 364 s: measured on a
+# 2-core Sapphire Rapids by benchmarks/startup.py --idle-start); one where there is one core,
 # or as LEANVGG_BUILD_JOBS says (1: no helper, and one builder's memory instead of two).
 JOBS = int(os.environ.get("LEANVGG_BUILD_JOBS") or min(2, os.cpu_count() or 1))
 
