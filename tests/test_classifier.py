@@ -61,21 +61,29 @@ def test_neuron_pruning_removes_the_lowest_l2_rows_and_equals_zeroing_them(vgg19
 
 
 @pytest.mark.slow
-def test_low_rank_is_the_truncated_svd_split_in_two_linears(vgg19, features):
+def test_low_rank_is_the_truncated_svd_split_in_two_linears(vgg19, features, monkeypatch):
     rank = 16
-    factorised, energy = factorize(vgg19, rank=rank)  # one SVD of fc6 (13 s) for both
+    svds = []  # the one SVD of fc6 (13 s) factorize runs, kept here instead of run twice
+    monkeypatch.setattr("leanvgg.lowrank.truncated_svd", lambda weight, r: svds.append(
+        (weight.detach().clone(), r, truncated_svd(weight, r))) or svds[-1][2])
+    factorised, energy = factorize(vgg19, rank=rank)
     first, second = factorised.classifier[0]
     assert (first.weight.shape, second.weight.shape) == ((rank, 25088), (4096, rank))
     assert first.bias is None
-    u, s, v = truncated_svd(vgg19.classifier[0].weight, rank)
-    product = (u * s) @ v.T  # U_r S_r V_rᵀ
-    torch.testing.assert_close(second.weight.double() @ first.weight.double(), product,
-                               rtol=1e-4, atol=1e-6)
+    # fc6's own weight at the rank asked (truncated_svd itself: the optimum test below)
+    (weight, asked, (u, s, v)), = svds
+    assert asked == rank and torch.equal(weight, vgg19.classifier[0].weight)
+    # The halves' product is U_r S_r V_rᵀ: compared on 64 random directions (Freivalds), not
+    # as two 4,096 × 25,088 matrices built and compared entry by entry (10 s)
+    probe = torch.randn(25088, 64, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(second.weight.double() @ (first.weight.double() @ probe),
+                               (u * s) @ (v.T @ probe), rtol=1e-4, atol=1e-6)
     # singular values split evenly: both halves have the same squared norm (Σ s_i)
     torch.testing.assert_close(first.weight.double().square().sum(), s.sum(), rtol=1e-4, atol=0)
     torch.testing.assert_close(second.weight.double().square().sum(), s.sum(), rtol=1e-4, atol=0)
     with torch.inference_mode():
-        expected = features.double() @ product.T + vgg19.classifier[0].bias.double()
+        expected = (features.double() @ v) @ (u * s).T + vgg19.classifier[0].bias.double()
         torch.testing.assert_close(second(first(features)).double(), expected, rtol=1e-4,
                                    atol=1e-4)
     weight = vgg19.classifier[0].weight.detach().double()
