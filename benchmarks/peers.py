@@ -8,7 +8,11 @@ images and at batch 8 for batches, measured once per machine and thread count); 
 (NNCF post-training quantization calibrated on leanvgg's calibration photos) and ONNX Runtime
 static INT8 (QDQ, per-channel weights, the same calibration) of the unpruned model, as peers. All run with the same thread count on the same
 preprocessed photo, per batch size (1 and 8) and thread count (1 and all cores): each runner
-warmed up, then the timed passes go round-robin over the runners, one pass at a time. Prints,
+warmed up, then the timed passes go round-robin over the runners, one pass at a time, each
+round in its own seeded order and each timed pass right after an untimed one of the same
+runner (``time_models(primed=True)``: a model run right after an eager PyTorch one was
+measured 5-15 % slower, and a fixed order charged that to the same runners every round:
+FP32 eager after ONNX Runtime, int8_static after res160). Prints,
 per thread count and batch size, leanvgg's fastest 224 px variant against the fastest peer and
 int8_static against it (issue 15's targets: ≤ 0.9× and ≤ 1.0×), and the fastest 160 px variant
 against FP32 eager. Saves benchmarks/results/peers.json (report schema) and peers.png. Random
@@ -235,7 +239,8 @@ def measure(baseline, threads: int, batch_sizes: tuple[int, ...],
                     for r in runners if batch_size in r.batch_sizes}
             log.info("Timing batch %d at %d threads: %d runners × (%d warm-up + %d runs)",
                      batch_size, threads, len(jobs), args.warmup, args.runs)
-            timings = time_models(jobs, runs=args.runs, warmup=args.warmup, progress=True)
+            timings = time_models(jobs, runs=args.runs, warmup=args.warmup, progress=True,
+                                  primed=True)
             rows += [{**row, "threads": threads}
                      for row in _rows(runners, timings, batch_size, ceilings)]
     return rows, ceilings

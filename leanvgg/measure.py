@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import io
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -189,42 +190,62 @@ def warm_up(model: nn.Module, input_size: int, threads: int) -> None:
 
 def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
                 warmup: int, progress: bool = False, threads: int | None = None,
-                turns: Callable[[], AbstractContextManager] | None = None
-                ) -> dict[str, tuple[Latency, torch.Tensor]]:
+                turns: Callable[[], AbstractContextManager] | None = None,
+                primed: bool = False) -> dict[str, tuple[Latency, torch.Tensor]]:
     """Time each ``(model, batch)`` job, one forward pass at a time, never two at once.
 
     After ``warmup`` untimed passes per model, the ``runs`` timed passes go round-robin over the
     models, so slow drifts of the machine (frequency, other load) are shared fairly rather than
-    landing on whichever model happens to be timed first. Each job's returned output is produced
-    by its last timed pass, so predictions and timings come from the same computation.
+    landing on whichever model happens to be timed first. Each round but the last visits them
+    in its own seeded random order, so that no model always runs right after the same one: a
+    model timed after an eager PyTorch one runs slower for a few milliseconds (its OpenMP
+    threads still spinning, the caches full of its weights: of two copies of int8_static's
+    OpenVINO model, whichever ran right after res160 took 18.8–19.1 ms and the other 16.6–16.8
+    ms, 2 threads, measured), which a fixed order charged to one model every round; a pause of
+    ``SETTLE_S`` before each timed pass (of a measurement of several runs) removes most of
+    the rest. The last round runs in job order, and each job's returned output is produced by
+    its last timed pass, so predictions and timings come from the same computation.
     ``threads``: PyTorch's thread count meanwhile (None: unchanged); other runtimes run on the
     count their runners were built for. ``turns``: a lock on the machine (``Store.measuring``)
     held for each round (and each model's warm-up) and let go between them, so that whoever
-    waits for it (a comparison) waits one round, not the whole measurement.
+    waits for it (a comparison) waits one round, not the whole measurement. ``primed``: each
+    timed pass right after an untimed one of the same model, so that it runs as the only model
+    served would, whatever ran before it (twice the passes; for benchmarks that compare models
+    of very different kinds: what a pause leaves of the slowdown after an eager model, its
+    weights in the caches instead, is then paid by the untimed pass).
     """
     with using_threads(threads):
         return {name: (latency, output) for name, latency, output in
                 time_models_iter(jobs, runs=runs, warmup=warmup, progress=progress,
-                                 turns=turns)}
+                                 turns=turns, primed=primed)}
 
 
 def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int,
                      warmup: int, progress: bool = False,
-                     turns: Callable[[], AbstractContextManager] | None = None
-                     ) -> Iterator[tuple[str, Latency, torch.Tensor]]:
+                     turns: Callable[[], AbstractContextManager] | None = None,
+                     primed: bool = False) -> Iterator[tuple[str, Latency, torch.Tensor]]:
     """``time_models``, yielding each job as soon as its last timed pass ends (in job order)."""
     samples: dict[str, list[float]] = {name: [] for name in jobs}
     finished = []
-    with torch.inference_mode(), tqdm(total=len(jobs) * (warmup + runs), desc="measuring",
-                                      unit="pass", disable=not progress) as bar:
+    passes = len(jobs) * (warmup + runs * (1 + primed))
+    with torch.inference_mode(), tqdm(total=passes, desc="measuring", unit="pass",
+                                      disable=not progress) as bar:
         for model, batch in jobs.values():
             with _turn(turns):
                 for _ in range(warmup):
                     model(batch)
                     bar.update()
+        order = random.Random(0)
         for round_ in range(runs):
+            names = list(jobs) if round_ == runs - 1 else order.sample(list(jobs), len(jobs))
             with _turn(turns):
-                for name, (model, batch) in jobs.items():
+                for name in names:
+                    model, batch = jobs[name]
+                    if primed:
+                        model(batch)
+                        bar.update()
+                    elif runs > 1:  # a single pass (an upload's prediction) is not held up
+                        time.sleep(SETTLE_S)
                     start = time.perf_counter()
                     output = model(batch)
                     samples[name].append(time.perf_counter() - start)
@@ -238,6 +259,11 @@ def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs
     yield from finished  # after the last turn: the caller never holds it
 
 
+# The pause before each timed pass of a measurement: what the previous model left running
+# (PyTorch's OpenMP threads spin for a while after a parallel region) stops before the next is
+# timed (after res160, int8_static on OpenVINO took 18.7 ms with no pause and 17.3 ms after
+# 10 ms, against 16.5-16.7 ms after another OpenVINO model; measured, 2 threads).
+SETTLE_S = 0.01
 # After a turn, the time a waiter woken by its release has to take the lock before the next
 # turn asks for it again (flock hands it to whoever asks first, not to who waited longest).
 HANDOVER_S = 0.005

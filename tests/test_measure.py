@@ -73,10 +73,44 @@ def test_time_models_warms_up_then_alternates_timed_runs():
         model.register_forward_hook(lambda *_, name=name: calls.append(name))
         jobs[name] = (model, torch.full((1, 3), float(ord(name))))
     results = time_models(jobs, runs=3, warmup=2)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert calls[:4] == ["a", "a", "b", "b"]
+    assert [sorted(calls[i:i + 2]) for i in (4, 6, 8)] == [["a", "b"]] * 3  # one pass each
+    assert calls[8:] == ["a", "b"]  # the last round in job order
     for name, (stats, output) in results.items():
         assert torch.equal(output, jobs[name][1])
         assert 0 < stats.min <= stats.median <= stats.p90
+
+
+def test_no_model_is_always_timed_right_after_the_same_one():
+    """A model timed right after an eager one runs a few ms slower (measured): each round but
+    the last goes in its own seeded order, so every model follows every other one."""
+    calls = []
+    jobs = {}
+    for name in "abcd":
+        model = nn.Identity()
+        model.register_forward_hook(lambda *_, name=name: calls.append(name))
+        jobs[name] = (model, torch.zeros(1))
+    time_models(jobs, runs=30, warmup=0)
+    rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds) and rounds[-1] == list("abcd")
+    after = {(first, second) for first, second in zip(calls, calls[1:])}
+    assert after >= {(x, y) for x in "abcd" for y in "abcd" if x != y}
+    calls.clear()
+    time_models(jobs, runs=30, warmup=0)
+    assert [calls[i:i + 4] for i in range(0, len(calls), 4)] == rounds  # seeded: repeatable
+
+
+def test_primed_passes_are_timed_right_after_one_of_their_own():
+    calls = []
+    jobs = {}
+    for name in "ab":
+        model = nn.Identity()
+        model.register_forward_hook(lambda *_, name=name: calls.append(name))
+        jobs[name] = (model, torch.zeros(1))
+    results = time_models(jobs, runs=5, warmup=1, primed=True)
+    passes = calls[2:]
+    assert len(passes) == 20 and all(passes[i] == passes[i + 1] for i in range(0, 20, 2))
+    assert {name: stats.count for name, (stats, _) in results.items()} == {"a": 5, "b": 5}
 
 
 def test_time_models_takes_turns_on_the_machine_lock_round_by_round(tmp_path):
@@ -102,8 +136,10 @@ def test_time_models_takes_turns_on_the_machine_lock_round_by_round(tmp_path):
         model.register_forward_hook(lambda *_, name=name: calls.append(name))
         jobs[name] = (model, torch.zeros(1, 3))
     time_models(jobs, runs=3, warmup=2, turns=turn)
-    assert calls == (["take", "a", "a", "give", "take", "b", "b", "give"]
-                     + ["take", "a", "b", "give"] * 3)
+    assert calls[:8] == ["take", "a", "a", "give", "take", "b", "b", "give"]
+    rounds = [calls[i:i + 4] for i in (8, 12, 16)]
+    assert all(r[0] == "take" and sorted(r[1:3]) == ["a", "b"] and r[3] == "give"
+               for r in rounds)
 
     class Slow(nn.Module):
         def forward(self, x):
