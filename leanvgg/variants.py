@@ -296,12 +296,14 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
 
     if beside is not None:
         listener.start()
-    build(claiming=True)
-    if runtime == AUTO:
-        convert()
-    if beside is not None:
-        listener.join()
-    torch.set_num_threads(cores)
+    try:
+        build(claiming=True)
+        if runtime == AUTO:
+            convert()
+        if beside is not None:
+            listener.join()
+    finally:
+        torch.set_num_threads(cores)
     if not helper:  # what others claimed and left undone (a helper that stopped), or that
         build(claiming=False)  # another server's builder holds: its entry locks wait for it
     store.release_claims()
