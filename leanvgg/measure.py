@@ -235,9 +235,7 @@ def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs
                 for _ in range(warmup):
                     model(batch)
                     bar.update()
-        order = random.Random(0)
-        for round_ in range(runs):
-            names = list(jobs) if round_ == runs - 1 else order.sample(list(jobs), len(jobs))
+        for round_, names in enumerate(round_orders(list(jobs), runs)):
             with _turn(turns):
                 for name in names:
                     model, batch = jobs[name]
@@ -257,6 +255,15 @@ def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs
                         else:
                             finished.append(job)
     yield from finished  # after the last turn: the caller never holds it
+
+
+def round_orders(names: Sequence[str], runs: int) -> list[list[str]]:
+    """The order of each round of timed passes over ``names``: each round but the last in its
+    own seeded random order, so that no model always runs right after the same one (see
+    ``time_models``), the last in the order given."""
+    shuffle = random.Random(0)
+    return ([shuffle.sample(list(names), len(names)) for _ in range(runs - 1)]
+            + [list(names)] * (runs > 0))
 
 
 # The pause before each timed pass of a measurement: what the previous model left running

@@ -291,6 +291,36 @@ def test_a_profile_holds_only_for_the_runtime_it_was_measured_on(tiny_set, tmp_p
     assert len(Store(tmp_path).documents.load(PROFILES)) == 3
 
 
+def test_profiles_time_no_variant_always_right_after_the_same_one(tiny_set):
+    """A variant timed right after an eager one runs slower (measured): the profiles' rounds
+    go in seeded orders (the last in table order), like every other measurement."""
+    import dataclasses
+
+    from torch import nn
+
+    calls = []
+
+    class Recorded(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    variants = {name: dataclasses.replace(tiny_set.variants["baseline"], model=Recorded(name))
+                for name in "abc"}
+    keeper = ProfileKeeper(Settings(runs=12, warmup=1, threads=1), MeasurementQueue(1, 1.0),
+                           threading.Event(), None)
+    keeper.measure(variants)
+    timed = calls[3:]
+    rounds = [timed[i:i + 3] for i in range(0, 36, 3)]
+    assert all(sorted(r) == list("abc") for r in rounds) and rounds[-1] == list("abc")
+    assert {pair for pair in zip(timed, timed[1:])} >= {
+        (x, y) for x in "abc" for y in "abc" if x != y}
+
+
 def test_profiles_from_several_writers_are_all_kept(tmp_path):
     """Profiles and evaluations were read, changed and written without a lock: two servers on
     one cache lost each other's."""

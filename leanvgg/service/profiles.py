@@ -13,7 +13,7 @@ import torch
 from leanvgg.builder import profile_key, stored_profile
 from leanvgg.compare import Settings
 from leanvgg.documents import PROFILES
-from leanvgg.measure import Latency, Profile, using_threads
+from leanvgg.measure import SETTLE_S, Latency, Profile, round_orders, using_threads
 from leanvgg.service.pool import NotReady, VariantPool
 from leanvgg.service.queue import MeasurementQueue
 from leanvgg.store import Store
@@ -99,13 +99,16 @@ class ProfileKeeper:
         threads = next(iter(variants.values())).context.threads
         log.info("Measuring latency profiles: %s", ", ".join(jobs))
         passes = [(name, False) for name in jobs for _ in range(self.settings.warmup)]
-        passes += [(name, True) for _ in range(self.settings.runs) for name in jobs]
+        passes += [(name, True) for names in round_orders(list(jobs), self.settings.runs)
+                   for name in names]  # no variant always timed right after the same one
         for name, timed in passes:
             if self.stop.is_set():
                 return {}
             self.queue.wait_idle(self.stop)
             model, batch = jobs[name]
             with self.queue.slot, torch.inference_mode(), using_threads(threads):
+                if timed:
+                    time.sleep(SETTLE_S)  # what the previous variant left running stops
                 start = time.perf_counter()
                 model(batch)
                 elapsed = time.perf_counter() - start
