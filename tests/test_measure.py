@@ -65,13 +65,19 @@ def test_latency_statistics():
                                                           (5.0,))
 
 
-def test_time_models_warms_up_then_alternates_timed_runs():
-    calls = []
+def recording(names, calls: list, batch=lambda name: torch.zeros(1, 3)) -> dict:
+    """Jobs of identity models, each appending its name to ``calls`` when it runs."""
     jobs = {}
-    for name in ("a", "b"):
+    for name in names:
         model = nn.Identity()
         model.register_forward_hook(lambda *_, name=name: calls.append(name))
-        jobs[name] = (model, torch.full((1, 3), float(ord(name))))
+        jobs[name] = (model, batch(name))
+    return jobs
+
+
+def test_time_models_warms_up_then_alternates_timed_runs():
+    calls = []
+    jobs = recording("ab", calls, lambda name: torch.full((1, 3), float(ord(name))))
     results = time_models(jobs, runs=3, warmup=2)
     assert calls[:4] == ["a", "a", "b", "b"]
     assert [sorted(calls[i:i + 2]) for i in (4, 6, 8)] == [["a", "b"]] * 3  # one pass each
@@ -85,11 +91,7 @@ def test_no_model_is_always_timed_right_after_the_same_one():
     """A model timed right after an eager one runs a few ms slower (measured): each round but
     the last goes in its own seeded order, so every model follows every other one."""
     calls = []
-    jobs = {}
-    for name in "abcd":
-        model = nn.Identity()
-        model.register_forward_hook(lambda *_, name=name: calls.append(name))
-        jobs[name] = (model, torch.zeros(1))
+    jobs = recording("abcd", calls)
     time_models(jobs, runs=30, warmup=0)
     rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
     assert all(sorted(r) == list("abcd") for r in rounds) and rounds[-1] == list("abcd")
@@ -102,11 +104,7 @@ def test_no_model_is_always_timed_right_after_the_same_one():
 
 def test_primed_passes_are_timed_right_after_one_of_their_own():
     calls = []
-    jobs = {}
-    for name in "ab":
-        model = nn.Identity()
-        model.register_forward_hook(lambda *_, name=name: calls.append(name))
-        jobs[name] = (model, torch.zeros(1))
+    jobs = recording("ab", calls)
     results = time_models(jobs, runs=5, warmup=1, primed=True)
     passes = calls[2:]
     assert len(passes) == 20 and all(passes[i] == passes[i + 1] for i in range(0, 20, 2))
@@ -130,12 +128,7 @@ def test_time_models_takes_turns_on_the_machine_lock_round_by_round(tmp_path):
         yield
         calls.append("give")
 
-    jobs = {}
-    for name in ("a", "b"):
-        model = nn.Identity()
-        model.register_forward_hook(lambda *_, name=name: calls.append(name))
-        jobs[name] = (model, torch.zeros(1, 3))
-    time_models(jobs, runs=3, warmup=2, turns=turn)
+    time_models(recording("ab", calls), runs=3, warmup=2, turns=turn)
     assert calls[:8] == ["take", "a", "a", "give", "take", "b", "b", "give"]
     rounds = [calls[i:i + 4] for i in (8, 12, 16)]
     assert all(r[0] == "take" and sorted(r[1:3]) == ["a", "b"] and r[3] == "give"
