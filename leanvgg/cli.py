@@ -498,6 +498,11 @@ def _build(args: argparse.Namespace) -> int:
         # them (one copy in the page cache for all processes)
         baseline = stored_baseline(baseline, store)
         stop = threading.Event()
+        # The server stops it with SIGTERM (and the kernel sends one when the server dies):
+        # leave through SystemExit, so the temporary folders of a conversion in progress
+        # (half a GB of ONNX each) are removed and its helper is stopped, instead of being
+        # left in the temporary directory for good.
+        signal.signal(signal.SIGTERM, _exit_building)
 
         def helper(names: list[str], threads: int):  # its helper, on the first stage
             return worker.run(worker.command(
@@ -814,6 +819,11 @@ def _fewer_malloc_arenas(arenas: int = 2) -> None:
         libc.mallopt(-8, arenas)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
+
+
+def _exit_building(signum: int, _frame) -> None:
+    log.info("Received %s; stopping the build.", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
 
 
 def _exit_on_signal(signum: int, _frame) -> None:

@@ -257,3 +257,36 @@ def test_variants_are_claimed_eager_first_then_the_longest_compiled_builds_first
     assert order[:len(eager)] == list(reversed(eager))  # as given: seconds each
     assert order.index("turbo_svd") < order.index("turbo") < order.index("int8_static")
     assert order.index("turbo_svd") < order.index("bf16")
+
+
+@pytest.mark.slow
+def test_a_builder_process_stopped_mid_build_leaves_no_temporary_folders(tmp_path):
+    """The server stops its builder with SIGTERM: a conversion in progress has its temporary
+    folders removed (each holds half a GB of ONNX for a VGG-19) and the process exits with
+    128 + SIGTERM, instead of dying with its folders left behind for good."""
+    import os
+    import signal
+    import subprocess
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    path = tmp_path / "my_vgg.pt"
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    argv = worker.command(load_baseline(str(path), input_size=32), ["int8_static"],
+                          threads=1, runtime="auto", calibration=None)
+    env = {**os.environ, "LEANVGG_HOME": str(tmp_path / "home"), "TMPDIR": str(temp),
+           "LEANVGG_BUILD_JOBS": "1", "TORCHINDUCTOR_CACHE_DIR": default_cache_dir()}
+    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(temp.glob("leanvgg-*")):  # a conversion's temporary folder
+            assert process.poll() is None and time.monotonic() < deadline, "none seen"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert not list(temp.glob("leanvgg-*")) and not list(temp.glob("ort.quant.*"))
