@@ -1,5 +1,7 @@
 import importlib.resources
 import io
+import shutil
+import tempfile
 import threading
 import uuid
 from contextlib import contextmanager
@@ -14,6 +16,12 @@ from leanvgg.store import Store
 from leanvgg.variants import build_variants, default_names
 
 PHOTO = Path(str(importlib.resources.files("skimage.data") / "chelsea.png"))  # a real cat photo
+
+
+def pytest_report_header(config) -> str:
+    """The free disk where the tests write: when a run dies of ENOSPC, its log says why."""
+    folder = tempfile.gettempdir()
+    return f"leanvgg: {shutil.disk_usage(folder).free / 2**30:.1f} GiB free in {folder}"
 
 
 @pytest.fixture(autouse=True)
