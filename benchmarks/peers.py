@@ -96,12 +96,13 @@ def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads
 def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """GOP/s of one large matmul per precision: roughly the best this machine can do.
 
-    FP32 and bf16 through torch.mm (oneDNN/MKL: AMX-BF16 where the CPU has it). INT8 through
-    oneDNN's quantized Linear (``torch.ops.onednn.qlinear_pointwise``, the kernel Inductor's
-    PT2E INT8 calls: AMX-INT8 or VNNI where the CPU has them); fbgemm's u8×s8 GEMM (torch.ao's
-    quantized Linear, which reached half of what OpenVINO's convolutions do on AMX, so no
-    ceiling there) is kept as ``int8_fbgemm`` for reference. bf16 uses n/2 where the CPU only
-    emulates it, or one repeat would take many seconds.
+    FP32 and bf16 through torch.mm (oneDNN/MKL: AMX-BF16 where the CPU has it). INT8 is the
+    faster of two kernels, each kept under its own name: oneDNN's quantized Linear
+    (``int8_onednn``: ``torch.ops.onednn.qlinear_pointwise``, the kernel Inductor's PT2E INT8
+    calls, AMX-INT8 or VNNI where the CPU has them) and fbgemm's u8×s8 GEMM (``int8_fbgemm``:
+    torch.ao's quantized Linear). Neither is the faster everywhere: on AMX fbgemm reached half
+    of oneDNN, on the AVX-512 EPYC oneDNN reached 548 GOP/s at 2 threads against fbgemm's 862.
+    bf16 uses n/2 where the CPU only emulates it, or one repeat would take many seconds.
     """
     import warnings
 
@@ -125,7 +126,7 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, 
         packed = onednn.qlinear_prepack(torch.randint(-127, 128, (n, n), dtype=torch.int8),
                                         [n, n])
         scales, zeros = torch.full((n,), 0.02), torch.zeros(n, dtype=torch.long)
-        cases["int8"] = (lambda: onednn.qlinear_pointwise(
+        cases["int8_onednn"] = (lambda: onednn.qlinear_pointwise(
             u8, 0.01, 0, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""),
             2 * n**3)
     ceilings = {}
@@ -137,7 +138,7 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, 
             fn()
             samples.append(time.perf_counter() - start)
         ceilings[name] = ops / min(samples) / 1e9
-    ceilings.setdefault("int8", ceilings["int8_fbgemm"])
+    ceilings["int8"] = max(v for k, v in ceilings.items() if k.startswith("int8_"))
     return ceilings
 
 
@@ -248,7 +249,11 @@ def measure(baseline, threads: int, batch_sizes: tuple[int, ...],
 
 def targets(document: dict) -> list[dict]:
     """Per thread count and batch size: leanvgg's fastest 224 px variant against the fastest
-    peer, int8_static (same MACs) against it, the fastest 160 px variant against FP32 eager."""
+    peer, int8_static (same MACs) against it, the fastest 160 px variant against FP32 eager.
+
+    The ≥ 15× FP32 eager target (batch 1) is AMX's: on other CPU kinds the ratio is reported,
+    not judged."""
+    amx = "amx_int8" in document["machine"]["flags"]
     lines = []
     for threads in document["config"]["threads"]:
         for batch in document["config"]["batch_sizes"]:
@@ -275,6 +280,7 @@ def targets(document: dict) -> list[dict]:
                     "int8_target_met": int8_ratio <= TARGET_INT8,
                     "int8_p10_p90_overlaps_peer": tie,
                     "speedup_224_vs_fp32_eager": ms["pytorch eager fp32"] / ms[best224["name"]],
+                    "fp32_target_applies": amx and batch == 1,
                     "fastest_160": best160["name"] if best160 else None,
                     "speedup_160_vs_fp32_eager": (ms["pytorch eager fp32"]
                                                   / ms[best160["name"]]) if best160 else None}
@@ -288,7 +294,7 @@ def targets(document: dict) -> list[dict]:
                 f"; {best224['name']} {line['speedup_224_vs_fp32_eager']:.2f}× FP32 eager"
                 + (f" (target ≥ {TARGET_X_FP32:g}: "
                    f"{'met' if line['speedup_224_vs_fp32_eager'] >= TARGET_X_FP32 else 'MISSED'})"
-                   if batch == 1 else "")
+                   if line["fp32_target_applies"] else "")
                 + (f"; {best160['name']} {line['speedup_160_vs_fp32_eager']:.2f}× FP32 eager"
                    if best160 else ""))
             lines.append(line)
@@ -328,11 +334,13 @@ def markdown(document: dict) -> str:
                   f"{by[s]['int8_static_x_of_peer']:.3f}×: {met(by[s]['int8_target_met'])}"
                   + (" (p10–p90 overlap: a tie)" if by[s].get("int8_p10_p90_overlaps_peer")
                      else "") for s in scenarios) + " |",
-              "| fastest 224 px variant against FP32 eager (≥ 15× at batch 1) | " + " | ".join(
+              "| fastest 224 px variant against FP32 eager (≥ 15× at batch 1 on AMX) | "
+              + " | ".join(
                   f"{by[s]['fastest_224'].removeprefix('leanvgg ')} "
                   f"{by[s]['speedup_224_vs_fp32_eager']:.2f}×"
                   + (f": {met(by[s]['speedup_224_vs_fp32_eager'] >= TARGET_X_FP32)}"
-                     if s[1] == 1 else "") for s in scenarios) + " |",
+                     if by[s].get("fp32_target_applies", s[1] == 1) else "")
+                  for s in scenarios) + " |",
               "| fastest 160 px variant against FP32 eager | " + " | ".join(
                   f"{by[s]['fastest_160'].removeprefix('leanvgg ')} "
                   f"{by[s]['speedup_160_vs_fp32_eager']:.2f}×" for s in scenarios) + " |"]
