@@ -19,6 +19,8 @@ SEARCH = "tune"  # ``leanvgg tune``'s latest search: every candidate (its resume
 PROFILES = "profiles"  # the server's latency profiles, per variant and machine
 RUNTIME_CHOICES = "runtimes"  # the runtime measured fastest per variant, CPU and versions
 LABELS = "labels"  # the class names last given per set of weights (leanvgg.labels)
+MACS = "macs"  # each eager artifact's multiply-accumulates per input size (leanvgg.builder)
+VERIFIED = "verified"  # each data file's sha256 as last read in full, by file identity (store)
 SEARCH_PLOT = "tune.png"  # the latest search's Pareto plot
 SUFFIX = ".report.json"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from leanvgg.documents import Documents
+from leanvgg.documents import VERIFIED, Documents
 from leanvgg.files import flush, new_temp, write_temp
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,14 @@ def _entry_digest(digests: dict[str, str]) -> str:
 def _file_digest(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _identity(info: os.stat_result) -> list[int]:
+    """What differs whenever a file's bytes may differ: its device, inode, size, modification
+    and change times (writers here only ever replace files, which gives a new inode; writing
+    into a file in place sets its mtime and ctime, and no process can set a ctime back short of
+    changing the clock)."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
 def _check_digest(manifest: dict, digest: str) -> None:
@@ -284,7 +292,7 @@ class Store:
         """
         def read(paths: dict[str, Path], manifest: dict) -> dict:
             with paths[".pt"].open("rb") as f:
-                _check_digest(manifest, hashlib.file_digest(f, "sha256").hexdigest())
+                _check_digest(manifest, self._digest(f))
                 with warnings.catch_warnings():
                     # Emitted by torch itself when it restores quantized tensors; not actionable.
                     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
@@ -309,11 +317,34 @@ class Store:
         """``({suffix: path}, manifest)`` of an entry stored by ``save_files``, every file's
         hash checked, or None (absent or corrupt, logged)."""
         def check(paths: dict[str, Path], manifest: dict) -> dict[str, Path]:
-            _check_digest(manifest, _entry_digest(
-                {suffix: _file_digest(path) for suffix, path in paths.items()}))
+            digests = {}
+            for suffix, path in paths.items():
+                with path.open("rb") as f:
+                    digests[suffix] = self._digest(f)
+            _check_digest(manifest, _entry_digest(digests))
             return paths
 
         return self._load(key, suffixes, check, validate)
+
+    def _digest(self, f) -> str:
+        """The sha256 of the open data file ``f``: read in full the first time, and then each
+        time the file is not the very same one (``_identity``) as when it was last read; in
+        between, the hash recorded then (the ``verified`` document). A warm start reads none
+        of the 2 GB its variants' files hold, and still loads nothing whose hash was never
+        checked against its manifest: the recorded hash is of these very bytes, and the
+        manifest check that follows is the same either way."""
+        name, identity = os.path.basename(f.name), _identity(os.fstat(f.fileno()))
+        known = (self.documents.load(VERIFIED) or {}).get(name)
+        if isinstance(known, dict) and known.get("identity") == identity:
+            return str(known.get("sha256"))
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        try:
+            self.documents.update(VERIFIED, lambda stamps: {
+                **{n: v for n, v in stamps.items() if (self.root / n).exists()},
+                name: {"identity": identity, "sha256": digest}})
+        except OSError as err:  # a full or read-only disk: it is hashed again next time
+            log.debug("Cannot record the hash of %s (%s).", name, err)
+        return digest
 
     def manifest(self, key: str, suffixes: tuple[str, ...] = (".pt",)) -> dict | None:
         """The checked manifest of an entry, its files present but not hashed (for what the

@@ -61,9 +61,10 @@ def test_sigkill_at_any_moment_of_a_write_leaves_a_consistent_entry(tmp_path):
         _consistent(store)  # the previous or a later complete generation, never a mixture
     assert killed_mid_write >= 1  # at least one kill landed inside a write
     named = set(json.loads((tmp_path / "artifact.json").read_text())["names"].values())
-    leftovers = [p for p in tmp_path.iterdir() if p.name not in named | {"artifact.json"}]
+    kept = named | {"artifact.json", "verified.report.json", ".verified.report.lock"}
+    leftovers = [p for p in tmp_path.iterdir() if p.name not in kept]
     assert sorted(store.sweep(older_than_s=0)) == sorted(leftovers)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(named | {"artifact.json"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     _consistent(store)
 
 
@@ -268,3 +269,44 @@ def test_the_cache_folder_is_private_and_foreign_ones_are_refused(tmp_path):
         foreign = Path("/")  # root's
     with pytest.raises(CacheError, match="another user"):
         Store(foreign)
+
+
+def _counting_hashes(monkeypatch) -> list[str]:
+    """The names of the files hashed in full from now on."""
+    hashed, real = [], hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest",
+                        lambda f, digest: hashed.append(Path(f.name).name) or real(f, digest))
+    return hashed
+
+
+def test_a_file_is_hashed_in_full_once_until_it_changes(tmp_path, monkeypatch, caplog):
+    Store(tmp_path).save("artifact", {"w": torch.arange(100_000.0)}, {"generation": 1})
+    Store(tmp_path).save_files("converted", (".xml", ".bin"), lambda paths: [
+        path.write_bytes(path.suffix.encode() * 1000) for path in paths.values()], {})
+    hashed = _counting_hashes(monkeypatch)
+    for _ in range(3):  # a fresh store each time, as each process start opens its own
+        assert Store(tmp_path).load("artifact")[0]["w"].equal(torch.arange(100_000.0))
+        assert Store(tmp_path).load_files("converted", (".xml", ".bin")) is not None
+    assert len(hashed) == 3 and len(set(hashed)) == 3  # .pt, .xml, .bin: each read once
+    # one byte changed in place, then its modification time set back: the change time moved,
+    # so the file is read again and its hash no longer matches the manifest
+    data, = tmp_path.glob("artifact.*.pt")
+    info = data.stat()
+    with data.open("r+b") as f:
+        f.seek(info.st_size // 2)
+        byte = f.read(1)
+        f.seek(info.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert data.stat().st_size == info.st_size and data.stat().st_mtime_ns == info.st_mtime_ns
+    assert Store(tmp_path).load("artifact") is None
+    assert hashed[-1] == data.name and "content hash does not match" in caplog.text
+    # a replaced file (a new inode) is read again, too, and a good one is trusted again after
+    Store(tmp_path).save("artifact", {"w": torch.ones(10)}, {"generation": 2})
+    before = len(hashed)
+    assert Store(tmp_path).load("artifact")[1]["generation"] == 2
+    assert Store(tmp_path).load("artifact")[1]["generation"] == 2
+    assert len(hashed) == before + 1
+    stamps = json.loads((tmp_path / "verified.report.json").read_text())
+    assert sorted(stamps) == sorted(p.name for p in tmp_path.iterdir()  # the removed
+                                    if p.suffix in (".pt", ".xml", ".bin"))  # generation dropped

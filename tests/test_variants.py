@@ -105,3 +105,23 @@ def test_unknown_variant_names_are_listed():
     with pytest.raises(ValueError, match="Known variants: baseline, pruned"):
         resolve_names(["baseline", "tiny"])
     assert resolve_names(["res160", "baseline"]) == ["baseline", "res160"]
+
+
+def test_macs_are_counted_once_per_artifact_and_input_size(tmp_path, monkeypatch):
+    import leanvgg.builder
+    from leanvgg.measure import count_macs
+    from tiny import tiny_baseline
+
+    names = ["baseline", "quantized", "res160"]
+    first = build_variants(tiny_baseline(), names, store=Store(tmp_path), progress=False)
+    counted = []
+    monkeypatch.setattr(leanvgg.builder, "count_macs",
+                        lambda model, size: counted.append(size) or count_macs(model, size))
+    again = build_variants(tiny_baseline(), names, store=Store(tmp_path), progress=False)
+    assert counted == []  # every count read from the store
+    for name in names:
+        size = first.variants[name].recipe.input_size
+        assert again.variants[name].facts.macs == first.variants[name].facts.macs == count_macs(
+            first.variants[name].model, size)
+    # the same weights at 224 and 160 px are two counts (res160 shares the baseline's file)
+    assert again.variants["res160"].facts.macs < again.variants["baseline"].facts.macs
