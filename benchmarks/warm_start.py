@@ -26,7 +26,6 @@ import urllib.request
 from pathlib import Path
 
 from leanvgg import schema
-from leanvgg.machine import cpu_flags
 from leanvgg.measure import Latency
 from leanvgg.store import default_root
 
@@ -104,8 +103,8 @@ def main() -> None:
     for name, found in latency.items():
         print(f"{name:<20} median {found.median / 1e3:6.2f} s  (min {found.min / 1e3:.2f}, "
               f"max {found.max / 1e3:.2f})")
-    print(f"this tree / revision {revision}: {ours / theirs:.2f}×; CPU flags: "
-          f"{' '.join(sorted(cpu_flags()))}")
+    print(f"this tree / revision {revision}: {ours / theirs:.2f}×; {report['machine']['cpu']} "
+          f"({' '.join(report['machine']['flags'])})")
     print(f"saved {RESULTS / 'warm_start.json'}")
 
 
