@@ -26,7 +26,7 @@ from leanvgg.documents import MACS
 from leanvgg.facts import AS_BUILT, Accuracy, ArtifactFacts, Placement, State, VariantFacts
 from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_params,
                              state_dict_bytes)
-from leanvgg.models import Baseline, from_layout, layout_of
+from leanvgg.models import Baseline, from_layout, layout_of, random_model
 from leanvgg.packages import Packages
 from leanvgg.recipes import (QuantizeStaticInt8, Recipe, Step, artifact_key, bind,
                              merge_facts)
@@ -287,13 +287,17 @@ def stored_baseline(baseline: Baseline, store: Store) -> Baseline:
     builder process share them through the page cache instead of holding a copy each, and
     they do not count as the process's anonymous memory. The caller drops the original model
     (the next variant prepared trims the heap it leaves). An entry that does not fit is
-    rewritten.
+    rewritten. Random weights may come undrawn (``load_baseline(..., drawn=False)``): they are
+    drawn only if the store lacks them, so a warm start spends no second drawing 143.7 M
+    values that the store already holds.
     """
     key = artifact_key(None, weights_id=baseline.weights_id)
     for _ in range(2):
         found = _from_store(store, key, ())
         if found is not None:
             return dataclasses.replace(baseline, model=found[0])
+        if next(baseline.model.parameters()).is_meta:  # random weights not drawn yet
+            baseline = dataclasses.replace(baseline, model=random_model())
         model = baseline.model
         try:
             with store.lock(key):

@@ -106,11 +106,16 @@ class Baseline:
 
 
 def load_baseline(weights: str = "auto", *, labels: Labels | None = None,
-                  input_size: int = 224, progress: bool = True) -> Baseline:
+                  input_size: int = 224, progress: bool = True, drawn: bool = True
+                  ) -> Baseline:
     """Resolve a ``--weights`` value (auto, imagenet, random or a file: a state dict, a
-    checkpoint holding one, or a .safetensors file) to a model."""
+    checkpoint holding one, or a .safetensors file) to a model.
+
+    ``drawn=False``: random weights are not drawn (their model is on the meta device, their
+    identity known): for ``builder.stored_baseline``, which maps them from the store and
+    draws them (``random_model``) only where the store lacks them."""
     if weights == "random":
-        baseline = _random_baseline()
+        baseline = _random_baseline(drawn)
     elif weights == "imagenet":
         baseline = _imagenet_baseline(progress=progress)
     elif weights == "auto":
@@ -119,7 +124,7 @@ def load_baseline(weights: str = "auto", *, labels: Labels | None = None,
         except WeightsError as err:
             log.warning("%s\nFALLING BACK TO RANDOM WEIGHTS: predictions will be meaningless.",
                         err)
-            baseline = _random_baseline()
+            baseline = _random_baseline(drawn)
     else:
         baseline = _file_baseline(Path(weights))
     if labels is None and input_size == baseline.input_size:
@@ -127,19 +132,31 @@ def load_baseline(weights: str = "auto", *, labels: Labels | None = None,
     return dataclasses.replace(baseline, labels=labels, input_size=input_size)
 
 
-def _random_baseline() -> Baseline:
+def random_model(*, drawn: bool = True) -> VGG:
+    """The seeded random VGG-19 of ``--weights random``; ``drawn=False``: its skeleton on the
+    meta device (drawing its 143.7 M values takes a second)."""
     # PyTorch's default layer initialisation (not VGG's, which zeroes every bias) so that, like
     # trained weights, no parameter is exactly zero and non-zero counts equal the real model's.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu" if drawn else "meta"):
         torch.manual_seed(RANDOM_SEED)
         model = vgg19(weights=None, init_weights=False)
-    return Baseline(model.eval(), "random", f"random-seed{RANDOM_SEED}", meaningful=False)
+    return model.eval()
+
+
+def _random_baseline(drawn: bool = True) -> Baseline:
+    return Baseline(random_model(drawn=drawn), "random", f"random-seed{RANDOM_SEED}",
+                    meaningful=False)
 
 
 def _imagenet_baseline(*, progress: bool) -> Baseline:
     try:
-        # torchvision downloads once into TORCH_HOME and checks the file's hash.
-        model = vgg19(weights=IMAGENET_WEIGHTS, progress=progress)
+        # torchvision downloads once into TORCH_HOME and checks the file's hash; the skeleton
+        # is built on the meta device and takes the loaded tensors as they are (assign), so
+        # no second of random initialisation is drawn only to be overwritten, nor copied.
+        state_dict = IMAGENET_WEIGHTS.get_state_dict(progress=progress, check_hash=True)
+        with torch.device("meta"):
+            model = vgg19(weights=None, init_weights=False)
+        model.load_state_dict(state_dict, assign=True)
     except (URLError, OSError, RuntimeError) as err:
         checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
         raise WeightsError(

@@ -23,6 +23,42 @@ def test_random_weights_are_seeded_and_flagged_meaningless(baseline):
     assert baseline.weights_id == "random-seed0"
 
 
+def test_undrawn_random_weights_are_drawn_only_where_the_store_lacks_them(baseline, tmp_path,
+                                                                         monkeypatch):
+    import leanvgg.builder
+    from leanvgg.builder import stored_baseline
+    from leanvgg.store import Store
+
+    undrawn = load_baseline("random", progress=False, drawn=False)
+    assert all(p.is_meta for p in undrawn.model.parameters())
+    assert (undrawn.weights_id, undrawn.num_classes) == (baseline.weights_id, 1000)
+    first = stored_baseline(undrawn, Store(tmp_path))  # an empty store: drawn, then stored
+    for a, b in zip(baseline.model.state_dict().values(), first.model.state_dict().values()):
+        assert torch.equal(a, b)  # the very weights `--weights random` always gave
+
+    def no_drawing(**kwargs):
+        raise AssertionError("drew the random weights again")
+
+    monkeypatch.setattr(leanvgg.builder, "random_model", no_drawing)
+    again = stored_baseline(load_baseline("random", progress=False, drawn=False),
+                            Store(tmp_path))  # a later start: mapped from the store
+    for a, b in zip(baseline.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_imagenet_weights_are_taken_as_loaded_not_copied_over_a_random_init(baseline,
+                                                                            monkeypatch):
+    given = {name: tensor + 1 for name, tensor in baseline.model.state_dict().items()}
+    calls = []
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url",
+                        lambda url, **kwargs: calls.append(kwargs) or given)
+    loaded = load_baseline("imagenet", progress=False)
+    assert calls == [{"progress": False, "check_hash": True}]
+    assert loaded.weights_id == "imagenet1k-v1" and loaded.meaningful
+    for name, tensor in loaded.model.state_dict().items():
+        assert tensor.data_ptr() == given[name].data_ptr()  # assigned, not copied
+
+
 def test_categories_come_from_the_weights_metadata():
     assert len(CATEGORIES) == 1000
     assert CATEGORIES[281] == "tabby"

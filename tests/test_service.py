@@ -64,7 +64,7 @@ def test_one_failing_variant_leaves_the_others_serving(tmp_path, monkeypatch, ph
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found (g++)")
 
-    monkeypatch.setattr(pool_module, "load_baseline", lambda weights: tiny_baseline())
+    monkeypatch.setattr(pool_module, "load_baseline", lambda weights, **_: tiny_baseline())
     monkeypatch.setattr(packages_module, "package", no_compiler)
     service = ComparisonService(names=["baseline", "res160", "int8_static"], settings=PROFILE,
                                 store=Store(tmp_path))
@@ -95,7 +95,7 @@ def test_variants_become_usable_one_by_one(tmp_path, monkeypatch, photo):
             release.wait(30)
         return real_prepare(self, name, on_state)
 
-    monkeypatch.setattr(pool_module, "load_baseline", lambda weights: tiny_baseline())
+    monkeypatch.setattr(pool_module, "load_baseline", lambda weights, **_: tiny_baseline())
     monkeypatch.setattr(variants_module.VariantBuilder, "prepare", slow_prepare)
     service = ComparisonService(names=["baseline", "res160"], settings=PROFILE,
                                 store=Store(tmp_path))

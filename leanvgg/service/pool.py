@@ -77,7 +77,8 @@ class VariantPool:
             store = self.store if self.store is not None else Store()
             # its weights mapped from the store: shared with the builder process, not copied
             baseline = stored_baseline(self.weights if isinstance(self.weights, Baseline)
-                                       else attach(load_baseline(self.weights), store), store)
+                                       else attach(load_baseline(self.weights, drawn=False),
+                                                   store), store)
             in_process = self.build_in == PROCESS and worker.reloadable(baseline)
             builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
                                      threads=self.threads, measuring=self.measuring,
