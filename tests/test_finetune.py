@@ -102,6 +102,7 @@ def test_a_killed_finetune_leaves_the_previous_entry(tiny_cifar, tmp_path, monke
     baseline, store = tiny_baseline(), Store(tmp_path / "cache")
     finetune_variant(baseline, tiny_cifar, group_index_tensor(), store=store, batch_size=20,
                      progress=False)
+
     def entries() -> dict[str, bytes]:  # not the hashes that reading them records
         return {p.name: p.read_bytes() for p in store.root.iterdir()
                 if not p.name.startswith((f"{VERIFIED}.", f".{VERIFIED}."))}
