@@ -53,7 +53,10 @@ def _multipart() -> tuple[bytes, str]:
         f"multipart/form-data; boundary={boundary}"
 
 
-def _wait(base: str, started: float, condition) -> float:
+def wait_for(base: str, started: float, condition,
+             server: subprocess.Popen | None = None) -> float:
+    """Seconds since ``started`` once ``/api/variants`` meets ``condition`` (polled every
+    50 ms); SystemExit if ``server`` (when given) exits first."""
     while True:
         try:
             with _request(base + "/api/variants") as response:
@@ -61,6 +64,8 @@ def _wait(base: str, started: float, condition) -> float:
                     return time.perf_counter() - started
         except (urllib.error.URLError, ConnectionError):
             pass
+        if server is not None and server.poll() is not None:
+            raise SystemExit(f"The server for {base} exited ({server.returncode}) first.")
         time.sleep(0.05)
 
 
@@ -105,8 +110,8 @@ def run_server(home: str, uploads: int, runtime: dict, *, uploading: bool = True
                                "--port", str(port)], env={**os.environ, "LEANVGG_HOME": home},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        answering = _wait(base, started, lambda body: True)
-        serving = _wait(base, started, lambda body: any(
+        answering = wait_for(base, started, lambda body: True)
+        serving = wait_for(base, started, lambda body: any(
             v["name"] == "baseline" and v["state"] == "ready" for v in body["variants"]))
         # uploads while the builder process builds and chooses: each must still be answered
         timeline, ready, ready_at = [], None, {}
@@ -134,7 +139,7 @@ def run_server(home: str, uploads: int, runtime: dict, *, uploading: bool = True
         later = [_upload(base) for _ in range(3)]
         first_row, streamed = _first_row(base)
         # the profiles are measured while the server is idle: let them finish
-        _wait(base, started, lambda body: all(v.get("profile") for v in body["variants"]))
+        wait_for(base, started, lambda body: all(v.get("profile") for v in body["variants"]))
         profiled = time.perf_counter() - started
         after_profiles = smaps(server.pid)
         times = [_upload(base) for _ in range(uploads)]

@@ -15,19 +15,20 @@ Run: .venv/bin/python benchmarks/warm_start.py --against HEAD~1 --rounds 4
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from leanvgg import schema
 from leanvgg.measure import Latency
 from leanvgg.store import default_root
+
+sys.path.insert(0, str(Path(__file__).parent))
+from startup import wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,20 +46,12 @@ def warm_start(tree: Path, home: Path, log: Path) -> float:
              str(port)], cwd=tree, env={**os.environ, "LEANVGG_HOME": str(home)},
             stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/variants",
-                                                timeout=5) as response:
-                        body = json.loads(response.read())
-                    settled = body["status"] in ("ready", "degraded")
-                    if settled and not (body.get("builder_process")
-                                        or body.get("pending_choice")):
-                        return time.perf_counter() - started
-                except OSError:
-                    pass  # not answering yet
-                if server.poll() is not None:
-                    raise SystemExit(f"The server in {tree} exited ({server.returncode}); see {log}")
-                time.sleep(0.05)
+            return wait_for(f"http://127.0.0.1:{port}", started, lambda body: (
+                body["status"] in ("ready", "degraded")
+                and not (body.get("builder_process") or body.get("pending_choice"))), server)
+        except SystemExit:
+            sys.stderr.write(log.read_text()[-4000:])  # why, before its folder goes
+            raise
         finally:
             server.terminate()
             server.wait()
