@@ -25,12 +25,16 @@ compare: $(STAMP)
 build: $(STAMP)
 	$(BIN)/leanvgg build $(ARGS)
 
+# A worker per core (pytest-xdist, at most 4), each running whole groups of tests that share
+# what they build (tests/conftest.py). `ARGS="-n 0"` runs them in this process, one by one.
+PARALLEL := -n auto --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) $(ARGS)
 
 # The quick subset for iterating (under 3 minutes): everything not marked slow.
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) -m "not slow" $(ARGS)
 
 bench-quantization: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'

@@ -1,5 +1,6 @@
 import importlib.resources
 import io
+import os
 import shutil
 import tempfile
 import threading
@@ -112,7 +113,36 @@ SLOW_FIXTURES = {"variant_set", "searched", "exported"}
 def pytest_collection_modifyitems(config, items):
     """Tests that use a slow fixture are slow by construction: mark them so ``make test-quick``
     leaves them out (the others that compile, convert, train or start processes carry the mark
-    themselves)."""
+    themselves). Under pytest-xdist's ``--dist loadgroup`` (``make test``), group them too."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        items[:] = _grouped_for_workers(items)
+
+
+def _grouped_for_workers(items: list) -> list:
+    """Each xdist worker runs whole groups, so that what a group's tests share is built once:
+    a module's tests form one group (its module-scoped fixtures), and every user of the
+    full-size ``variant_set``, whatever its module, forms another (that session fixture takes
+    minutes to build). xdist hands groups out in the order they first appear
+    (``--no-loadscope-reorder``), so the slowest go first, and the last group handed out is a
+    short one: ``variant_set``'s, then the groups with more slow tests."""
+    groups: dict[str, list] = {}
+    for item in items:
+        name = ("variant_set" if "variant_set" in getattr(item, "fixturenames", ())
+                else item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(name))
+        groups.setdefault(name, []).append(item)
+
+    def weight(name: str) -> tuple:
+        slow = sum(1 for i in groups[name] if i.get_closest_marker("slow"))
+        return (name != "variant_set", -slow)
+
+    return [item for name in sorted(groups, key=weight) for item in groups[name]]
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per core this process may use, at most 4 (each holds full-size
+    models; past four the longest group bounds the run anyway)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
