@@ -25,9 +25,9 @@ compare: $(STAMP)
 build: $(STAMP)
 	$(BIN)/leanvgg build $(ARGS)
 
-# A worker per core (pytest-xdist, at most 4), each running whole groups of tests that share
-# what they build (tests/conftest.py). `ARGS="-n 0"` runs them in this process, one by one.
-PARALLEL := -n auto --dist loadgroup --no-loadscope-reorder
+# A worker per core (pytest-xdist, at most 4), each running whole modules, which share what
+# they build (tests/conftest.py). `ARGS="-n 0"` runs them in this process, one by one.
+PARALLEL := -n auto --dist loadscope --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PARALLEL) $(ARGS)

@@ -56,7 +56,14 @@ def baseline():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("leanvgg-cache")
+    """The session's cache. xdist's workers share one, in the run's folder (removed with it):
+    the store is made for several processes (claims, entry locks), so ``variant_set`` is built
+    once, by whichever builder process claims each variant first."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp("leanvgg-cache")
+    shared = tmp_path_factory.getbasetemp().parent / "leanvgg-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(scope="session")
@@ -113,36 +120,34 @@ SLOW_FIXTURES = {"variant_set", "searched", "exported"}
 def pytest_collection_modifyitems(config, items):
     """Tests that use a slow fixture are slow by construction: mark them so ``make test-quick``
     leaves them out (the others that compile, convert, train or start processes carry the mark
-    themselves). Under pytest-xdist's ``--dist loadgroup`` (``make test``), group them too."""
+    themselves). In an xdist worker (``make test``), order the modules for the workers too."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    if getattr(config.option, "loadgroup", False):  # set in each worker (which collects)
-        items[:] = _grouped_for_workers(items)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items[:] = _slowest_modules_first(items)
 
 
-def _grouped_for_workers(items: list) -> list:
-    """Each xdist worker runs whole groups, so that what a group's tests share is built once:
-    a module's tests form one group (its module-scoped fixtures), and every user of the
-    full-size ``variant_set``, whatever its module, forms another (that session fixture takes
-    minutes to build). xdist hands groups out in the order they first appear
-    (``--no-loadscope-reorder``), so the slowest go first, and the last group handed out is a
-    short one: ``variant_set``'s, then the groups with more slow tests."""
-    groups: dict[str, list] = {}
+def _slowest_modules_first(items: list) -> list:
+    """Under ``--dist loadscope`` each worker runs whole modules (their module-scoped fixtures
+    are built once), handed out in the order they first appear (``--no-loadscope-reorder``):
+    the users of the full-size ``variant_set`` first (every worker's builder processes build
+    it together, in the one cache they share), then the modules with the most slow tests, so
+    that the last module handed out is a short one."""
+    modules: dict[str, list] = {}
     for item in items:
-        name = ("variant_set" if "variant_set" in getattr(item, "fixturenames", ())
-                else item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(name))
-        groups.setdefault(name, []).append(item)
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
 
-    def weight(name: str) -> tuple:
-        slow = sum(1 for i in groups[name] if i.get_closest_marker("slow"))
-        return (name != "variant_set", -slow)
+    def weight(module: str) -> tuple:
+        tests = modules[module]
+        return (not any("variant_set" in getattr(i, "fixturenames", ()) for i in tests),
+                -sum(1 for i in tests if i.get_closest_marker("slow")))
 
-    return [item for name in sorted(groups, key=weight) for item in groups[name]]
+    return [item for module in sorted(modules, key=weight) for item in modules[module]]
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto``: a worker per core this process may use, at most 4 (each holds full-size
-    models; past four the longest group bounds the run anyway)."""
+    models; past four the longest module bounds the run anyway)."""
     return max(1, min(len(os.sched_getaffinity(0)), 4))
+
