@@ -114,7 +114,7 @@ def run_server(home: str, uploads: int, runtime: dict, *, uploading: bool = True
         serving = wait_for(base, started, lambda body: any(
             v["name"] == "baseline" and v["state"] == "ready" for v in body["variants"]))
         # uploads while the builder process builds and chooses: each must still be answered
-        timeline, ready, compiled, ready_at = [], None, None, {}
+        timeline, ready, ready_at = [], None, {}
         while True:
             with _request(base + "/api/variants") as response:
                 body = json.loads(response.read())
@@ -125,20 +125,15 @@ def run_server(home: str, uploads: int, runtime: dict, *, uploading: bool = True
             settled = body["status"] in ("ready", "degraded")
             if ready is None and settled:
                 ready = now
-            if compiled is None and settled and not body.get("uncompiled"):
-                compiled = now  # every variant on what it was built to run on
-            if settled and not (body.get("builder_process") or body.get("pending_choice")
-                                or body.get("uncompiled")):
+            if settled and not body.get("builder_process") and not body.get("pending_choice"):
                 break
             if uploading:
                 timeline.append({"at_s": round(now, 1), "upload_s": _upload(base),
-                                 "while": "choosing runtimes" if settled else "building",
-                                 "eager_until_compiled": len(body.get("uncompiled", []))})
+                                 "while": "choosing runtimes" if settled else "building"})
             time.sleep(2 if uploading else 0.5)
         chosen = time.perf_counter() - started
         during = [u["upload_s"] for u in timeline]
         ready = chosen if ready is None else ready
-        compiled = chosen if compiled is None else compiled
         after_ready = smaps(server.pid)
         first = _upload(base)
         later = [_upload(base) for _ in range(3)]
@@ -154,7 +149,7 @@ def run_server(home: str, uploads: int, runtime: dict, *, uploading: bool = True
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
     return {"answering_s": answering, "serving_s": serving, "ready_s": ready,
-            "compiled_s": compiled, "runtime_choice_done_s": chosen, "ready_at_s": ready_at,
+            "runtime_choice_done_s": chosen, "ready_at_s": ready_at,
             "uploads_during_build": len(during),
             "upload_during_build_max_s": max(during, default=0.0),
             "upload_during_build_p50_s": statistics.median(during) if during else 0.0,
@@ -180,9 +175,6 @@ def main() -> None:
                         help="send no uploads while the variants build (the build's own speed; "
                              "saved as startup-idle.json)")
     parser.add_argument("--cold-only", action="store_true", help="skip the warm start")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the report to write (default: results/startup.json, or "
-                             "startup-idle.json with --idle-start)")
     args = parser.parse_args()
 
     import torch
@@ -196,7 +188,7 @@ def main() -> None:
         cold = run_server(home, args.uploads, runtime, uploading=not args.idle_start)
         warm = None if args.cold_only else run_server(home, args.uploads, runtime)
     runs = {"cold": cold, "warm": warm} if warm is not None else {"cold": cold}
-    out = args.out or RESULTS / ("startup-idle.json" if args.idle_start else "startup.json")
+    out = RESULTS / ("startup-idle.json" if args.idle_start else "startup.json")
     report = schema.document(
         "benchmark/startup", [{"name": f"{name} cache", **found} for name, found in runs.items()],
         config={"weights": "random (sizes and timings real)", "uploads": args.uploads,
@@ -208,7 +200,6 @@ def main() -> None:
     for key, label in [("answering_s", "start → page and /healthz (s)"),
                        ("serving_s", "start → baseline answering (s)"),
                        ("ready_s", "start → every variant ready (s)"),
-                       ("compiled_s", "start → every variant compiled (s)"),
                        ("runtime_choice_done_s", "start → runtime choice done (s)"),
                        ("upload_during_build_max_s", "uploads while building, max (s)"),
                        ("first_upload_s", "first upload, whole answer (s)"),

@@ -48,8 +48,7 @@ def warm_start(tree: Path, home: Path, log: Path) -> float:
         try:
             return wait_for(f"http://127.0.0.1:{port}", started, lambda body: (
                 body["status"] in ("ready", "degraded")
-                and not (body.get("builder_process") or body.get("pending_choice")
-                         or body.get("uncompiled"))), server)
+                and not (body.get("builder_process") or body.get("pending_choice"))), server)
         except SystemExit:
             sys.stderr.write(log.read_text()[-4000:])  # why, before its folder goes
             raise

@@ -97,9 +97,6 @@ FALLBACK = "fallback"  # the runtime asked for cannot run it here; ``reason`` sa
 # auto, in a process that only loads (the server): on Inductor until the builder process has
 # measured and stored the choice, then moved to the chosen runtime
 PENDING = "pending choice"
-# a compiled recipe's eager model, served by a process that only loads while the builder
-# process compiles (or converts) it; then moved to where it was built to run
-UNCOMPILED = "eager until compiled"
 
 
 @dataclass(frozen=True)

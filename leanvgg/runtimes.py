@@ -40,7 +40,7 @@ from leanvgg.capabilities import FORMAT_OF, RUNTIME_OF, runtime_refusal
 from leanvgg.context import (AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, OPENVINO_BF16, PYTORCH,
                              RUNTIMES, RunContext)
 from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED,
-                           UNCOMPILED, Placement, State)
+                           Placement, State)
 from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
                              openvino_model, openvino_runner, write_onnx,
                              write_openvino)
@@ -168,29 +168,7 @@ def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
     """``recipe``'s variant running where ``plan`` puts it, or (``auto`` with no stored
     choice) on the fastest candidate here at batch 1 and, for batches, the fastest at batch
     ``BATCH``, measured now and stored. Only what runs is built: a variant placed on ONNX
-    Runtime or OpenVINO alone is never compiled for Inductor.
-
-    A load-only builder (the server's) lacking a compiled recipe's package or conversion
-    gives its eager model where the builder process has stored that (placed ``UNCOMPILED``,
-    on PyTorch): it answers while it is compiled or converted, then moves (NotBuilt where the
-    eager model is missing too)."""
-    try:
-        return _select(recipe, builder, runtime, runs=runs, warmup=warmup, on_state=on_state)
-    except NotBuilt as missing:
-        if not (builder.load_only and recipe.compiled):
-            raise
-        try:
-            variant = builder.variant(recipe, on_state, compiled=False)
-        except NotBuilt:
-            raise missing from None
-        return dataclasses.replace(variant, placement=Placement(
-            PYTORCH, PYTORCH, builder.context.threads, UNCOMPILED, asked=runtime,
-            reason=f"its eager model runs in PyTorch until the builder process has made it "
-                   f"for where it runs ({missing})"))
-
-
-def _select(recipe: Recipe, builder: Builder, runtime: str, *, runs: int, warmup: int,
-            on_state: Callable[[State], object]) -> Variant:
+    Runtime or OpenVINO alone is never compiled for Inductor."""
     placement = plan(recipe, builder, runtime)
     if placement is None and builder.load_only:  # the builder process is measuring it
         variant = builder.variant(recipe, on_state)

@@ -212,13 +212,10 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
                     emit: Callable[..., object],
                     beside: Callable[[list[str], int], Iterable[BuildEvent]] | None = None,
                     helper: bool = False) -> None:
-    """What a builder process does for a server: every variant into the cache, the eager ones
-    and the eager models of compiled ones first (each answers in the server within seconds,
-    where compiling one takes tens of seconds), then each compiled variant on Inductor (or the
-    runtime pinned), then, under ``auto``, each compiled variant's runtime choice measured and
-    stored. ``emit(variant, state, reason=None, runtime=None)`` hears each state, ``built
-    eager`` once a compiled variant's eager model can be loaded, ``built`` once a variant
-    can be loaded where it was built for, ``placed`` once its choice is stored, and
+    """What a builder process does for a server: every variant into the cache on Inductor (or
+    the runtime pinned) first, then, under ``auto``, each compiled variant's runtime choice
+    measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
+    state, ``built`` once a variant can be loaded, ``placed`` once its choice is stored, and
     ``failed``. Models are let go as soon as they are stored: the server loads its own.
 
     Each variant of the first stage is built by whoever claims it first (``Store.claim``):
@@ -263,34 +260,21 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         side_by_side = helper or listener.is_alive()
         return max(1, cores // 2) if side_by_side else cores
 
-    def build(claiming: bool, eager: bool = False) -> None:
-        """``eager``: the eager pass (the eager variants, and the eager models of compiled
-        ones, which answer in the server while they are compiled); else what is left."""
+    def build(claiming: bool) -> None:
         for name in order:
-            recipe = first.registry[name]
-            only_eager = eager and recipe.compiled
-            key = f"eager.{first.claim_key(name)}" if only_eager else first.claim_key(name)
-            if name in done or (claiming and not store.claim(key)):
+            if name in done or (claiming and not store.claim(first.claim_key(name))):
                 continue
             torch.set_num_threads(width())
-
-            def on_state(state: State, name: str = name) -> None:
-                said(name, state.value)
-
             try:
-                variant = (first.builder.variant(recipe, on_state, compiled=False) if only_eager
-                           else first.prepare(name, on_state))
+                variant = first.prepare(name, lambda state, name=name: said(name, state.value))
             except Exception as err:  # one variant's failure never takes the others down
                 log.exception("Variant %s failed", name)
                 said(name, State.FAILED.value, reason=failure_reason(err))
                 done.add(name)
                 continue
-            if only_eager:
-                said(name, "built eager")
-            else:
-                said(name, "built", runtime=variant.runtime)
-                built.add(name)
-                done.add(name)
+            said(name, "built", runtime=variant.runtime)
+            built.add(name)
+            done.add(name)
             del variant
             first.builder.forget()
 
@@ -313,7 +297,6 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
     if beside is not None:
         listener.start()
     try:
-        build(claiming=True, eager=True)
         build(claiming=True)
         if runtime == AUTO:
             convert()

@@ -58,9 +58,6 @@ def test_the_server_only_loads_what_its_builder_process_built(tmp_path, refuse_b
     waited = _wait(first)
     assert waited["final"]["status"] == "ready", waited["final"]
     assert any(s["builder_process"] for s in waited["seen"])
-    # answering eagerly while it compiled, then moved: nothing is left eager
-    assert any(s["uncompiled"] == ["int8_static"] for s in waited["seen"])
-    assert not waited["final"]["uncompiled"]
     ready = first.variant_set().variants
     assert list(ready) == NAMES
     assert ready["int8_static"].where.how == "stored"  # the choice the builder measured
@@ -293,48 +290,3 @@ def test_a_builder_process_stopped_mid_build_leaves_no_temporary_folders(tmp_pat
     finally:
         process.kill()
     assert not list(temp.glob("leanvgg-*")) and not list(temp.glob("ort.quant.*"))
-
-
-@pytest.mark.slow
-def test_a_compiled_variant_answers_eager_until_its_package_is_made(tmp_path):
-    """Compiling takes tens of seconds a variant: the builder process first stores every
-    compiled variant's eager model and says so (``built eager``), and the server serves that,
-    on PyTorch and saying why, until the package is made; a load-only builder lacking both
-    still refuses."""
-    from leanvgg.context import RunContext
-    from leanvgg.facts import UNCOMPILED
-    from leanvgg.builder import NotBuilt
-    from leanvgg.runtimes import select
-    from leanvgg.variants import VariantBuilder, build_in_stages
-    from tiny import tiny_baseline
-
-    baseline, store = tiny_baseline(), Store(tmp_path / "h")
-    recipe = VariantBuilder(baseline, store).registry["int8_static"]
-
-    def loaded():  # what the server would serve now
-        return select(recipe, Builder(baseline, store, RunContext.here(1), load_only=True))
-
-    with pytest.raises(NotBuilt, match="not in the cache"):
-        loaded()
-    eager = Builder(baseline, store, RunContext.here(1)).variant(recipe, compiled=False)
-    served = loaded()
-    assert (served.where.how, served.runtime) == (UNCOMPILED, "pytorch")
-    assert "compiled package is not in the cache" in served.where.reason
-    x = torch.randn(2, 3, recipe.input_size, recipe.input_size)
-    with torch.inference_mode():
-        assert torch.equal(served.model(x), eager.model(x))
-    assert served.facts.macs == eager.facts.macs > 0
-
-    heard = []
-    build_in_stages(baseline, ["baseline", "res160", "int8_static"], store=store,
-                    calibration=None, runtime="inductor", threads=1,
-                    emit=lambda *a, **k: heard.append((a[0], a[1], k.get("runtime"))))
-    said = [(name, state, runtime) for name, state, runtime in heard
-            if state.startswith("built")]
-    # every eager model first (the eager variants whole), then the compiled package
-    assert said == [("baseline", "built", "pytorch"), ("res160", "built", "pytorch"),
-                    ("int8_static", "built eager", None),
-                    ("int8_static", "built", "inductor")], heard
-    assert heard.index(("int8_static", "compiling", None)) > heard.index(said[2])
-    compiled = loaded()  # on Inductor, its runtime choice (auto) still to be measured
-    assert compiled.runtime == "inductor" and compiled.where.how != UNCOMPILED

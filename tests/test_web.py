@@ -24,7 +24,7 @@ def ready_service(variant_set):
 def test_a_started_service_loads_its_variants(variant_set, cache_dir):
     service = ComparisonService(weights="random", names=["baseline", "quantized"],
                                 store=Store(cache_dir))
-    idle = {"builder_process": False, "pending_choice": [], "uncompiled": []}  # built here
+    idle = {"builder_process": False, "pending_choice": []}  # built here, in this process
     assert service.status() == {"status": "warming up", "serving": False, "variants": {},
                                 **idle}
     service.start(background=False)

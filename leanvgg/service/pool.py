@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from leanvgg.builder import NotBuilt, stored_baseline
-from leanvgg.facts import PENDING, UNCOMPILED, State
+from leanvgg.facts import PENDING, State
 from leanvgg.labels import attach
 import leanvgg.service.worker as worker
 from leanvgg.service.queue import Slot
@@ -62,7 +62,6 @@ class VariantPool:
             name: VariantStatus(name, State.READY) for name in self._ready}
         self._order: list[str] = list(self._ready)
         self._pending_choice: set[str] = set()  # ready, on Inductor until their choice is stored
-        self._uncompiled: set[str] = set()  # ready, eager until their package (or conversion)
         self.builder_running = False
         self.failure: str | None = None
 
@@ -100,8 +99,7 @@ class VariantPool:
                 return
             if not self._prepare(builder, name, missing_ok=in_process):
                 missing.append(name)
-        later = [n for n in names
-                 if n in missing or n in self._pending_choice or n in self._uncompiled]
+        later = [n for n in names if n in missing or n in self._pending_choice]
         if later:
             self._build_elsewhere(builder, later, store, stop)
 
@@ -122,19 +120,18 @@ class VariantPool:
             return True
         with self._lock:
             self._ready[name] = variant
-            for waiting, how in ((self._pending_choice, PENDING), (self._uncompiled, UNCOMPILED)):
-                if variant.where.how == how:
-                    waiting.add(name)
-                else:
-                    waiting.discard(name)
+            if variant.where.how == PENDING:
+                self._pending_choice.add(name)
+            else:
+                self._pending_choice.discard(name)
         self._set(name, State.READY)
         log.info("Ready: %s on %s", name, variant.runtime)
         return True
 
     def _build_elsewhere(self, builder: VariantBuilder, names: list[str], store: Store,
                          stop: threading.Event) -> None:
-        """Run the builder process for ``names``; load each variant it finishes (a compiled
-        one eager first, then on Inductor, then on the runtime measured for it)."""
+        """Run the builder process for ``names``; load each variant it finishes (on Inductor
+        first, then on the runtime measured for it)."""
         argv = worker.command(builder.baseline, names, threads=builder.builder.context.threads,
                               runtime=self.runtime, calibration=self.calibration)
         log.info("Building %s in a builder process", ", ".join(names))
@@ -146,14 +143,11 @@ class VariantPool:
         try:
             for event in worker.run(argv, store.root, stop):
                 ready = event.variant in self._ready
-                if event.state == worker.BUILT_EAGER and not ready:
-                    self._prepare(builder, event.variant)
-                elif event.state == worker.BUILT and (not ready
-                                                      or event.variant in self._uncompiled):
+                if event.state == worker.BUILT and not ready:
                     self._prepare(builder, event.variant)
                 elif event.state == worker.PLACED:
-                    if event.variant in self._pending_choice | self._uncompiled:
-                        self._prepare(builder, event.variant)  # moves to its chosen runtime
+                    if event.variant in self._pending_choice:  # moves to its chosen runtime
+                        self._prepare(builder, event.variant)
                     with self._lock:  # it stays where it is if the choice failed
                         self._pending_choice.discard(event.variant)
                 elif event.state == worker.FAILED:
@@ -197,11 +191,8 @@ class VariantPool:
         with self._lock:
             # ready on Inductor, moving to their measured runtime once the builder stored it
             pending = [name for name in self._order if name in self._pending_choice]
-            # ready eager, moving to Inductor (or their runtime) once the builder made it
-            uncompiled = [name for name in self._order if name in self._uncompiled]
         return {"status": state, "serving": serving, "variants": states,
                 "builder_process": self.builder_running, "pending_choice": pending,
-                "uncompiled": uncompiled,
                 **({"error": self.failure} if self.failure else {})}
 
     def weights_info(self) -> dict:

@@ -22,8 +22,6 @@ from leanvgg.models import WEIGHTS_CHOICES, Baseline
 log = logging.getLogger(__name__)
 
 BUILT, PLACED, FAILED = "built", "placed", "failed"
-# a compiled variant's eager model is in the cache: it can answer while it is compiled
-BUILT_EAGER = "built eager"
 # The builder process's niceness: it uses only the CPU the server leaves, so a comparison
 # sent while variants build is answered at the server's own speed (2 cores shared otherwise).
 # Its timings are unaffected: it times runtimes under the store's timing lock, which the
@@ -42,9 +40,8 @@ JOBS = int(os.environ.get("LEANVGG_BUILD_JOBS") or min(2, os.cpu_count() or 1))
 @dataclass(frozen=True)
 class Event:
     """One line of the builder process: a variant's state (building, compiling, converting,
-    choosing), ``built eager`` (a compiled variant's eager model is in the cache), ``built``
-    (in the cache on Inductor or eager), ``placed`` (its runtime choice stored) or ``failed``
-    (with why)."""
+    choosing), ``built`` (in the cache on Inductor or eager), ``placed`` (its runtime choice
+    stored) or ``failed`` (with why)."""
 
     variant: str
     state: str

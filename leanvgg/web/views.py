@@ -111,8 +111,7 @@ def variants():
         rows.append(row)
     return jsonify(status=status["status"], error=status.get("error"), **service.weights_info(),
                    builder_process=status.get("builder_process", False),
-                   pending_choice=status.get("pending_choice", []),
-                   uncompiled=status.get("uncompiled", []), variants=rows)
+                   pending_choice=status.get("pending_choice", []), variants=rows)
 
 
 @bp.get("/api/tune")

@@ -39,18 +39,13 @@ async function pollVariants() {
       failed: "failed",
     }[info.status] || (ready ? `ready: ${ready} of ${info.variants.length} variants`
                              : "warming up…");
-    // honest progress: compiled variants answer eagerly while they compile, then on
-    // Inductor while their runtime choice is measured
-    const uncompiled = info.uncompiled || [];
+    // honest progress: variants answer on Inductor while their runtime choice is measured
     const pending = info.pending_choice || [];
-    if (uncompiled.length) pill.textContent += ` · eager until compiled: ${uncompiled.join(", ")}`;
     if (pending.length) pill.textContent += ` · measuring runtimes: ${pending.join(", ")}`;
-    else if (info.builder_process && !uncompiled.length) {
-      pill.textContent += " · building in the background";
-    }
+    else if (info.builder_process) pill.textContent += " · building in the background";
     if (info.status === "failed") showError(info.error || "The baseline failed to load.");
     settled = ["ready", "degraded", "failed"].includes(info.status) && !info.builder_process
-      && !pending.length && !uncompiled.length;
+      && !pending.length;
   } catch (_) {
     pill.textContent = "server unreachable, retrying…";
   }
