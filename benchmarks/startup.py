@@ -175,6 +175,9 @@ def main() -> None:
                         help="send no uploads while the variants build (the build's own speed; "
                              "saved as startup-idle.json)")
     parser.add_argument("--cold-only", action="store_true", help="skip the warm start")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the report to write (default: results/startup.json, or "
+                             "startup-idle.json with --idle-start)")
     args = parser.parse_args()
 
     import torch
@@ -188,7 +191,7 @@ def main() -> None:
         cold = run_server(home, args.uploads, runtime, uploading=not args.idle_start)
         warm = None if args.cold_only else run_server(home, args.uploads, runtime)
     runs = {"cold": cold, "warm": warm} if warm is not None else {"cold": cold}
-    out = RESULTS / ("startup-idle.json" if args.idle_start else "startup.json")
+    out = args.out or RESULTS / ("startup-idle.json" if args.idle_start else "startup.json")
     report = schema.document(
         "benchmark/startup", [{"name": f"{name} cache", **found} for name, found in runs.items()],
         config={"weights": "random (sizes and timings real)", "uploads": args.uploads,
