@@ -149,8 +149,8 @@ def _slowest_modules_first(items: list) -> list:
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto``: a worker per core this process may use, at most 4 (each holds full-size
     models; past four the longest module bounds the run anyway), and only as many as the free
-    disk holds: the suite's folders peaked at 6.3 GB one by one and at 8.0 GB with two
-    workers (measured on a fresh clone), and a CI machine once ran out of disk. One worker for
+    disk holds: the suite's folders peaked at 6.3 GB one by one, and at 5.9 and 8.0 GB in two
+    runs with two workers (measured), and a CI machine once ran out of disk. One worker for
     every 4 GiB free beyond the first 4."""
     free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
     return max(1, min(len(os.sched_getaffinity(0)), 4, int((free - 4) // 4)))
