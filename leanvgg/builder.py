@@ -141,16 +141,9 @@ class Builder:
         """``count_macs`` of the artifact ``key`` at ``input_size``, counted once (a forward
         pass, 0.3 s for a VGG-19 at 224 px on 2 cores) and then read from the store's MACS
         document: the count depends on the architecture alone, which the key fixes."""
-        name = f"{key}@{input_size}"
-        known = (self.store.documents.load(MACS) or {}).get(name)
-        if isinstance(known, int) and known > 0:
-            return known
-        macs = count_macs(model, input_size)
-        try:
-            self.store.documents.update(MACS, lambda counts: {**counts, name: macs})
-        except OSError as err:  # a full or read-only disk: counted again next time
-            log.debug("Cannot record the MACs of %s (%s).", name, err)
-        return macs
+        return self.store.documents.remember(
+            MACS, f"{key}@{input_size}", lambda: count_macs(model, input_size),
+            holds=lambda known: isinstance(known, int) and known > 0)
 
     def float_model(self, recipe: Recipe) -> nn.Module:
         """The eager model before the precision step (all of the recipe's structure and

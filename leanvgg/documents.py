@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from leanvgg.files import write_atomic
 
@@ -23,6 +24,8 @@ MACS = "macs"  # each eager artifact's multiply-accumulates per input size (lean
 VERIFIED = "verified"  # each data file's sha256 as last read in full, by file identity (store)
 SEARCH_PLOT = "tune.png"  # the latest search's Pareto plot
 SUFFIX = ".report.json"
+
+T = TypeVar("T")
 
 
 class Documents:
@@ -49,6 +52,24 @@ class Documents:
             document = change(self.load(name) or {})
             self.save(name, document)
         return document
+
+    def remember(self, name: str, key: str, compute: Callable[[], T], *,
+                 holds: Callable[[object], bool],
+                 keep: Callable[[str], bool] = lambda key: True) -> T:
+        """The value recorded under ``key`` in the document ``name``, where ``holds`` accepts
+        it; else ``compute()``'s, recorded (with the other entries ``keep`` accepts) and
+        returned. A value that cannot be recorded (a full or read-only disk) is still
+        returned, and computed again next time."""
+        known = (self.load(name) or {}).get(key)
+        if holds(known):
+            return known
+        value = compute()
+        try:
+            self.update(name, lambda entries: {
+                **{k: v for k, v in entries.items() if keep(k)}, key: value})
+        except OSError as err:
+            log.debug("Cannot record %s in %s (%s).", key, name, err)
+        return value
 
     def load(self, name: str) -> dict | None:
         """The document saved under ``name``, or None when absent or unreadable (logged)."""

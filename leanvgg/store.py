@@ -333,18 +333,13 @@ class Store:
         of the 2 GB its variants' files hold, and still loads nothing whose hash was never
         checked against its manifest: the recorded hash is of these very bytes, and the
         manifest check that follows is the same either way."""
-        name, identity = os.path.basename(f.name), _identity(os.fstat(f.fileno()))
-        known = (self.documents.load(VERIFIED) or {}).get(name)
-        if isinstance(known, dict) and known.get("identity") == identity:
-            return str(known.get("sha256"))
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-        try:
-            self.documents.update(VERIFIED, lambda stamps: {
-                **{n: v for n, v in stamps.items() if (self.root / n).exists()},
-                name: {"identity": identity, "sha256": digest}})
-        except OSError as err:  # a full or read-only disk: it is hashed again next time
-            log.debug("Cannot record the hash of %s (%s).", name, err)
-        return digest
+        identity = _identity(os.fstat(f.fileno()))
+        stamp = self.documents.remember(
+            VERIFIED, os.path.basename(f.name),
+            lambda: {"identity": identity, "sha256": hashlib.file_digest(f, "sha256").hexdigest()},
+            holds=lambda known: isinstance(known, dict) and known.get("identity") == identity,
+            keep=lambda other: (self.root / other).exists())  # stamps of removed files go
+        return str(stamp.get("sha256"))
 
     def manifest(self, key: str, suffixes: tuple[str, ...] = (".pt",)) -> dict | None:
         """The checked manifest of an entry, its files present but not hashed (for what the
