@@ -63,7 +63,7 @@ def test_neuron_pruning_removes_the_lowest_l2_rows_and_equals_zeroing_them(vgg19
 @pytest.mark.slow
 def test_low_rank_is_the_truncated_svd_split_in_two_linears(vgg19, features, monkeypatch):
     rank = 16
-    svds = []  # the one SVD of fc6 (13 s) factorize runs, kept here instead of run twice
+    svds = []  # the one SVD of fc6 factorize runs, kept here instead of run twice
     monkeypatch.setattr("leanvgg.lowrank.truncated_svd", lambda weight, r: svds.append(
         (weight.detach().clone(), r, truncated_svd(weight, r))) or svds[-1][2])
     factorised, energy = factorize(vgg19, rank=rank)
