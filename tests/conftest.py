@@ -111,6 +111,17 @@ def multipart(data: bytes, filename: str = "upload") -> tuple[bytes, str]:
         f"multipart/form-data; boundary={boundary}"
 
 
+def pytest_configure(config) -> None:
+    """Under xdist (``make test``), the workers (and the servers and builder processes they
+    start) share the cores, each computing on all of them: OpenMP's threads then sleep at a
+    barrier instead of spinning. Spinning, two processes of two threads each on two cores took
+    12.9 s for what took 3.9 s with sleeping threads, or one thread each (30 VGG-11 passes each,
+    side by side, measured). Set here, in the controller, before the workers start (each reads
+    it when it loads OpenMP); the one process of ``-n 0`` keeps OpenMP's default."""
+    if getattr(config.option, "numprocesses", None):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 # Fixtures that build whole things once for their users: the session's every default variant
 # of a full-size VGG-19, compiled (variant_set), tune's search (searched), every export format
 # of the tiny variants (exported).
