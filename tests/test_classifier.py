@@ -118,6 +118,28 @@ def test_the_truncated_svd_is_the_optimum(spectrum, wide):
     torch.testing.assert_close(v * signs, exact_vh[:rank].T, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_svd_computes_on_pytorchs_thread_count(threads, monkeypatch):
+    """SciPy's own BLAS does the SVD's work: it must use the cores PyTorch was given (a
+    builder process computing beside another on one core each), then go back to its own."""
+    from threadpoolctl import threadpool_info
+
+    import scipy.linalg
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info()
+                if pool["user_api"] == "blas" and "scipy" in pool["filepath"]}
+
+    seen, eigh = [], scipy.linalg.eigh
+    monkeypatch.setattr(scipy.linalg, "eigh", lambda *a, **k: seen.append(blas_threads())
+                        or eigh(*a, **k))
+    before = blas_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    u, s, v = truncated_svd(torch.randn(64, 200, dtype=torch.float64), 8)
+    assert seen == [{threads}] and before and blas_threads() == before
+    assert u.shape == (64, 8) and s.shape == (8,) and v.shape == (200, 8)
+
+
 def test_a_rank_beyond_the_matrix_rank_gets_zero_directions():
     torch.manual_seed(0)
     weight = torch.randn(64, 8, dtype=torch.float64) @ torch.randn(8, 200, dtype=torch.float64)
