@@ -489,11 +489,13 @@ def _with_baseline(names: list[str] | None) -> list[str] | None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    store = Store()
-    baseline = _baseline(args, store)
     if args.events:
         from leanvgg.service import worker
 
+        say = worker.events_channel()  # from here our stdout carries the events alone
+    store = Store()
+    baseline = _baseline(args, store)
+    if args.events:
         # a server's builder process: the weights mapped from the store, as the server maps
         # them (one copy in the page cache for all processes)
         baseline = stored_baseline(baseline, store)
@@ -514,7 +516,7 @@ def _build(args: argparse.Namespace) -> int:
                             runtime=args.runtime, threads=args.threads,
                             beside=helper if worker.JOBS > 1 and not args.helper else None,
                             helper=args.helper,
-                            emit=lambda *a, **k: print(worker.Event(*a, **k).line(), flush=True))
+                            emit=lambda *a, **k: say(worker.Event(*a, **k)))
         finally:
             stop.set()
         return 0

@@ -104,6 +104,34 @@ def test_events_round_trip_and_stray_lines_are_ignored():
     assert PENDING == "pending choice"
 
 
+def test_every_event_reaches_the_server_whatever_libraries_print_or_redirect(tmp_path):
+    """The builder's stdout carries its events alone: a library's stray print, a C library's
+    partial line (written to file descriptor 1) and a conversion's stdout redirection on
+    another thread neither break an event's line nor keep it from the server (a helper's
+    ``built``, relayed while the builder converted, used to go to stderr and be lost)."""
+    import threading
+
+    script = """
+import os, sys, threading
+from leanvgg.interop import stdout_to_stderr
+from leanvgg.service.worker import Event, events_channel
+say = events_channel()
+print("a library's progress bar", end="", flush=True)
+os.write(1, b"a C library's partial line")
+say(Event("baseline", "built", runtime="pytorch"))
+with stdout_to_stderr():  # the main thread converts; the listener relays the helper's event
+    relay = threading.Thread(target=say, args=(Event("int8_static", "built", runtime="inductor"),))
+    relay.start()
+    relay.join()
+print("more of the library's output")
+say(Event("int8_static", "placed", runtime="openvino"))
+"""
+    events = list(worker.run([sys.executable, "-c", script], tmp_path, threading.Event()))
+    assert events == [worker.Event("baseline", "built", runtime="pytorch"),
+                      worker.Event("int8_static", "built", runtime="inductor"),
+                      worker.Event("int8_static", "placed", runtime="openvino")]
+
+
 def test_the_builder_process_runs_below_the_server_and_ends_with_it(tmp_path):
     """It runs at the niceness that leaves the CPU to the server's comparisons, with the
     store it was given; its events arrive as it prints them."""

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,29 @@ class Event:
                        data.get("runtime"))
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def events_channel() -> Callable[[Event], None]:
+    """How a builder process says its events: one line each on its stdout, which from now on
+    carries nothing else. The stdout is kept as a private duplicate, and file descriptor 1 and
+    ``sys.stdout`` go to stderr: what a library prints (a progress bar, a C library's partial
+    line) can neither break an event's line nor pass for one, and an event said by one thread
+    while another has redirected stdout around a conversion (``interop.stdout_to_stderr``)
+    still reaches the server. (It used to go to stderr then: the helper's ``built`` for
+    int8_static, relayed while the builder converted turbo_svd, was never heard, and the
+    variant waited for its runtime choice, 100 s later, to be loaded.)"""
+    sys.stdout.flush()
+    channel = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    lock = threading.Lock()
+
+    def say(event: Event) -> None:
+        with lock:
+            channel.write(event.line() + "\n")
+            channel.flush()
+
+    return say
 
 
 def reloadable(baseline: Baseline) -> bool:
