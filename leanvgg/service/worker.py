@@ -69,8 +69,8 @@ def events_channel() -> Callable[[Event], None]:
     line) can neither break an event's line nor pass for one, and an event said by one thread
     while another has redirected stdout around a conversion (``interop.stdout_to_stderr``)
     still reaches the server. (It used to go to stderr then: the helper's ``built`` for
-    int8_static, relayed while the builder converted turbo_svd, was never heard, and the
-    variant waited for its runtime choice, 100 s later, to be loaded.)"""
+    int8_static, relayed while the builder converted turbo_svd, was never heard; the server,
+    which loads a variant when it hears ``built``, would have left it unready.)"""
     sys.stdout.flush()
     channel = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)
