@@ -36,8 +36,8 @@ from PIL import Image
 from leanvgg import schema
 from leanvgg.data import calibration_batch
 from leanvgg.images import preprocess
-from leanvgg.interop import (onnxruntime_runner, openvino_model, openvino_runner, write_onnx,
-                             write_openvino)
+from leanvgg.interop import (INPUT, onnxruntime_runner, openvino_runner, stdout_to_stderr,
+                             write_onnx, write_openvino)
 from leanvgg.measure import count_macs, state_dict_bytes, time_models
 from leanvgg.models import load_baseline
 from leanvgg.recipes import RECIPES
@@ -80,7 +80,17 @@ def _timed(build: Callable[[], tuple]) -> tuple[tuple, float]:
 
 def _openvino_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
                    size: int, tmp: Path) -> tuple[Callable, float]:
-    ov_model = openvino_model(model, size, calibration=calibration)
+    """The peer a user of OpenVINO gets: OpenVINO's conversion of the float model, quantized
+    by NNCF's post-training quantization on the same calibration images, run at OpenVINO's
+    defaults."""
+    import nncf
+    import openvino as ov
+
+    with stdout_to_stderr():
+        converted = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, size, size),
+                                     input=[(-1, 3, size, size)])
+        dataset = nncf.Dataset([row.contiguous().numpy() for row in calibration.split(1)])
+        ov_model = nncf.quantize(converted, dataset, subset_size=len(calibration))
     write_openvino(ov_model, tmp / "vgg19_int8.xml")
     size_mb = sum(p.stat().st_size for p in tmp.glob("vgg19_int8.*")) / 2**20
     return openvino_runner(ov_model, threads, f32=False), size_mb  # OpenVINO's defaults
@@ -88,8 +98,25 @@ def _openvino_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: i
 
 def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
                       size: int, tmp: Path) -> tuple[Callable, float]:
-    path = tmp / "vgg19_int8.onnx"
-    write_onnx(model, size, path, calibration=calibration)
+    """The peer a user of ONNX Runtime gets: its ``quantize_static`` of the float model's ONNX
+    export (QDQ, INT8 weights per output channel, UINT8 activations, MinMax) on the same
+    calibration images."""
+    from onnxruntime import quantization
+
+    fp32, path = tmp / "vgg19_fp32.onnx", tmp / "vgg19_int8.onnx"
+    write_onnx(model, size, fp32)
+    rows = iter(calibration.split(1))
+
+    class Reader(quantization.CalibrationDataReader):
+        def get_next(self) -> dict | None:
+            row = next(rows, None)
+            return None if row is None else {INPUT: row.contiguous().numpy()}
+
+    with stdout_to_stderr():
+        quantization.quantize_static(
+            str(fp32), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True, activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8)
     return onnxruntime_runner(path, threads), path.stat().st_size / 2**20
 
 

@@ -152,6 +152,16 @@ class Builder:
         steps = len(recipe.steps) - (precision_step(recipe) is not None)
         return self.artifact(recipe, steps)[0]
 
+    def portable_model(self, recipe: Recipe) -> nn.Module:
+        """The eager model other runtimes convert (``leanvgg.interop``): a static INT8
+        recipe's own PT2E model, so ONNX Runtime and OpenVINO run the weights and activation
+        scales Inductor runs; else the float model (bf16 is a precision of the runtime
+        there)."""
+        recipe = self.bind(recipe)
+        if calibration_of(recipe) is not None:
+            return self.artifact(recipe, len(recipe.steps))[0]
+        return self.float_model(recipe)
+
     def key(self, recipe: Recipe, n_steps: int | None = None) -> str:
         """The cache key ``artifact`` would give, without loading or building anything."""
         recipe = self.bind(recipe)
@@ -347,7 +357,7 @@ def facts_of(facts: dict) -> ArtifactFacts:
 
 
 def calibration_of(recipe: Recipe) -> torch.Tensor | None:
-    """The images a static-INT8 recipe is calibrated on (other runtimes quantize with them)."""
+    """The images a static-INT8 recipe is calibrated on (None for other recipes)."""
     step = precision_step(recipe)
     if not isinstance(step, QuantizeStaticInt8):
         return None

@@ -29,9 +29,11 @@ RUNTIMES = (INDUCTOR, ONNXRUNTIME, OPENVINO, OPENVINO_BF16)
 RUNTIME_LIBRARIES = {
     PYTORCH: ("torch", "torchao"),
     INDUCTOR: ("torch", "torchao"),
-    ONNXRUNTIME: ("torch", "onnx", "onnxscript", "onnxruntime"),
-    OPENVINO: ("torch", "openvino", "nncf"),
-    OPENVINO_BF16: ("torch", "openvino", "nncf"),
+    # a static INT8 model is torchao's PT2E quantization, exported to ONNX (QDQ); OpenVINO
+    # converts that ONNX file
+    ONNXRUNTIME: ("torch", "torchao", "onnx", "onnxscript", "onnxruntime"),
+    OPENVINO: ("torch", "torchao", "onnx", "onnxscript", "openvino"),
+    OPENVINO_BF16: ("torch", "torchao", "onnx", "onnxscript", "openvino"),
 }
 RUNTIME_LIBRARIES[AUTO] = tuple(dict.fromkeys(
     lib for r in (INDUCTOR, ONNXRUNTIME, OPENVINO) for lib in RUNTIME_LIBRARIES[r]))
@@ -76,7 +78,7 @@ class RunContext:
 
     def key(self, *parts: str) -> str:
         """The parts named (of ``PARTS``), always in the same order and spelling: e.g.
-        ``runtime=openvino|threads=2|cpu=AMX-1a2b…|nncf=3.4.0,openvino=2026.4.1,torch=2.14.1``."""
+        ``runtime=openvino|threads=2|cpu=AMX-1a2b…|onnx=1.23.2,…,openvino=2026.4.1,torch=2.14.1``."""
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"Invalid key parts {sorted(unknown)}. Choose from {PARTS}.")

@@ -156,13 +156,14 @@ def _on(variant: Variant, runtime: str) -> Variant:
     return dataclasses.replace(variant, placement=Placement(runtime, runtime, threads, PINNED))
 
 
-def _int8_note(variant: Variant, runtime: str, calibration: torch.Tensor | None) -> dict:
+def _int8_note(variant: Variant, form: str) -> dict:
+    calibration = calibration_of(variant.recipe)
     if calibration is None:
         return {"precision": "fp32"}
     return {"precision": "int8",
-            "quantization": f"{runtime} on leanvgg's float weights, calibrated on the "
-                            f"variant's {len(calibration)} calibration images: a separate "
-                            "quantization from leanvgg's own (see README, Export)"}
+            "quantization": f"leanvgg's own static INT8 (torchao's PT2E, calibrated on the "
+                            f"variant's {len(calibration)} calibration images): the INT8 "
+                            f"weights and activation scales the pt2 package runs, {form}"}
 
 
 def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
@@ -187,9 +188,8 @@ def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
 
 def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.onnx"
-    calibration = calibration_of(variant.recipe)
-    write_onnx(builder.float_model(variant.recipe), variant.input_size, path,
-               calibration=calibration, metadata=file_metadata(builder.baseline))
+    write_onnx(builder.portable_model(variant.recipe), variant.input_size, path,
+               metadata=file_metadata(builder.baseline))
     settings = onnxruntime_settings(builder.context.threads)
     options = "".join(f"options.{name} = {value}; " for name, value in settings.items())
     return path, {"labels": "metadata_props 'labels' (a JSON list, in output order)",
@@ -197,21 +197,18 @@ def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
                          f"onnxruntime.InferenceSession({path.name!r}, options, providers="
                          f"['CPUExecutionProvider']).run(None, {{{INPUT!r}: x.numpy()}})[0]",
                   "settings": settings, "input_name": INPUT, "batch": "any",
-                  **_int8_note(variant, "ONNX Runtime's quantize_static (QDQ, INT8 weights "
-                               "per output channel, UINT8 activations, MinMax)", calibration)}
+                  **_int8_note(variant, "as QuantizeLinear/DequantizeLinear pairs (QDQ)")}
 
 
 def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.xml"
-    calibration = calibration_of(variant.recipe)
-    write_openvino(openvino_model(builder.float_model(variant.recipe), variant.input_size,
-                                  calibration=calibration), path,
-                   metadata=file_metadata(builder.baseline))
+    write_openvino(openvino_model(builder.portable_model(variant.recipe), variant.input_size),
+                   path, metadata=file_metadata(builder.baseline))
     # what leanvgg compiles it with: the f32 hint, unless the runtime choice measured OpenVINO's
     # default (what is not INT8 in bf16, on CPUs with native bf16) faster and as faithful here
     default = _runtime_of(variant, "openvino") == OPENVINO_BF16
     settings = openvino_config(builder.context.threads, f32=not default)
-    note = _int8_note(variant, "NNCF's post-training quantization", calibration)
+    note = _int8_note(variant, "as OpenVINO converts them from the ONNX export's QDQ pairs")
     return path, {"labels": "rt_info ['leanvgg', 'labels'] (a JSON list, in output order)",
                   "run": f"openvino.Core().compile_model({path.name!r}, 'CPU', {settings!r})"
                          "(x.numpy())[0]", "settings": settings, "batch": "any", **note,

@@ -1,10 +1,11 @@
-"""A float model in other runtimes' formats: ONNX (for ONNX Runtime) and OpenVINO IR.
+"""A model in other runtimes' formats: ONNX (for ONNX Runtime) and OpenVINO IR.
 
-INT8 is made by each runtime's own post-training quantizer (ONNX Runtime's ``quantize_static``
-as QDQ with per-channel weights; OpenVINO's NNCF), calibrated on the very images leanvgg's
-static INT8 uses: neither runtime can take torch's INT8 graph as it is, so these are separate
-quantizations of the same float weights, and agree with leanvgg's as closely as measured in
-``tests/test_export.py``. The runtimes are the optional extra ``leanvgg[export]``.
+A static INT8 model (``leanvgg.quantize.StaticInt8``, PT2E) is exported as it is: its INT8
+weights and activation scales become ONNX QuantizeLinear/DequantizeLinear pairs (QDQ), which
+ONNX Runtime and OpenVINO fuse into their own INT8 kernels. So every runtime runs the very
+quantization Inductor runs, calibrated once; nothing is quantized again here. OpenVINO's IR is
+OpenVINO's conversion of the ONNX file (its PyTorch frontend cannot read a PT2E graph). The
+runtimes are the optional extra ``leanvgg[export]``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from types import ModuleType
 import numpy as np
 import torch
 from torch import nn
+
+from leanvgg.quantize import StaticInt8
 
 EXTRA = "export"
 INPUT, OUTPUT = "input", "logits"
@@ -72,34 +75,13 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 def write_onnx(model: nn.Module, input_size: int, path: Path, *,
-               calibration: torch.Tensor | None = None,
                metadata: dict[str, str] | None = None) -> None:
-    """``model`` as ONNX (any batch size) at ``path``; with ``calibration`` (N×3×H×W,
-    preprocessed) static INT8 QDQ: weights INT8 per output channel, activations UINT8.
-    ``metadata``: written to the model's ``metadata_props`` (e.g. its labels)."""
+    """``model`` as ONNX (any batch size) at ``path``: a float model as FP32, a static INT8
+    one as QDQ with its own weights and scales. ``metadata``: written to the model's
+    ``metadata_props`` (e.g. its labels)."""
     require("onnx")
-    if calibration is None:
-        with stdout_to_stderr():
-            _export_onnx(model, input_size, path)
-        _set_onnx_metadata(path, metadata)
-        return
-    quantization = require("onnxruntime.quantization")
-    with tempfile.TemporaryDirectory(prefix="leanvgg-onnx-") as folder, stdout_to_stderr():
-        fp32 = Path(folder) / "fp32.onnx"
-        _export_onnx(model, input_size, fp32)
-
-        class Reader(quantization.CalibrationDataReader):
-            def __init__(self) -> None:
-                self.rows = iter(calibration.split(1))
-
-            def get_next(self) -> dict | None:
-                row = next(self.rows, None)
-                return None if row is None else {INPUT: row.contiguous().numpy()}
-
-        quantization.quantize_static(
-            str(fp32), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
-            per_channel=True, activation_type=quantization.QuantType.QUInt8,
-            weight_type=quantization.QuantType.QInt8)
+    with stdout_to_stderr():
+        _export_onnx(model, input_size, path)
     _set_onnx_metadata(path, metadata)
 
 
@@ -119,27 +101,31 @@ def _export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
     # inside (VGG-19 is far below ONNX's 2 GB limit), any batch size.
     example = torch.zeros(2, 3, input_size, input_size)  # a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # a PT2E graph is exported itself (its wrapper's attribute ``graph`` would shadow the
+    # GraphModule's own when torch.export lifts its state); it is fixed in eval mode already
+    module = model.graph if isinstance(model, StaticInt8) else model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
         exported = torch.onnx.export(program, input_names=[INPUT], output_names=[OUTPUT],
                                      dynamo=True, optimize=True, verbose=False)
     exported.save(str(path), external_data=False)
 
 
-def openvino_model(model: nn.Module, input_size: int, *,
-                   calibration: torch.Tensor | None = None):
-    """``model`` converted to an OpenVINO model (any batch size); with ``calibration``,
-    INT8 through NNCF's post-training quantization on those images."""
+def openvino_model(model: nn.Module, input_size: int):
+    """``model`` converted to an OpenVINO model (any batch size), through its ONNX export
+    (``write_onnx``): a static INT8 model keeps its own quantization."""
+    with tempfile.TemporaryDirectory(prefix="leanvgg-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        write_onnx(model, input_size, path)
+        return openvino_from_onnx(path)
+
+
+def openvino_from_onnx(path: Path):
+    """The OpenVINO model of an ONNX file (``write_onnx``'s), its weights read into memory."""
     ov = require("openvino")
     with stdout_to_stderr():
-        converted = ov.convert_model(model.eval(), example_input=torch.zeros(
-            1, 3, input_size, input_size), input=[(-1, 3, input_size, input_size)])
-        if calibration is None:
-            return converted
-        nncf = require("nncf")
-        dataset = nncf.Dataset([row.contiguous().numpy() for row in calibration.split(1)])
-        return nncf.quantize(converted, dataset, subset_size=len(calibration))
+        return ov.convert_model(str(path))
 
 
 def write_openvino(ov_model, path: Path, metadata: dict[str, str] | None = None) -> None:

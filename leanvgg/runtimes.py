@@ -9,10 +9,10 @@ batches on the fastest at batch ``BATCH`` unless the first is within ``SAME`` of
 (``ByBatch`` routes between them). The choice is stored under the variant's run context
 (threads, CPU, versions: ``leanvgg.context``) and reused until one of them changes. The
 runtime is decided before anything is compiled (``plan``): a variant that runs elsewhere never
-has its package made. Every runtime is fed the same model: the variant's own float weights
-(pruned, fine-tuned) and, for INT8, its own calibration images, quantized by leanvgg's PT2E
-path on Inductor and by the runtime's own quantizer elsewhere (ONNX Runtime's static QDQ,
-NNCF): the INT8 decisions are the runtime's, the data are the same. Every runner is built for
+has its package made. Every runtime runs the same model: a static INT8 variant's own PT2E
+quantization (its INT8 weights and activation scales, calibrated once), exported to ONNX as
+QDQ for ONNX Runtime and converted from that file for OpenVINO (``leanvgg.interop``); a float
+variant's weights. Only the kernels differ. Every runner is built for
 the context's thread count and called once before it is used. Converted models are kept in
 the cache like packages. Without the optional runtimes (``pip install 'leanvgg[export]'``)
 everything runs on Inductor, as before.
@@ -42,8 +42,7 @@ from leanvgg.context import (AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, OPENVINO_BF1
 from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED,
                            Placement, State)
 from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
-                             openvino_model, openvino_runner, write_onnx,
-                             write_openvino)
+                             openvino_from_onnx, openvino_runner, write_onnx, write_openvino)
 from leanvgg.measure import time_models, warm_up
 from leanvgg.recipes import Recipe, artifact_key
 from leanvgg.residency import released
@@ -53,7 +52,8 @@ log = logging.getLogger(__name__)
 
 CHOICES = (AUTO, *RUNTIMES)
 # per format (openvino and openvino_bf16 run one IR): the libraries that convert and run it
-_MODULES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino", "nncf")}
+_MODULES = {"onnx": ("onnx", "onnxscript", "onnxruntime"),
+            "openvino": ("onnx", "onnxscript", "openvino")}  # OpenVINO converts the ONNX export
 BATCH = 8  # the batch size the batch runtime is chosen at (the dashboard's throughput view)
 # Batches stay on the single-image runtime unless another is faster by more than this: a
 # smaller difference is run-to-run noise here (repeated runs differ by ~2 %), and one runtime
@@ -285,7 +285,8 @@ def _model(variant: Variant, runtime: str, builder: Builder,
     if runtime == INDUCTOR:
         return variant.model
     threads = builder.context.threads
-    paths = _converted(variant, builder, runtime, on_state, _writer(variant, runtime, builder))
+    paths = _converted(variant, builder, runtime, on_state,
+                       _writer(variant, runtime, builder, on_state))
     if runtime == ONNXRUNTIME:
         runner, source = onnxruntime_runner, paths[".onnx"]
     else:
@@ -298,20 +299,22 @@ def _model(variant: Variant, runtime: str, builder: Builder,
     return model
 
 
-def _writer(variant: Variant, runtime: str, builder: Builder
+def _writer(variant: Variant, runtime: str, builder: Builder,
+            on_state: Callable[[State], object] = lambda state: None
             ) -> Callable[[dict[str, Path]], None]:
-    """What converts (and quantizes) the variant's float model for ``runtime`` into the
-    store's target files, one per suffix."""
-    recipe = variant.recipe
+    """What writes the variant's conversion for ``runtime`` into the store's target files,
+    one per suffix: its portable model (a static INT8 variant's own quantization) as ONNX;
+    for OpenVINO, OpenVINO's conversion of that ONNX file (made and stored first if need
+    be, so both runtimes run one export)."""
     if runtime == ONNXRUNTIME:
-        return lambda targets: write_onnx(builder.float_model(recipe), variant.input_size,
-                                          targets[".onnx"], calibration=calibration_of(recipe))
+        return lambda targets: write_onnx(builder.portable_model(variant.recipe),
+                                          variant.input_size, targets[".onnx"])
 
     def write(targets: dict[str, Path]) -> None:
-        ir = openvino_model(builder.float_model(recipe), variant.input_size,
-                            calibration=calibration_of(recipe))
+        onnx = _converted(variant, builder, ONNXRUNTIME, on_state,
+                          _writer(variant, ONNXRUNTIME, builder))[".onnx"]
         with tempfile.TemporaryDirectory(prefix="leanvgg-ir-") as folder:
-            write_openvino(ir, Path(folder) / "model.xml")
+            write_openvino(openvino_from_onnx(onnx), Path(folder) / "model.xml")
             for suffix, target in targets.items():
                 shutil.copyfile(Path(folder) / f"model{suffix}", target)
 
@@ -342,7 +345,8 @@ def convert_ahead(recipe: Recipe, builder: Builder, format_: str,
     variant = (Variant(recipe, None, facts_of(facts), artifact, builder.context)
                if facts is not None else builder.variant(recipe, on_state, compiled=False))
     runtime = RUNTIME_OF[format_]
-    _converted(variant, builder, runtime, on_state, _writer(variant, runtime, builder))
+    _converted(variant, builder, runtime, on_state,
+               _writer(variant, runtime, builder, on_state))
 
 
 _SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}  # a conversion's files, per format

@@ -2,6 +2,7 @@
 ``--threads`` reaches every runtime, speedups divide like figures only, and our stdout is ours."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanvgg import cache, cli, runtimes
+from leanvgg import cache, cli, interop, runtimes
 from leanvgg.builder import Builder, Variant, profile_key
 from leanvgg.compare import Settings, compare
 from leanvgg.context import RunContext
@@ -37,12 +38,14 @@ def _context(**fields) -> RunContext:
 
 def test_a_key_names_its_parts_in_one_order_with_the_runtimes_own_versions():
     context = _context(runtime="openvino")
+    # OpenVINO runs the ONNX export of torchao's INT8 model: their versions are in its key
     assert context.key("versions", "runtime") == \
-        "runtime=openvino|nncf=3.4.0,openvino=2026.4.1,torch=2.14.1"
+        "runtime=openvino|onnx=1.2,openvino=2026.4.1,torch=2.14.1,torchao=0.18.0"
     assert context.key("cpu", "threads", "batch") == "threads=2|batch=1|cpu=AVX512-abc"
     assert _context(runtime="inductor").key("versions") == "torch=2.14.1,torchao=0.18.0"
-    assert context.record()["versions"] == {"torch": "2.14.1", "openvino": "2026.4.1",
-                                            "nncf": "3.4.0"}
+    assert context.record()["versions"] == {"torch": "2.14.1", "torchao": "0.18.0",
+                                            "onnx": "1.2", "onnxscript": None,
+                                            "openvino": "2026.4.1"}
     with pytest.raises(ValueError, match="Invalid key parts"):
         context.key("colour")
     with pytest.raises(ValueError, match="threads and batch are at least 1"):
@@ -159,17 +162,27 @@ def test_a_variant_on_another_runtime_is_never_compiled_for_inductor(tmp_path):
     assert variants.variants["int8_static"].runtime == "openvino"
     kinds = [e.kind for e in cache.entries(store)]
     assert "package" not in kinds
-    # the IR's .xml and .bin are one entry (they used to be two, listed and removed apart)
-    converted = [e for e in cache.entries(store) if e.kind == "converted"]
-    assert len(converted) == 1
-    assert {p.suffix for p in converted[0].paths} == {".xml", ".bin", ".json"}
+    # the IR's .xml and .bin are one entry (they used to be two, listed and removed apart),
+    # beside the ONNX export OpenVINO converted
+    converted = {frozenset(p.suffix for p in e.paths) for e in cache.entries(store)
+                 if e.kind == "converted"}
+    assert converted == {frozenset({".xml", ".bin", ".json"}), frozenset({".onnx", ".json"})}
 
 
 def test_third_party_output_never_reaches_our_stdout(tmp_path, monkeypatch, capfd, photo_path):
     """A first (cold-cache) compare --json used to print NNCF's progress bars to stdout
-    before the document."""
+    before the document. Whatever a converting library prints, through Python or straight to
+    file descriptor 1, goes to stderr."""
     if not runtimes.installed("openvino"):
         pytest.skip("openvino is not installed (leanvgg[export])")
+    export = interop._export_onnx
+
+    def chatty(*args, **kwargs):  # as a library that writes progress to stdout would
+        print("chatty library: exporting", flush=True)
+        os.write(1, b"chatty library: straight to fd 1\n")
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(interop, "_export_onnx", chatty)
     monkeypatch.setenv("LEANVGG_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(cli, "load_baseline", lambda weights, **_: decisive_baseline())
     assert cli.main(["compare", str(photo_path), "--json", "--variants", "int8_static",
@@ -177,7 +190,7 @@ def test_third_party_output_never_reaches_our_stdout(tmp_path, monkeypatch, capf
     out, err = capfd.readouterr()
     report = json.loads(out)  # the whole of stdout is the document
     assert [r["runtime"] for r in report["results"]] == ["pytorch", "openvino"]
-    assert "Statistics collection" in err  # NNCF's bars went to stderr instead
+    assert "chatty library: exporting" in err and "straight to fd 1" in err
 
 
 @pytest.mark.slow
@@ -190,7 +203,8 @@ def test_choosing_inductor_imports_no_other_runtime(tmp_path):
         "from leanvgg.variants import build_variants\n"
         "build_variants(decisive_baseline(), ['baseline', 'int8_static'],"
         f" store=Store({str(tmp_path)!r}), progress=False, runtime='inductor', threads=1)\n"
-        "print([m for m in ('onnx', 'onnxruntime', 'openvino', 'nncf') if m in sys.modules])\n")
+        "print([m for m in ('onnx', 'onnxscript', 'onnxruntime', 'openvino', 'nncf')"
+        " if m in sys.modules])\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

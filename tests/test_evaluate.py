@@ -108,8 +108,9 @@ def test_bad_mappings_are_named(colour_folder):
 
 @pytest.mark.slow
 def test_accuracy_is_of_the_runtime_that_serves(colour_folder, tmp_path):
-    """An INT8 variant served by OpenVINO runs NNCF's own quantization: its accuracy is
-    measured there and shown only where it runs there (it used to be Inductor's figure)."""
+    """An INT8 variant served by OpenVINO runs its INT8 model on OpenVINO's kernels: its
+    accuracy is measured there and shown only where it runs there (it used to be Inductor's
+    figure)."""
     from leanvgg.runtimes import installed
 
     if not installed("openvino"):

@@ -32,12 +32,12 @@ AT_160 = ["res160", "turbo160"]  # 160 px (VGG's 7×7 pooling of a 5×5 map), on
 BOUNDS = {("baseline", "pt2"): 1e-5, ("baseline", "onnx"): 1e-5,
           ("baseline", "openvino"): 1e-5, ("int8_static", "pt2"): 1e-6,
           ("res160", "onnx"): 1e-5, ("res160", "openvino"): 1e-5}
-# INT8 ONNX / OpenVINO are quantized again by the runtime's own quantizer (same float weights,
-# same calibration images): they are held to FP32 like leanvgg's INT8 is. Their distance from
-# the FP32 logits may be at most this many times leanvgg's INT8's. Measured (max |Δlogit| from
-# FP32): leanvgg 0.0037, ONNX Runtime 0.0033 (0.89×), OpenVINO/NNCF 0.022 (6.0×; its mixed
-# preset gave the same); all three agree on every photo's top-1.
-REQUANTIZED = {("int8_static", "onnx"): 1.5, ("int8_static", "openvino"): 8.0}
+# INT8 ONNX / OpenVINO are leanvgg's own INT8 (the pt2's weights and activation scales as QDQ):
+# they differ from it only where a runtime's kernels round differently. Measured (max |Δlogit|
+# over the largest |logit|): ONNX Runtime 0.0143, OpenVINO 0.0119; from FP32, both within
+# 0.94-1.10× leanvgg's INT8's distance (OpenVINO's NNCF quantization, used before, was 6.0×).
+SAME_INT8 = {("int8_static", "onnx"): 0.03, ("int8_static", "openvino"): 0.03}
+FROM_FP32 = 1.5  # their distance from FP32, at most this many times leanvgg's INT8's
 NEEDS = {"pt2": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
 
 RUNNER = r"""
@@ -148,7 +148,7 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in b)
 
 
-@pytest.mark.parametrize(("name", "fmt"), sorted(BOUNDS) + sorted(REQUANTIZED))
+@pytest.mark.parametrize(("name", "fmt"), sorted(BOUNDS) + sorted(SAME_INT8))
 def test_an_export_runs_without_leanvgg_and_agrees_with_it(exported, name, fmt):
     out, variants, _ = exported
     theirs = _run_export(out, name, fmt)
@@ -162,14 +162,16 @@ def test_an_export_runs_without_leanvgg_and_agrees_with_it(exported, name, fmt):
           f"largest |logit| {spread:.3g}, ratio {worst / spread:.3g}")
     if (name, fmt) in BOUNDS:
         assert worst <= BOUNDS[name, fmt] * spread, (worst, spread)
-    else:  # the FP32 model both quantizations start from (pruned, at the variant's size)
-        float_variant = dataclasses.replace(variants[name], model=Builder(
-            decisive_baseline(), Store(exported[2])).float_model(variants[name].recipe))
-        fp32 = _leanvgg_logits(float_variant)
-        theirs_error, ours_error = _distance(theirs, fp32), _distance(ours, fp32)
-        print(f"  from FP32: {fmt} {theirs_error:.3g}, leanvgg {ours_error:.3g}, "
-              f"ratio {theirs_error / ours_error:.3g}")
-        assert theirs_error <= REQUANTIZED[name, fmt] * ours_error
+        return
+    assert worst <= SAME_INT8[name, fmt] * spread, (worst, spread)
+    # the FP32 model the quantization starts from (pruned, at the variant's size)
+    float_variant = dataclasses.replace(variants[name], model=Builder(
+        decisive_baseline(), Store(exported[2])).float_model(variants[name].recipe))
+    fp32 = _leanvgg_logits(float_variant)
+    theirs_error, ours_error = _distance(theirs, fp32), _distance(ours, fp32)
+    print(f"  from FP32: {fmt} {theirs_error:.3g}, leanvgg {ours_error:.3g}, "
+          f"ratio {theirs_error / ours_error:.3g}")
+    assert theirs_error <= FROM_FP32 * ours_error
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
@@ -251,7 +253,8 @@ def test_model_json_says_how_to_feed_it_and_what_it_is(exported):
     assert spec["accuracy"] == {fmt: None for fmt in FORMATS}  # nothing was evaluated
     assert spec["preprocessing"]["interpolation"] == "bilinear"
     assert spec["formats"]["openvino"]["files"] == ["int8_static.xml", "int8_static.bin"]
-    assert "separate quantization" in spec["formats"]["onnx"]["quantization"]
+    for fmt in ("onnx", "openvino"):  # leanvgg's own INT8, not the runtime's quantization
+        assert "leanvgg's own static INT8" in spec["formats"][fmt]["quantization"]
 
 
 def test_what_a_format_cannot_hold_is_refused_with_what_can(tmp_path, monkeypatch, capsys):

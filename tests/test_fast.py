@@ -8,6 +8,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +18,7 @@ from leanvgg import runtime, variants
 from leanvgg.compare import Settings, compare
 from leanvgg.data import CALIBRATION_PHOTOS, DataUnavailable, calibration_batch
 from leanvgg.images import preprocess
+from leanvgg.interop import onnxruntime_runner, openvino_from_onnx, openvino_runner, write_onnx
 from leanvgg.measure import count_params, state_dict_bytes
 from leanvgg.quantize import quantize_static_int8, static_int8_skeleton
 from leanvgg.store import Store
@@ -84,6 +86,42 @@ def test_every_conv_and_linear_has_int8_weights_and_int8_activations(float_model
     # no observers or fake-quant modules left in the graph
     assert not any("observer" in type(m).__name__.lower() or "fake" in type(m).__name__.lower()
                    for m in int8.modules())
+
+
+def test_onnx_runtime_and_openvino_run_the_int8_models_own_quantization(int8, calibration,
+                                                                       tmp_path):
+    """The ONNX export of a static INT8 model is that model: its INT8 weights and activation
+    scales, none made again (ONNX Runtime's and OpenVINO's quantizers used to calibrate their
+    own from the float weights); both runtimes run it close to PyTorch."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from onnx import numpy_helper
+
+    path = tmp_path / "int8.onnx"
+    write_onnx(int8, 64, path)
+    graph = onnx.load(str(path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    pairs = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    weights = [constants[n.input[0]] for n in pairs if n.input[0] in constants]
+    ours = [t for t in int8.graph.state_dict().values() if t.dtype == torch.int8]
+    assert len(weights) == len(ours) == 19  # every conv and Linear, its INT8 weights as they are
+    by_content = lambda ts: sorted((tuple(t.shape), t.tobytes()) for t in ts)
+    assert by_content(weights) == by_content(t.numpy() for t in ours)
+    activation = [(float(constants[n.input[1]]), int(constants[n.input[2]])) for n in pairs
+                  if n.input[0] not in constants]
+    qparams = int8.activation_qparams.tolist()
+    assert len(activation) == len(qparams)
+    assert sorted(activation) == sorted((float(np.float32(s)), int(z)) for s, z in qparams)
+
+    with torch.no_grad():
+        reference = int8(calibration)
+    spread = float(reference.abs().max())
+    # measured: 0.14 % of the largest logit on either runtime, where INT8 itself is 0.34 %
+    # from FP32
+    for run in (onnxruntime_runner(path, 1), openvino_runner(openvino_from_onnx(path), 1)):
+        theirs = torch.from_numpy(run(calibration))
+        assert float((theirs - reference).abs().max()) <= 0.01 * spread
 
 
 @pytest.mark.slow
