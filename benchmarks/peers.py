@@ -1,6 +1,6 @@
 """leanvgg's variants against other CPU runtimes, in one process, on one input, side by side.
 
-Run: make bench-peers   (installs the `export` extra: OpenVINO, NNCF, ONNX Runtime)
+Run: make bench-peers   (installs the `export` and `bench` extras: OpenVINO, ONNX Runtime, NNCF)
 
 Runners: PyTorch eager FP32; every leanvgg variant on the runtimes leanvgg chose for it on this
 machine (--runtime auto: the fastest of inductor, onnxruntime and openvino at batch 1 for single
