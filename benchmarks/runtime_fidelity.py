@@ -6,9 +6,10 @@ The digits-trained VGG-19 with torchvision's real classifier (benchmarks/tune_di
 model; real, held-out handwritten digits at 32 px) made static INT8 by the product's own build
 path (recipe → builder, calibrated on 96 training digits), then run on each runtime
 leanvgg.runtimes offers: Inductor (leanvgg's PT2E INT8, compiled), ONNX Runtime and OpenVINO
-(the same float weights and calibration digits, quantized by their own quantizers), and, where
-the CPU computes in bf16, OpenVINO at its default precision (openvino_bf16: the same NNCF IR,
-what is not INT8 in bf16). For each: held-out accuracy and top-1 agreement with the Inductor
+(the same INT8 model exported to ONNX as QDQ; OpenVINO's IR converted from that file; until
+2026-12-07 each runtime's own quantizer, NNCF for OpenVINO, quantized the float weights again),
+and, where the CPU computes in bf16, OpenVINO at its default precision (openvino_bf16: the same
+IR, what is not INT8 in bf16). For each: held-out accuracy and top-1 agreement with the Inductor
 path, both with 95 % Wilson intervals, and the largest logit difference; for openvino_bf16 also
 its agreement with the same IR in f32 (the variant's own INT8 model), which decides whether the
 runtime choice may use it. Target (issues 15 and 24): agreement >= 99 %.

@@ -78,7 +78,7 @@ class RunContext:
 
     def key(self, *parts: str) -> str:
         """The parts named (of ``PARTS``), always in the same order and spelling: e.g.
-        ``runtime=openvino|threads=2|cpu=AMX-1a2b…|onnx=1.23.2,…,openvino=2026.4.1,torch=2.14.1``."""
+        ``runtime=inductor|threads=2|cpu=AMX-1a2b…|torch=2.14.1,torchao=0.18.0``."""
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"Invalid key parts {sorted(unknown)}. Choose from {PARTS}.")

@@ -198,7 +198,7 @@ def evaluate(variant_set: VariantSet, labelled: Labelled, *, batch_size: int = 1
              progress: bool = True) -> dict[str, Accuracy]:
     """Top-1, top-3 and agreement with the baseline for every variant (baseline first), with
     their intervals, each measured on the runtime that runs the variant's single images (the
-    one the dashboard shows: under ``auto`` the chosen one, e.g. NNCF's INT8 on OpenVINO).
+    one the dashboard shows: under ``auto`` the chosen one, e.g. the INT8 model on OpenVINO).
     Under torchrun each rank takes its shard and the counts are summed: every rank returns the
     same figures."""
     if "baseline" not in variant_set.variants:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -59,7 +60,8 @@ _STDOUT = threading.Lock()
 def stdout_to_stderr() -> Iterator[None]:
     """What libraries print during the block goes to stderr: leanvgg's stdout carries only its
     own output (``--json`` must parse). Redirected at the file descriptor too, since some write
-    to the process's stdout directly (NNCF's progress bars, through rich)."""
+    to the process's stdout directly (NNCF's progress bars, through rich: the peers benchmark
+    quantizes with it)."""
     with _STDOUT:
         original = sys.stdout
         original.flush()
@@ -104,7 +106,7 @@ def _export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
     # a PT2E graph is exported itself (its wrapper's attribute ``graph`` would shadow the
     # GraphModule's own when torch.export lifts its state); it is fixed in eval mode already
     module = model.graph if isinstance(model, StaticInt8) else model.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet("onnx_ir", "onnxscript"):
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
         exported = torch.onnx.export(program, input_names=[INPUT], output_names=[OUTPUT],
@@ -112,6 +114,20 @@ def _export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
     proto = exported.model_proto
     _unshare_weight_zero_points(proto)
     require("onnx").save(proto, str(path))
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """The exporter's passes log every step at INFO (a line per constant they merge: 286 for
+    four variants), which ``--verbose`` would print: only their warnings are kept."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _unshare_weight_zero_points(proto) -> None:
