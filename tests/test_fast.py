@@ -89,6 +89,7 @@ def test_every_conv_and_linear_has_int8_weights_and_int8_activations(float_model
                    for m in int8.modules())
 
 
+@pytest.mark.slow  # converts for ONNX Runtime and OpenVINO (README: what slow marks)
 def test_onnx_runtime_and_openvino_run_the_int8_models_own_quantization(int8, calibration,
                                                                        tmp_path, caplog):
     """The ONNX export of a static INT8 model is that model: its INT8 weights and activation
