@@ -78,11 +78,9 @@ def _timed(build: Callable[[], tuple]) -> tuple[tuple, float]:
     return built, time.perf_counter() - start
 
 
-def _openvino_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
-                   size: int, tmp: Path) -> tuple[Callable, float]:
-    """The peer a user of OpenVINO gets: OpenVINO's conversion of the float model, quantized
-    by NNCF's post-training quantization on the same calibration images, run at OpenVINO's
-    defaults."""
+def nncf_int8(model: torch.nn.Module, calibration: torch.Tensor, size: int):
+    """What a user of OpenVINO gets: OpenVINO's conversion of the float model, quantized by
+    NNCF's post-training quantization on the same calibration images (an OpenVINO model)."""
     import nncf
     import openvino as ov
 
@@ -90,20 +88,17 @@ def _openvino_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: i
         converted = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, size, size),
                                      input=[(-1, 3, size, size)])
         dataset = nncf.Dataset([row.contiguous().numpy() for row in calibration.split(1)])
-        ov_model = nncf.quantize(converted, dataset, subset_size=len(calibration))
-    write_openvino(ov_model, tmp / "vgg19_int8.xml")
-    size_mb = sum(p.stat().st_size for p in tmp.glob("vgg19_int8.*")) / 2**20
-    return openvino_runner(ov_model, threads, f32=False), size_mb  # OpenVINO's defaults
+        return nncf.quantize(converted, dataset, subset_size=len(calibration))
 
 
-def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
-                      size: int, tmp: Path) -> tuple[Callable, float]:
-    """The peer a user of ONNX Runtime gets: its ``quantize_static`` of the float model's ONNX
-    export (QDQ, INT8 weights per output channel, UINT8 activations, MinMax) on the same
-    calibration images."""
+def onnxruntime_qdq(model: torch.nn.Module, calibration: torch.Tensor, size: int,
+                    path: Path) -> None:
+    """What a user of ONNX Runtime gets, written to ``path``: its ``quantize_static`` of the
+    float model's ONNX export (QDQ, INT8 weights per output channel, UINT8 activations, MinMax)
+    on the same calibration images."""
     from onnxruntime import quantization
 
-    fp32, path = tmp / "vgg19_fp32.onnx", tmp / "vgg19_int8.onnx"
+    fp32 = path.with_name(path.stem + "_fp32.onnx")
     write_onnx(model, size, fp32)
     rows = iter(calibration.split(1))
 
@@ -117,6 +112,21 @@ def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads
             str(fp32), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
             per_channel=True, activation_type=quantization.QuantType.QUInt8,
             weight_type=quantization.QuantType.QInt8)
+    fp32.unlink()
+
+
+def _openvino_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
+                   size: int, tmp: Path) -> tuple[Callable, float]:
+    ov_model = nncf_int8(model, calibration, size)
+    write_openvino(ov_model, tmp / "vgg19_int8.xml")
+    size_mb = sum(p.stat().st_size for p in tmp.glob("vgg19_int8.*")) / 2**20
+    return openvino_runner(ov_model, threads, f32=False), size_mb  # OpenVINO's defaults
+
+
+def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads: int,
+                      size: int, tmp: Path) -> tuple[Callable, float]:
+    path = tmp / "vgg19_int8.onnx"
+    onnxruntime_qdq(model, calibration, size, path)
     return onnxruntime_runner(path, threads), path.stat().st_size / 2**20
 
 
