@@ -506,6 +506,14 @@ def _build(args: argparse.Namespace) -> int:
         # left in the temporary directory for good.
         signal.signal(signal.SIGTERM, _exit_building)
 
+        def emit(*event, **fields) -> None:
+            # A library's bare ``except:`` may swallow the SystemExit when the signal lands
+            # inside it (OpenVINO's converter has several: the build then went on and exited
+            # 0); the next event leaves for good.
+            if _STOPPED and threading.current_thread() is threading.main_thread():
+                raise SystemExit(128 + _STOPPED[0])
+            say(worker.Event(*event, **fields))
+
         def helper(names: list[str], threads: int):  # its helper, on the first stage
             return worker.run(worker.command(
                 baseline, names, threads=threads, runtime=args.runtime,
@@ -516,7 +524,7 @@ def _build(args: argparse.Namespace) -> int:
                             runtime=args.runtime, threads=args.threads,
                             beside=helper if worker.JOBS > 1 and not args.helper else None,
                             helper=args.helper,
-                            emit=lambda *a, **k: say(worker.Event(*a, **k)))
+                            emit=emit)
         finally:
             stop.set()
         return 0
@@ -823,8 +831,12 @@ def _fewer_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+_STOPPED: list[int] = []  # the signal that stopped the build, once received
+
+
 def _exit_building(signum: int, _frame) -> None:
     log.info("Received %s; stopping the build.", signal.Signals(signum).name)
+    _STOPPED.append(signum)
     raise SystemExit(128 + signum)
 
 

@@ -318,3 +318,43 @@ def test_a_builder_process_stopped_mid_build_leaves_no_temporary_folders(tmp_pat
     finally:
         process.kill()
     assert not list(temp.glob("leanvgg-*")) and not list(temp.glob("ort.quant.*"))
+
+
+_SWALLOWED = r"""
+import os, signal, sys, time
+from leanvgg import cli
+
+def build_in_stages(*args, emit, **kwargs):
+    try:  # the signal lands inside a library's bare except, which swallows the SystemExit
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    except:  # noqa: E722
+        pass
+    emit("baseline", "building")
+    open(sys.argv[2], "w").close()  # never reached: the build has left
+
+cli.build_in_stages = build_in_stages
+sys.exit(cli.main(["build", "--events", "--weights", sys.argv[1], "--input-size", "32",
+                   "--variants", "baseline"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_swallowed_by_a_library_still_stops_the_build(tmp_path):
+    """OpenVINO's converter has bare ``except:`` blocks: a SIGTERM landing in one had its
+    SystemExit swallowed, and the builder process went on to the end and exited 0 (a flaky
+    failure of the test above). The next event it says leaves with 128 + SIGTERM."""
+    import os
+    import signal
+    import subprocess
+
+    path = tmp_path / "my_vgg.pt"
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
+    marker = tmp_path / "went on"
+    result = subprocess.run([sys.executable, "-c", _SWALLOWED, str(path), str(marker)],
+                            env={**os.environ, "LEANVGG_HOME": str(tmp_path / "home")},
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert not marker.exists()
+    assert result.stdout == ""  # the event after the stop was never said
