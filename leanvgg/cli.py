@@ -835,6 +835,8 @@ _STOPPED: list[int] = []  # the signal that stopped the build, once received
 
 
 def _exit_building(signum: int, _frame) -> None:
+    if _STOPPED:  # leaving already: a second signal (the server's, then the kernel's as the
+        return  # server dies) would cut the cleanup short, or print a traceback at exit
     log.info("Received %s; stopping the build.", signal.Signals(signum).name)
     _STOPPED.append(signum)
     raise SystemExit(128 + signum)

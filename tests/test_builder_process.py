@@ -358,3 +358,42 @@ def test_a_stop_swallowed_by_a_library_still_stops_the_build(tmp_path):
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     assert not marker.exists()
     assert result.stdout == ""  # the event after the stop was never said
+
+
+_TWICE = r"""
+import os, signal, sys, time
+from leanvgg import cli
+
+def build_in_stages(*args, emit, **kwargs):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    finally:  # cleaning up when the second one comes (the kernel's, as the server dies)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        open(sys.argv[2], "w").close()  # the cleanup finished
+
+cli.build_in_stages = build_in_stages
+sys.exit(cli.main(["build", "--events", "--weights", sys.argv[1], "--input-size", "32",
+                   "--variants", "baseline"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_stop_signal_lets_the_cleanup_finish(tmp_path):
+    """The server stops its builder with SIGTERM and the kernel sends another when the server
+    dies: the second used to raise SystemExit again wherever the first's cleanup was (or in
+    the interpreter's shutdown, printing a traceback), and now changes nothing."""
+    import os
+    import signal
+    import subprocess
+
+    path = tmp_path / "my_vgg.pt"
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
+    marker = tmp_path / "cleaned up"
+    result = subprocess.run([sys.executable, "-c", _TWICE, str(path), str(marker)],
+                            env={**os.environ, "LEANVGG_HOME": str(tmp_path / "home")},
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert marker.exists() and "Traceback" not in result.stderr
