@@ -320,23 +320,34 @@ def test_a_builder_process_stopped_mid_build_leaves_no_temporary_folders(tmp_pat
     assert not list(temp.glob("leanvgg-*")) and not list(temp.glob("ort.quant.*"))
 
 
-_SWALLOWED = r"""
+_STAND_IN = r"""
 import os, signal, sys, time
 from leanvgg import cli
 
 def build_in_stages(*args, emit, **kwargs):
-    try:  # the signal lands inside a library's bare except, which swallows the SystemExit
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)
-    except:  # noqa: E722
-        pass
-    emit("baseline", "building")
-    open(sys.argv[2], "w").close()  # never reached: the build has left
+%s
 
 cli.build_in_stages = build_in_stages
 sys.exit(cli.main(["build", "--events", "--weights", sys.argv[1], "--input-size", "32",
                    "--variants", "baseline"]))
 """
+
+
+def _stand_in_build(tmp_path, body: str):
+    """``leanvgg build --events`` in a child process whose build is ``body`` (the body of a
+    stand-in ``build_in_stages(emit=...)``; ``sys.argv[2]``: a marker path it may create):
+    the finished process and whether the marker exists."""
+    import os
+    import subprocess
+
+    path = tmp_path / "my_vgg.pt"
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
+    marker = tmp_path / "marker"
+    result = subprocess.run([sys.executable, "-c", _STAND_IN % body, str(path), str(marker)],
+                            env={**os.environ, "LEANVGG_HOME": str(tmp_path / "home")},
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=300)
+    return result, marker.exists()
 
 
 @pytest.mark.slow
@@ -344,39 +355,19 @@ def test_a_stop_swallowed_by_a_library_still_stops_the_build(tmp_path):
     """OpenVINO's converter has bare ``except:`` blocks: a SIGTERM landing in one had its
     SystemExit swallowed, and the builder process went on to the end and exited 0 (a flaky
     failure of the test above). The next event it says leaves with 128 + SIGTERM."""
-    import os
     import signal
-    import subprocess
 
-    path = tmp_path / "my_vgg.pt"
-    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
-    marker = tmp_path / "went on"
-    result = subprocess.run([sys.executable, "-c", _SWALLOWED, str(path), str(marker)],
-                            env={**os.environ, "LEANVGG_HOME": str(tmp_path / "home")},
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
-    assert not marker.exists()
-    assert result.stdout == ""  # the event after the stop was never said
-
-
-_TWICE = r"""
-import os, signal, sys, time
-from leanvgg import cli
-
-def build_in_stages(*args, emit, **kwargs):
-    try:
+    result, went_on = _stand_in_build(tmp_path, """
+    try:  # the signal lands inside a library's bare except, which swallows the SystemExit
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
-    finally:  # cleaning up when the second one comes (the kernel's, as the server dies)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.5)
-        open(sys.argv[2], "w").close()  # the cleanup finished
-
-cli.build_in_stages = build_in_stages
-sys.exit(cli.main(["build", "--events", "--weights", sys.argv[1], "--input-size", "32",
-                   "--variants", "baseline"]))
-"""
+    except:  # noqa: E722
+        pass
+    emit("baseline", "building")
+    open(sys.argv[2], "w").close()  # never reached: the build has left""")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert not went_on
+    assert result.stdout == ""  # the event after the stop was never said
 
 
 @pytest.mark.slow
@@ -384,16 +375,15 @@ def test_a_second_stop_signal_lets_the_cleanup_finish(tmp_path):
     """The server stops its builder with SIGTERM and the kernel sends another when the server
     dies: the second used to raise SystemExit again wherever the first's cleanup was (or in
     the interpreter's shutdown, printing a traceback), and now changes nothing."""
-    import os
     import signal
-    import subprocess
 
-    path = tmp_path / "my_vgg.pt"
-    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
-    marker = tmp_path / "cleaned up"
-    result = subprocess.run([sys.executable, "-c", _TWICE, str(path), str(marker)],
-                            env={**os.environ, "LEANVGG_HOME": str(tmp_path / "home")},
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=300)
+    result, cleaned_up = _stand_in_build(tmp_path, """
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    finally:  # cleaning up when the second one comes (the kernel's, as the server dies)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        open(sys.argv[2], "w").close()  # the cleanup finished""")
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
-    assert marker.exists() and "Traceback" not in result.stderr
+    assert cleaned_up and "Traceback" not in result.stderr
