@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from peers import nncf_int8, onnxruntime_qdq
+from peers import nncf_int8, onnxruntime_qdq, timed
 
 from leanvgg import schema
 from leanvgg.builder import Builder, calibration_of
@@ -35,12 +34,6 @@ from leanvgg.recipes import RECIPES
 from leanvgg.store import Store
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _timed(make):
-    start = time.perf_counter()
-    made = make()
-    return made, time.perf_counter() - start
 
 
 def main() -> None:
@@ -59,11 +52,11 @@ def main() -> None:
         with using_threads(1):  # as a builder process converts beside its helper
             float_model = builder.float_model(recipe)
             int8 = builder.portable_model(recipe)
-            _, export_s = _timed(lambda: write_onnx(int8, size, tmp / "ours.onnx"))
-            ours_ir, ir_s = _timed(lambda: openvino_from_onnx(tmp / "ours.onnx"))
-            _, qdq_s = _timed(lambda: onnxruntime_qdq(float_model, calibration, size,
+            _, export_s = timed(lambda: write_onnx(int8, size, tmp / "ours.onnx"))
+            ours_ir, ir_s = timed(lambda: openvino_from_onnx(tmp / "ours.onnx"))
+            _, qdq_s = timed(lambda: onnxruntime_qdq(float_model, calibration, size,
                                                       tmp / "quantize_static.onnx"))
-            theirs_ir, nncf_s = _timed(lambda: nncf_int8(float_model, calibration, size))
+            theirs_ir, nncf_s = timed(lambda: nncf_int8(float_model, calibration, size))
         threads = args.threads
         models = {  # name: (runner, conversion seconds)
             "leanvgg's int8 [onnxruntime]": (

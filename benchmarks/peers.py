@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -48,6 +49,7 @@ from leanvgg.variants import build_variants, default_names
 
 RESULTS = Path(__file__).parent / "results"
 PHOTO = importlib.resources.files("skimage.data") / "chelsea.png"
+T = TypeVar("T")
 
 
 class Runner:
@@ -72,7 +74,8 @@ class Runner:
         return self.run(batch)
 
 
-def _timed(build: Callable[[], tuple]) -> tuple[tuple, float]:
+def timed(build: Callable[[], T]) -> tuple[T, float]:
+    """What ``build`` returns, and the seconds it took."""
     start = time.perf_counter()
     built = build()
     return built, time.perf_counter() - start
@@ -262,7 +265,7 @@ def measure(baseline, threads: int, batch_sizes: tuple[int, ...],
     with tempfile.TemporaryDirectory() as tmp:
         for label, make in zip(PEERS, (_openvino_int8, _onnxruntime_int8)):
             log.info("Preparing %s", label)
-            (run, size_mb), seconds = _timed(
+            (run, size_mb), seconds = timed(
                 lambda make=make: make(fp32, calibration, threads, 224, Path(tmp)))
             runners.append(Runner(label, run, size_mb=size_mb, precision="int8", macs=macs224,
                                   input_size=224, prepare_s=seconds))
