@@ -71,12 +71,16 @@ class Packages:
         return model, {**manifest["facts"], "load_s": time.perf_counter() - start}
 
     def make(self, recipe: Recipe, model: nn.Module, facts: dict, artifact: str,
-             on_state: Callable[[State], object]) -> tuple[nn.Module, dict]:
+             on_state: Callable[[State], object], *, load: bool = True
+             ) -> tuple[nn.Module, dict] | None:
         """Compile ``model`` (the artifact ``artifact`` with its ``facts``) unless another
-        process made it meanwhile, store it, and load it; ``on_state`` hears "compiling"."""
+        process made it meanwhile, store it, and load it (``load=False``: only store it, and
+        return None); ``on_state`` hears "compiling"."""
         key = self.key(artifact, recipe.input_size)
         with self.store.lock(key):  # another process may be compiling it right now
-            found = self.load(recipe, artifact)
+            if not load and self.facts(artifact, recipe.input_size) is not None:
+                return None
+            found = self.load(recipe, artifact) if load else None
             if found is not None:
                 return found
             on_state(State.COMPILING)
@@ -92,6 +96,8 @@ class Packages:
                  "context": self.context.on(INDUCTOR).record(),
                  "input_size": recipe.input_size, "facts": facts})
             compile_s = time.perf_counter() - start
+        if not load:
+            return None
         model, facts = self.load(recipe, artifact)
         return model, {**facts, "compile_s": compile_s}
 

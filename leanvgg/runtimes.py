@@ -171,11 +171,7 @@ def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
     Runtime or OpenVINO alone is never compiled for Inductor."""
     placement = plan(recipe, builder, runtime)
     if placement is None and builder.load_only:  # the builder process is measuring it
-        variant = builder.variant(recipe, on_state)
-        return dataclasses.replace(variant, placement=Placement(
-            INDUCTOR, INDUCTOR, builder.context.threads, PENDING, asked=runtime,
-            reason="on inductor until the runtime choice (measured by the builder process) "
-                   "is stored"))
+        return _pending(recipe, builder, runtime, on_state)
     if placement is None:
         return _measured(builder.variant(recipe, on_state), builder, runs=runs,
                          warmup=warmup, on_state=on_state)
@@ -191,6 +187,33 @@ def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
     model = single if placement.batch_runtime == placement.runtime else ByBatch(
         single, lambda: _model(variant, placement.batch_runtime, builder))
     return dataclasses.replace(variant, model=model, placement=placement)
+
+
+def first_runtime(recipe: Recipe) -> str:
+    """Where a builder process makes ``recipe``'s variant ready first under ``auto``, before
+    its runtime choice: ONNX Runtime where it can run it and is installed (exporting
+    int8_static takes 5 s where compiling its Inductor package takes 20 s, on one core of the
+    2-core AVX-512 EPYC), else Inductor. The package is compiled afterwards, for the choice
+    (``ahead_of_choice``)."""
+    return ONNXRUNTIME if ONNXRUNTIME in candidates(recipe) else INDUCTOR
+
+
+def _pending(recipe: Recipe, builder: Builder, asked: str,
+             on_state: Callable[[State], object]) -> Variant:
+    """The variant while the builder process has not stored its runtime choice yet, on the
+    runtime it was made ready on first (``first_runtime``): its stored ONNX Runtime
+    conversion, else its Inductor package (``NotBuilt`` while neither is stored)."""
+    first = first_runtime(recipe)
+    variant = (_converted_only(recipe, builder, first, on_state) if first != INDUCTOR
+               else None)
+    if variant is None:
+        first, variant = INDUCTOR, builder.variant(recipe, on_state)
+    else:
+        variant = dataclasses.replace(variant, model=_model(variant, first, builder, on_state))
+    return dataclasses.replace(variant, placement=Placement(
+        first, first, builder.context.threads, PENDING, asked=asked,
+        reason=f"on {first} until the runtime choice (measured by the builder process) is "
+               "stored"))
 
 
 def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
@@ -321,30 +344,36 @@ def _writer(variant: Variant, runtime: str, builder: Builder,
     return write
 
 
-def conversions_to_choose(recipe: Recipe, builder: Builder) -> list[str]:
-    """The formats (onnx, openvino) ``auto`` would convert ``recipe``'s variant to before
-    timing it, none when its choice is stored already or there is nothing to choose from:
-    work that a process with nothing else to build can do ahead of the choice
-    (``convert_ahead``)."""
+def ahead_of_choice(recipe: Recipe, builder: Builder) -> list[str]:
+    """The formats ``auto`` needs made before it times ``recipe``'s variant: its Inductor
+    package (pt2) and its conversions (onnx, openvino), in that order; none when its choice
+    is stored already or there is nothing to choose from. Work that a process with nothing
+    else to build can do ahead of the choice (``make_ahead``)."""
     if plan(recipe, builder, AUTO) is not None:  # stored, pinned, or nothing to choose from
         return []
-    return list(dict.fromkeys(FORMAT_OF[r] for r in candidates(recipe) if r != INDUCTOR))
+    return list(dict.fromkeys(FORMAT_OF[r] for r in candidates(recipe)))
 
 
-def convert_ahead(recipe: Recipe, builder: Builder, format_: str,
-                  on_state: Callable[[State], object] = lambda state: None) -> None:
-    """Store ``recipe``'s conversion to ``format_`` (onnx, openvino) unless stored, timing
-    nothing: a builder's helper makes the conversions while the builder still builds, so
-    that the runtime choice, timed by one process alone, finds them made. The facts its
-    manifest keeps are its package's (once another process compiling it is done), else the
-    eager variant's."""
+def make_ahead(recipe: Recipe, builder: Builder, format_: str,
+               on_state: Callable[[State], object] = lambda state: None) -> None:
+    """Store ``recipe``'s package (pt2) or conversion (onnx, openvino) unless stored, timing
+    and loading nothing: a builder's helper makes them while the builder still builds, so
+    that the runtime choice, timed by one process alone, finds them made. A conversion's
+    manifest keeps the facts of the variant's ONNX conversion (made first, ``first_runtime``)
+    or its package (once another process compiling it is done), else the eager variant's."""
     recipe = builder.bind(recipe)
-    artifact = builder.key(recipe)
-    with builder.store.lock(builder.packages.key(artifact, recipe.input_size)):
-        facts = builder.packages.facts(artifact, recipe.input_size)  # waited for, if compiling
-    variant = (Variant(recipe, None, facts_of(facts), artifact, builder.context)
-               if facts is not None else builder.variant(recipe, on_state, compiled=False))
     runtime = RUNTIME_OF[format_]
+    if runtime == INDUCTOR:
+        builder.compile_ahead(recipe, on_state)
+        return
+    artifact = builder.key(recipe)
+    # facts without waiting for another process's compile
+    variant = _converted_only(recipe, builder, ONNXRUNTIME, on_state)
+    if variant is None:
+        with builder.store.lock(builder.packages.key(artifact, recipe.input_size)):
+            facts = builder.packages.facts(artifact, recipe.input_size)  # if compiling
+        variant = (Variant(recipe, None, facts_of(facts), artifact, builder.context)
+                   if facts is not None else builder.variant(recipe, on_state, compiled=False))
     _converted(variant, builder, runtime, on_state,
                _writer(variant, runtime, builder, on_state))
 

@@ -27,8 +27,8 @@ from leanvgg.models import Baseline
 from leanvgg.recipes import (RECIPES, QuantizeStaticInt8, Recipe, at_input_size, bind,
                              tuned_recipe)
 from leanvgg.machine import native_bf16
-from leanvgg.runtimes import (AUTO, CHOICES, INDUCTOR, conversions_to_choose, convert_ahead,
-                              missing_runtimes_note, select)
+from leanvgg.runtimes import (AUTO, CHOICES, INDUCTOR, ahead_of_choice, first_runtime,
+                              make_ahead, missing_runtimes_note, select)
 from leanvgg.documents import EVALUATION, TUNED
 from leanvgg.residency import trim
 from leanvgg.store import Store
@@ -175,12 +175,12 @@ class VariantBuilder:
         """What a process claims to build ``name`` (``Store.claim``): the name and its weights."""
         return f"{name}.{self.builder.key(self.registry[name])}"
 
-    def prepare(self, name: str, on_state: Callable[[State], object] = lambda state: None
-                ) -> Variant:
+    def prepare(self, name: str, on_state: Callable[[State], object] = lambda state: None,
+                *, runtime: str | None = None) -> Variant:
         """The ready variant, with the latest evaluation of these very weights on the runtime
-        it runs on, if any."""
+        it runs on, if any; ``runtime``: instead of the builder's own."""
         with self.measuring:
-            variant = select(self.registry[name], self.builder, self.runtime,
+            variant = select(self.registry[name], self.builder, runtime or self.runtime,
                              on_state=on_state)
         trim()  # what loading freed (the skeleton its weights replaced) leaves the process
         measured = self.accuracy.get(evaluation_key(variant))
@@ -212,9 +212,10 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
                     emit: Callable[..., object],
                     beside: Callable[[list[str], int], Iterable[BuildEvent]] | None = None,
                     helper: bool = False) -> None:
-    """What a builder process does for a server: every variant into the cache on Inductor (or
-    the runtime pinned) first, then, under ``auto``, each compiled variant's runtime choice
-    measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
+    """What a builder process does for a server: every variant into the cache, ready to run,
+    first (on the runtime pinned; under ``auto``, on ``first_runtime``: ONNX Runtime, whose
+    export costs a quarter of Inductor's compile, else Inductor), then, under ``auto``, each
+    compiled variant's runtime choice measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
     state, ``built`` once a variant can be loaded, ``placed`` once its choice is stored, and
     ``failed``. Models are let go as soon as they are stored: the server loads its own.
 
@@ -223,9 +224,9 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
     builder process's helper: compiling leaves a core idle half the time) and gives its
     events, which are passed on to ``emit``; what it built gets its runtime choice here. A
     variant it claimed but never finished (it died) is built here after it ends. Under
-    ``auto``, once every variant is claimed, each process goes on with the conversions the
-    choice will time (``runtimes.convert_ahead``), claimed the same way, so that the choice
-    (timed here alone, after the helper ended) finds them made. While two processes build,
+    ``auto``, once every variant is claimed, each process goes on with the packages and
+    conversions the choice will time (``runtimes.make_ahead``), claimed the same way, so that
+    the choice (timed here alone, after the helper ended) finds them made. While two processes build,
     each computes on half the cores: two at full width oversubscribe the machine (every
     variant but turbo_svd ready in 89 s instead of 137 s on two cores). ``helper``: this is
     the helper, which builds only what it claims and chooses no runtime."""
@@ -260,13 +261,27 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         side_by_side = helper or listener.is_alive()
         return max(1, cores // 2) if side_by_side else cores
 
+    def ready_first(name: str) -> Variant:
+        def on_state(state: State) -> None:
+            said(name, state.value)
+
+        where = first_runtime(first.registry[name]) if runtime == AUTO else first.runtime
+        if where == first.runtime:
+            return first.prepare(name, on_state)
+        try:
+            return first.prepare(name, on_state, runtime=where)
+        except Exception:  # the runtime choice says why, if it fails there too
+            log.exception("Making %s ready on %s failed: on %s instead", name, where,
+                          first.runtime)
+            return first.prepare(name, on_state)
+
     def build(claiming: bool) -> None:
         for name in order:
             if name in done or (claiming and not store.claim(first.claim_key(name))):
                 continue
             torch.set_num_threads(width())
             try:
-                variant = first.prepare(name, lambda state, name=name: said(name, state.value))
+                variant = ready_first(name)
             except Exception as err:  # one variant's failure never takes the others down
                 log.exception("Variant %s failed", name)
                 said(name, State.FAILED.value, reason=failure_reason(err))
@@ -278,28 +293,31 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             del variant
             first.builder.forget()
 
-    def convert() -> None:  # ahead of the choice; what is left is converted when it is made
-        for name in order:
+    def ahead() -> None:  # of the choice; what is left is made when the choice is
+        # every package first (the longest items, ~20 s each), then the conversions (seconds
+        # each), so that neither process is left compiling alone at the end
+        work = [(name, format_) for name in order
+                if first.registry[name].compiled and not (name in done and name not in built)
+                for format_ in ahead_of_choice(first.registry[name], first.builder)]
+        for name, format_ in sorted(work, key=lambda item: item[1] != "pt2"):
             recipe = first.registry[name]
-            if not recipe.compiled or (name in done and name not in built):  # it failed
+            if not store.claim(f"ahead.{format_}.{first.claim_key(name)}"):
                 continue
-            for format_ in conversions_to_choose(recipe, first.builder):
-                if not store.claim(f"convert.{format_}.{first.claim_key(name)}"):
-                    continue
-                torch.set_num_threads(width())
-                try:
-                    convert_ahead(recipe, first.builder, format_)
-                except Exception:  # the choice converts it again, and says why it cannot
-                    log.exception("Converting %s to %s ahead of its runtime choice failed",
-                                  name, format_)
-                first.builder.forget()
+            torch.set_num_threads(width())
+            try:
+                make_ahead(recipe, first.builder, format_,
+                           lambda state, name=name: said(name, state.value))
+            except Exception:  # the choice makes it again, and says why it cannot
+                log.exception("Making %s's %s ahead of its runtime choice failed", name,
+                              format_)
+            first.builder.forget()
 
     if beside is not None:
         listener.start()
     try:
         build(claiming=True)
         if runtime == AUTO:
-            convert()
+            ahead()
         if beside is not None:
             listener.join()
     finally:

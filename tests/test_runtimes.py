@@ -172,6 +172,17 @@ def test_a_new_cpu_library_version_or_thread_count_measures_again(home, known_co
     assert len(Store(home).documents.load(RUNTIME_CHOICES)) == 2  # the old choice is kept
 
 
+def assert_same_int8(theirs: torch.Tensor, ours: torch.Tensor, fp32: torch.Tensor) -> None:
+    """Another runtime's logits ``theirs`` run Inductor's INT8 model (``ours``): the same
+    top-1 on every photo, within ``SAME_INT8``, and no further from FP32 than ``FROM_FP32``."""
+    assert torch.equal(theirs.argmax(1), ours.argmax(1))  # the same top-1 on every photo
+    assert len(set(ours.argmax(1).tolist())) > 1
+    assert float((theirs - ours).abs().max()) <= SAME_INT8 * float(ours.abs().max())
+    theirs_error = float((theirs - fp32).abs().max())
+    ours_error = float((ours - fp32).abs().max())
+    assert theirs_error <= FROM_FP32 * ours_error, (theirs_error, ours_error)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_each_runtime_agrees_with_inductor_on_real_photos(home, runtime):
@@ -179,14 +190,8 @@ def test_each_runtime_agrees_with_inductor_on_real_photos(home, runtime):
     inductor = _build(home, "inductor")
     assert pinned["int8_static"].summary().runtime == runtime
     assert inductor["int8_static"].summary().runtime == "inductor"
-    theirs, ours = _logits(pinned["int8_static"]), _logits(inductor["int8_static"])
-    fp32 = _logits(inductor["baseline"])
-    assert torch.equal(theirs.argmax(1), ours.argmax(1))  # the same top-1 on every photo
-    assert len(set(ours.argmax(1).tolist())) > 1
-    assert float((theirs - ours).abs().max()) <= SAME_INT8 * float(ours.abs().max())
-    theirs_error = float((theirs - fp32).abs().max())
-    ours_error = float((ours - fp32).abs().max())
-    assert theirs_error <= FROM_FP32 * ours_error, (theirs_error, ours_error)
+    assert_same_int8(_logits(pinned["int8_static"]), _logits(inductor["int8_static"]),
+                     _logits(inductor["baseline"]))
     # size and accuracy facts are the variant's, whatever runs it
     assert pinned["int8_static"].facts.size_bytes == \
         inductor["int8_static"].facts.size_bytes
@@ -311,9 +316,13 @@ def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(home, m
 
 
 @pytest.mark.slow
-def test_a_helper_converts_ahead_and_the_choice_then_converts_nothing(tmp_path, monkeypatch):
-    """Once every variant is claimed, a helper makes the conversions ``auto`` will time and
-    chooses nothing; the builder's choice, timed after it, finds them made."""
+def test_a_helper_makes_ready_on_onnx_runtime_then_makes_ahead_what_the_choice_times(
+        tmp_path, monkeypatch):
+    """A builder makes a static INT8 variant ready on ONNX Runtime first (its export, not
+    Inductor's compile); once every variant is claimed, a helper compiles the package and
+    makes the conversions ``auto`` will time, and chooses nothing. A server meanwhile serves
+    the variant from that ONNX export, pending its choice; the builder's choice, timed after
+    the helper, finds everything made."""
     from leanvgg.variants import VariantBuilder, build_in_stages
 
     baseline, home = decisive_baseline(), tmp_path / "h"
@@ -326,7 +335,10 @@ def test_a_helper_converts_ahead_and_the_choice_then_converts_nothing(tmp_path, 
                         **kwargs)
 
     stages(helper=True)
-    assert ("int8_static", "built", "inductor") in heard
+    built = [event for event in heard if event[1] == "built"]
+    assert built == [("baseline", "built", "pytorch"), ("int8_static", "built", "onnxruntime")]
+    # compiled after it was ready, ahead of the choice
+    assert heard.index(("int8_static", "compiling", None)) > heard.index(built[1])
     assert not [event for event in heard if event[1] == "placed"]
     assert not Store(home).documents.load(RUNTIME_CHOICES)
     made = VariantBuilder(baseline, Store(home), threads=1)
@@ -334,14 +346,24 @@ def test_a_helper_converts_ahead_and_the_choice_then_converts_nothing(tmp_path, 
     for runtime in ("onnxruntime", "openvino"):
         key = runtimes._conversion_key(builder.key(recipe), recipe.input_size, runtime, builder)
         assert Store(home).manifest(key, runtimes._SUFFIXES[capabilities.FORMAT_OF[runtime]])
+    assert builder.packages.facts(builder.key(recipe), recipe.input_size) is not None
+
+    serving = VariantBuilder(baseline, Store(home), runtime="auto", threads=1, load_only=True)
+    pending = serving.prepare("int8_static")
+    assert (pending.runtime, pending.where.how) == ("onnxruntime", "pending choice")
+    assert pending.where.reason.startswith("on onnxruntime until the runtime choice")
+    on_inductor = VariantBuilder(baseline, Store(home), threads=1).prepare("int8_static")
+    fp32 = _build(home, "inductor")["baseline"]
+    assert_same_int8(_logits(pending), _logits(on_inductor), _logits(fp32))
 
     def again(*args, **kwargs):
-        raise AssertionError("the runtime choice converted again what the helper made")
+        raise AssertionError("the runtime choice made again what the helper made")
 
     monkeypatch.setattr(runtimes, "write_onnx", again)
     monkeypatch.setattr(runtimes, "openvino_from_onnx", again)
+    monkeypatch.setattr("leanvgg.packages.package", again)
     stages()
     placed = [event for event in heard if event[1] == "placed"]
     assert placed == [("int8_static", "placed", placed[0][2])]
     assert placed[0][2] in runtimes.candidates(recipe)
-    assert runtimes.conversions_to_choose(recipe, builder) == []  # chosen: nothing to convert
+    assert runtimes.ahead_of_choice(recipe, builder) == []  # chosen: nothing to make ahead
