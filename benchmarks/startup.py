@@ -5,7 +5,9 @@ converts and chooses runtimes. Measured: start → baseline answering, → every
 some runtime, → the runtime choice done, and uploads answered meanwhile (one every 2 s).
 
 Starts `leanvgg serve --weights random` (default variants and settings) on 127.0.0.1 with an
-empty cache, then again on the cache it left, and measures: start → page and /healthz answering,
+empty cache (and an empty Inductor cache: compiled kernels and precompiled headers left by
+earlier runs would make the cold start faster than a newcomer's), then again on the cache it
+left, and measures: start → page and /healthz answering,
 start → every variant ready, the first and later upload round-trips (`POST /api/compare`), the
 time to the first row of the streamed answer (`/api/compare/stream`), and the server's RSS,
 PSS and anonymous memory against the floor after warm-up and after N uploads. Saves
@@ -107,7 +109,11 @@ def run_server(home: str, uploads: int, runtime: dict, *, uploading: bool = True
     base = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "leanvgg", "serve", "--weights", "random",
-                               "--port", str(port)], env={**os.environ, "LEANVGG_HOME": home},
+                               "--port", str(port)], env={
+                                   **os.environ, "LEANVGG_HOME": home,
+                                   # Inductor's own cache (compiled kernels, precompiled
+                                   # headers) as empty as a newcomer's on the cold start
+                                   "TORCHINDUCTOR_CACHE_DIR": os.path.join(home, "inductor")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         answering = wait_for(base, started, lambda body: True)

@@ -24,8 +24,7 @@ from leanvgg.context import INDUCTOR, PYTORCH, RunContext
 from leanvgg.data import calibration_batch
 from leanvgg.documents import MACS
 from leanvgg.facts import AS_BUILT, Accuracy, ArtifactFacts, Placement, State, VariantFacts
-from leanvgg.measure import (Profile, count_macs, count_nonzero_params, count_params,
-                             state_dict_bytes)
+from leanvgg.measure import Profile, count_macs, param_counts, state_dict_bytes
 from leanvgg.models import Baseline, from_layout, layout_of, random_model
 from leanvgg.packages import Packages
 from leanvgg.recipes import (QuantizeStaticInt8, Recipe, Step, artifact_key, bind,
@@ -423,4 +422,5 @@ def _check_manifest(manifest: dict) -> None:
 
 
 def _param_facts(model: nn.Module) -> dict:
-    return {"params": count_nonzero_params(model), "params_total": count_params(model)}
+    nonzero, total = param_counts(model)
+    return {"params": nonzero, "params_total": total}

@@ -439,12 +439,14 @@ def _write_output(path: Path, report: dict) -> None:
         raise OutputError(f"cannot write {str(path)!r}: {err.strerror or err}.") from None
 
 
-def _baseline(args: argparse.Namespace, store: Store, folder: str | None = None) -> Baseline:
+def _baseline(args: argparse.Namespace, store: Store, folder: str | None = None, *,
+              drawn: bool = True) -> Baseline:
     """The model the command works on, with its labels (``labels.attach``): checked, like the
     label file, before anything is built or cached. ``folder``: a labelled image folder whose
-    sub-folder names label a model that has no names of its own."""
+    sub-folder names label a model that has no names of its own. ``drawn=False``: random
+    weights not drawn (``load_baseline``), for a caller that maps them from the store."""
     given = read_labels(args.labels) if args.labels else None
-    baseline = load_baseline(args.weights, input_size=args.input_size)
+    baseline = load_baseline(args.weights, input_size=args.input_size, drawn=drawn)
     names = None
     if (folder is not None and not given and baseline.labels.source == GENERIC
             and not _is_cifar(folder)):
@@ -494,10 +496,11 @@ def _build(args: argparse.Namespace) -> int:
 
         say = worker.events_channel()  # from here our stdout carries the events alone
     store = Store()
-    baseline = _baseline(args, store)
+    baseline = _baseline(args, store, drawn=not args.events)
     if args.events:
         # a server's builder process: the weights mapped from the store, as the server maps
-        # them (one copy in the page cache for all processes)
+        # them (one copy in the page cache for all processes; random ones drawn only if the
+        # store lacks them: the server stored them already)
         baseline = stored_baseline(baseline, store)
         stop = threading.Event()
         # The server stops it with SIGTERM (and the kernel sends one when the server dies):

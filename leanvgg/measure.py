@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.ao.nn.quantized import Linear as QuantizedLinear
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
@@ -64,13 +65,24 @@ def _weights(module: nn.Module) -> list[torch.Tensor]:
 
 def count_params(model: nn.Module) -> int:
     """All parameters, quantized weights counted unpacked (one per original float)."""
-    return sum(t.numel() for m in model.modules() for t in _weights(m))
+    return param_counts(model)[1]
 
 
 def count_nonzero_params(model: nn.Module) -> int:
     """Non-zero parameters: pruned (zeroed) entries excluded, quantized weights counted unpacked."""
+    return param_counts(model)[0]
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(non-zero, all) parameters, each quantized weight unpacked once (unpacking fc6's
+    dynamic INT8 weights takes 0.25 s)."""
+    nonzero = total = 0
     with torch.no_grad():
-        return sum(int(torch.count_nonzero(t)) for m in model.modules() for t in _weights(m))
+        for module in model.modules():
+            for tensor in _weights(module):
+                nonzero += int(torch.count_nonzero(tensor))
+                total += tensor.numel()
+    return nonzero, total
 
 
 def count_macs(model: nn.Module, input_size: int) -> int:
@@ -78,7 +90,8 @@ def count_macs(model: nn.Module, input_size: int) -> int:
 
     Counted by hooks on conv and Linear modules (which also sees torch.ao's quantized ones,
     opaque to PyTorch's FLOP counter); a traced graph has no such modules, so its aten ops
-    are counted by ``FlopCounterMode`` instead (2 FLOPs per MAC).
+    are counted by ``FlopCounterMode`` instead (2 FLOPs per MAC), on fake tensors: shapes
+    alone, nothing computed (0.07 s instead of 2.2 s for int8_static's graph on one core).
     """
     total = 0
 
@@ -98,8 +111,9 @@ def count_macs(model: nn.Module, input_size: int) -> int:
             handles.append(module.register_forward_hook(linear))
     example = torch.zeros(1, 3, input_size, input_size)
     if not handles:
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            model(example)
+        with (FakeTensorMode(allow_non_fake_inputs=True) as fake,
+              FlopCounterMode(display=False) as counter, torch.inference_mode()):
+            model(fake.from_tensor(example))
         return counter.get_total_flops() // 2
     try:
         with torch.inference_mode():

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from leanvgg.builder import Builder, NotBuilt, Variant, calibration_of, facts_of
-from leanvgg.capabilities import FORMAT_OF, RUNTIME_OF, runtime_refusal
+from leanvgg.capabilities import (FORMAT_OF, INT8_STATIC, RUNTIME_OF, precision_of,
+                                  runtime_refusal)
 from leanvgg.context import (AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, OPENVINO_BF16, PYTORCH,
                              RUNTIMES, RunContext)
 from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED,
@@ -170,8 +171,10 @@ def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
     ``BATCH``, measured now and stored. Only what runs is built: a variant placed on ONNX
     Runtime or OpenVINO alone is never compiled for Inductor."""
     placement = plan(recipe, builder, runtime)
-    if placement is None and builder.load_only:  # the builder process is measuring it
-        return _pending(recipe, builder, runtime, on_state)
+    if builder.load_only and (placement is None or placement.how == ONLY and not (
+            builder.packages.facts(builder.key(builder.bind(recipe)), recipe.input_size))):
+        # the builder process is measuring its choice, or compiling its only candidate
+        return _pending(recipe, builder, runtime, on_state, compiling=placement is not None)
     if placement is None:
         return _measured(builder.variant(recipe, on_state), builder, runs=runs,
                          warmup=warmup, on_state=on_state)
@@ -190,30 +193,41 @@ def select(recipe: Recipe, builder: Builder, runtime: str = AUTO, *,
 
 
 def first_runtime(recipe: Recipe) -> str:
-    """Where a builder process makes ``recipe``'s variant ready first under ``auto``, before
-    its runtime choice: ONNX Runtime where it can run it and is installed (exporting
-    int8_static takes 5 s where compiling its Inductor package takes 20 s, on one core of the
-    2-core AVX-512 EPYC), else Inductor. The package is compiled afterwards, for the choice
-    (``ahead_of_choice``)."""
-    return ONNXRUNTIME if ONNXRUNTIME in candidates(recipe) else INDUCTOR
+    """Where a builder process makes ``recipe``'s compiled variant ready first under ``auto``,
+    before its runtime choice, so that the first start serves it sooner: ONNX Runtime where it
+    can run it and is installed (exporting int8_static takes 5 s where compiling its Inductor
+    package takes 20 s, on one core of the 2-core AVX-512 EPYC); PyTorch eager for a float or
+    dynamic INT8 model, which runs on the same oneDNN and fbgemm kernels uncompiled (bf16:
+    121.6 ms against its package's 108.6 ms there, batch 1, 2 threads; no compile at all);
+    else Inductor (static INT8 eager would run reference kernels, slower than FP32). Its
+    package is compiled afterwards, for the choice (``ahead_of_choice``)."""
+    if ONNXRUNTIME in candidates(recipe):
+        return ONNXRUNTIME
+    return INDUCTOR if precision_of(recipe) == INT8_STATIC else PYTORCH
 
 
 def _pending(recipe: Recipe, builder: Builder, asked: str,
-             on_state: Callable[[State], object]) -> Variant:
-    """The variant while the builder process has not stored its runtime choice yet, on the
+             on_state: Callable[[State], object], *, compiling: bool = False) -> Variant:
+    """The variant while the builder process has not stored its runtime choice (or, for a
+    variant with Inductor as its only candidate, ``compiling``: its package) yet, on the
     runtime it was made ready on first (``first_runtime``): its stored ONNX Runtime
-    conversion, else its Inductor package (``NotBuilt`` while neither is stored)."""
+    conversion, else its Inductor package, else (PyTorch first) its eager model;
+    ``NotBuilt`` while none is stored."""
     first = first_runtime(recipe)
-    variant = (_converted_only(recipe, builder, first, on_state) if first != INDUCTOR
+    variant = (_converted_only(recipe, builder, first, on_state) if first == ONNXRUNTIME
                else None)
-    if variant is None:
-        first, variant = INDUCTOR, builder.variant(recipe, on_state)
-    else:
+    if variant is not None:
         variant = dataclasses.replace(variant, model=_model(variant, first, builder, on_state))
+    elif first == PYTORCH and builder.packages.facts(
+            builder.key(builder.bind(recipe)), recipe.input_size) is None:
+        variant = builder.variant(recipe, on_state, compiled=False)
+    else:
+        first, variant = INDUCTOR, builder.variant(recipe, on_state)
+    awaited = ("its Inductor package (compiled by the builder process) is stored" if compiling
+               else "the runtime choice (measured by the builder process) is stored")
     return dataclasses.replace(variant, placement=Placement(
         first, first, builder.context.threads, PENDING, asked=asked,
-        reason=f"on {first} until the runtime choice (measured by the builder process) is "
-               "stored"))
+        reason=f"on {first} until {awaited}"))
 
 
 def _measured(variant: Variant, builder: Builder, *, runs: int, warmup: int,
@@ -346,11 +360,13 @@ def _writer(variant: Variant, runtime: str, builder: Builder,
 
 def ahead_of_choice(recipe: Recipe, builder: Builder) -> list[str]:
     """The formats ``auto`` needs made before it times ``recipe``'s variant: its Inductor
-    package (pt2) and its conversions (onnx, openvino), in that order; none when its choice
-    is stored already or there is nothing to choose from. Work that a process with nothing
+    package (pt2) and its conversions (onnx, openvino), in that order; its package alone when
+    Inductor is its only candidate; none when its choice is stored already or pinned. Work that a process with nothing
     else to build can do ahead of the choice (``make_ahead``)."""
-    if plan(recipe, builder, AUTO) is not None:  # stored, pinned, or nothing to choose from
-        return []
+    placement = plan(recipe, builder, AUTO)
+    if placement is not None:  # stored, pinned, or nothing to choose from
+        # the package of a variant ready first elsewhere (eager) when Inductor is all it has
+        return [FORMAT_OF[INDUCTOR]] if placement.how == ONLY else []
     return list(dict.fromkeys(FORMAT_OF[r] for r in candidates(recipe)))
 
 

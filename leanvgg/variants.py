@@ -27,8 +27,8 @@ from leanvgg.models import Baseline
 from leanvgg.recipes import (RECIPES, QuantizeStaticInt8, Recipe, at_input_size, bind,
                              tuned_recipe)
 from leanvgg.machine import native_bf16
-from leanvgg.runtimes import (AUTO, CHOICES, INDUCTOR, ahead_of_choice, first_runtime,
-                              make_ahead, missing_runtimes_note, select)
+from leanvgg.runtimes import (AUTO, CHOICES, INDUCTOR, PYTORCH, ahead_of_choice,
+                              first_runtime, make_ahead, missing_runtimes_note, select)
 from leanvgg.documents import EVALUATION, TUNED
 from leanvgg.residency import trim
 from leanvgg.store import Store
@@ -214,8 +214,8 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
                     helper: bool = False) -> None:
     """What a builder process does for a server: every variant into the cache, ready to run,
     first (on the runtime pinned; under ``auto``, on ``first_runtime``: ONNX Runtime, whose
-    export costs a quarter of Inductor's compile, else Inductor), then, under ``auto``, each
-    compiled variant's runtime choice measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
+    export costs a quarter of Inductor's compile, or uncompiled), then, under ``auto``, each
+    compiled variant's package made and its runtime choice measured and stored. ``emit(variant, state, reason=None, runtime=None)`` hears each
     state, ``built`` once a variant can be loaded, ``placed`` once its choice is stored, and
     ``failed``. Models are let go as soon as they are stored: the server loads its own.
 
@@ -261,19 +261,24 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         side_by_side = helper or listener.is_alive()
         return max(1, cores // 2) if side_by_side else cores
 
-    def ready_first(name: str) -> Variant:
+    def ready_first(name: str) -> tuple[Variant, str]:
+        """The variant ready to run, and where it runs until its runtime is chosen."""
         def on_state(state: State) -> None:
             said(name, state.value)
 
-        where = first_runtime(first.registry[name]) if runtime == AUTO else first.runtime
-        if where == first.runtime:
-            return first.prepare(name, on_state)
+        recipe = first.registry[name]
+        where = first_runtime(recipe) if runtime == AUTO and recipe.compiled else first.runtime
         try:
-            return first.prepare(name, on_state, runtime=where)
+            if where == PYTORCH:  # uncompiled: its package is compiled after
+                return first.builder.variant(recipe, on_state, compiled=False), where
+            if where != first.runtime:
+                variant = first.prepare(name, on_state, runtime=where)
+                return variant, variant.runtime
         except Exception:  # the runtime choice says why, if it fails there too
             log.exception("Making %s ready on %s failed: on %s instead", name, where,
                           first.runtime)
-            return first.prepare(name, on_state)
+        variant = first.prepare(name, on_state)
+        return variant, variant.runtime
 
     def build(claiming: bool) -> None:
         for name in order:
@@ -281,13 +286,13 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
                 continue
             torch.set_num_threads(width())
             try:
-                variant = ready_first(name)
+                variant, runs_on = ready_first(name)
             except Exception as err:  # one variant's failure never takes the others down
                 log.exception("Variant %s failed", name)
                 said(name, State.FAILED.value, reason=failure_reason(err))
                 done.add(name)
                 continue
-            said(name, "built", runtime=variant.runtime)
+            said(name, "built", runtime=runs_on)
             built.add(name)
             done.add(name)
             del variant

@@ -27,6 +27,37 @@ def test_macs_match_the_layer_shapes(baseline):
     assert macs == pytest.approx(19.6e9, rel=0.01)  # torchvision's documented 19.63 GFLOPS
 
 
+def test_a_traced_int8_graph_counts_its_float_models_macs():
+    """A PT2E graph has no conv modules to hook: its aten ops are counted (on fake tensors),
+    the same count as its float model's hooks, and the graph's constants stay as they were."""
+    from leanvgg.quantize import static_int8_skeleton
+
+    model = vgg11(num_classes=10).eval()
+    graph = static_int8_skeleton(model, 64)
+    before = [b.clone() for b in graph.buffers()]
+    assert count_macs(graph, 64) == conv_and_linear_macs(model, 64)
+    assert all(torch.equal(a, b) for a, b in zip(before, graph.buffers()))
+    with torch.inference_mode():  # and it still runs on real tensors
+        assert graph(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_dynamic_int8_weights_are_counted_unpacked_once_each(monkeypatch):
+    layers = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for parameter in layers.parameters():
+            parameter.fill_(0.5)
+        layers[0].weight[0] = 0  # a pruned row: counted, but not as non-zero
+    quantized = torch.ao.quantization.quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8)
+    from leanvgg import measure
+
+    unpacked = []
+    real = measure._unpacked
+    monkeypatch.setattr(measure, "_unpacked", lambda t: unpacked.append(1) or real(t))
+    total = 16 * 8 + 8 + 8 * 4 + 4
+    assert measure.param_counts(quantized) == (total - 16, total)
+    assert len(unpacked) == 4  # two weights, two biases
+
+
 def test_160px_macs_scale_with_pixels(variant_set):
     base = variant_set.variants["baseline"].facts.macs
     small = variant_set.variants["res160"].facts.macs

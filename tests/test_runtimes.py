@@ -16,6 +16,7 @@ from leanvgg.context import RunContext
 from leanvgg.facts import ArtifactFacts, Placement
 from leanvgg.recipes import RECIPES
 from leanvgg.measure import Latency
+from leanvgg.packages import Packages
 from leanvgg.images import decode, read_file
 from leanvgg.documents import RUNTIME_CHOICES
 from leanvgg.store import Store
@@ -319,10 +320,10 @@ def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(home, m
 def test_a_helper_makes_ready_on_onnx_runtime_then_makes_ahead_what_the_choice_times(
         tmp_path, monkeypatch):
     """A builder makes a static INT8 variant ready on ONNX Runtime first (its export, not
-    Inductor's compile); once every variant is claimed, a helper compiles the package and
-    makes the conversions ``auto`` will time, and chooses nothing. A server meanwhile serves
-    the variant from that ONNX export, pending its choice; the builder's choice, timed after
-    the helper, finds everything made."""
+    Inductor's compile), and bf16 (Inductor its only candidate) uncompiled; once every
+    variant is claimed, a helper compiles the packages and makes the conversions ``auto``
+    will time, and chooses nothing. A server meanwhile serves them from that ONNX export and
+    eagerly, pending; the builder's choice, timed after the helper, finds everything made."""
     from leanvgg.variants import VariantBuilder, build_in_stages
 
     baseline, home = decisive_baseline(), tmp_path / "h"
@@ -330,15 +331,18 @@ def test_a_helper_makes_ready_on_onnx_runtime_then_makes_ahead_what_the_choice_t
 
     def stages(**kwargs):
         heard.clear()
-        build_in_stages(baseline, NAMES, store=Store(home), calibration=None, runtime="auto",
-                        threads=1, emit=lambda *a, **k: heard.append((*a[:2], k.get("runtime"))),
+        build_in_stages(baseline, [*NAMES, "bf16"], store=Store(home), calibration=None,
+                        runtime="auto", threads=1,
+                        emit=lambda *a, **k: heard.append((*a[:2], k.get("runtime"))),
                         **kwargs)
 
     stages(helper=True)
     built = [event for event in heard if event[1] == "built"]
-    assert built == [("baseline", "built", "pytorch"), ("int8_static", "built", "onnxruntime")]
-    # compiled after it was ready, ahead of the choice
-    assert heard.index(("int8_static", "compiling", None)) > heard.index(built[1])
+    assert sorted(built) == [("baseline", "built", "pytorch"), ("bf16", "built", "pytorch"),
+                             ("int8_static", "built", "onnxruntime")]
+    # each compiled after every variant was ready, ahead of the choice
+    compiled = [heard.index((name, "compiling", None)) for name in ("int8_static", "bf16")]
+    assert min(compiled) > max(heard.index(event) for event in built)
     assert not [event for event in heard if event[1] == "placed"]
     assert not Store(home).documents.load(RUNTIME_CHOICES)
     made = VariantBuilder(baseline, Store(home), threads=1)
@@ -352,6 +356,16 @@ def test_a_helper_makes_ready_on_onnx_runtime_then_makes_ahead_what_the_choice_t
     pending = serving.prepare("int8_static")
     assert (pending.runtime, pending.where.how) == ("onnxruntime", "pending choice")
     assert pending.where.reason.startswith("on onnxruntime until the runtime choice")
+    monkeypatch.setattr(Packages, "facts", lambda *a, **k: None)  # its package not made yet
+    eager = serving.prepare("bf16")
+    monkeypatch.undo()
+    assert (eager.runtime, eager.where.how) == ("pytorch", "pending choice")
+    assert eager.where.reason == ("on pytorch until its Inductor package (compiled by the "
+                                  "builder process) is stored")
+    bf16 = VariantBuilder(baseline, Store(home), threads=1).prepare("bf16")
+    assert bf16.runtime == "inductor"
+    same = _logits(eager).float(), _logits(bf16).float()
+    assert torch.equal(same[0].argmax(1), same[1].argmax(1))
     on_inductor = VariantBuilder(baseline, Store(home), threads=1).prepare("int8_static")
     fp32 = _build(home, "inductor")["baseline"]
     assert_same_int8(_logits(pending), _logits(on_inductor), _logits(fp32))
@@ -364,6 +378,6 @@ def test_a_helper_makes_ready_on_onnx_runtime_then_makes_ahead_what_the_choice_t
     monkeypatch.setattr("leanvgg.packages.package", again)
     stages()
     placed = [event for event in heard if event[1] == "placed"]
-    assert placed == [("int8_static", "placed", placed[0][2])]
+    assert placed == [("int8_static", "placed", placed[0][2]), ("bf16", "placed", "inductor")]
     assert placed[0][2] in runtimes.candidates(recipe)
     assert runtimes.ahead_of_choice(recipe, builder) == []  # chosen: nothing to make ahead

@@ -61,7 +61,9 @@ class VariantPool:
         self._states: dict[str, VariantStatus] = {
             name: VariantStatus(name, State.READY) for name in self._ready}
         self._order: list[str] = list(self._ready)
-        self._pending_choice: set[str] = set()  # ready, on Inductor until their choice is stored
+        # ready where the builder made them first (runtimes.first_runtime) until their
+        # choice (or their only runtime's package) is stored
+        self._pending_choice: set[str] = set()
         self.builder_running = False
         self.failure: str | None = None
 
@@ -130,8 +132,8 @@ class VariantPool:
 
     def _build_elsewhere(self, builder: VariantBuilder, names: list[str], store: Store,
                          stop: threading.Event) -> None:
-        """Run the builder process for ``names``; load each variant it finishes (on Inductor
-        first, then on the runtime measured for it)."""
+        """Run the builder process for ``names``; load each variant it finishes (where it was
+        made ready first, then on the runtime measured for it)."""
         argv = worker.command(builder.baseline, names, threads=builder.builder.context.threads,
                               runtime=self.runtime, calibration=self.calibration)
         log.info("Building %s in a builder process", ", ".join(names))
@@ -189,7 +191,8 @@ class VariantPool:
         else:
             state = "warming up"
         with self._lock:
-            # ready on Inductor, moving to their measured runtime once the builder stored it
+            # ready where they were made first, moving to their measured runtime once the
+            # builder stored it
             pending = [name for name in self._order if name in self._pending_choice]
         return {"status": state, "serving": serving, "variants": states,
                 "builder_process": self.builder_running, "pending_choice": pending,

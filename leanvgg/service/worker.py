@@ -28,7 +28,8 @@ BUILT, PLACED, FAILED = "built", "placed", "failed"
 # server's comparisons wait for.
 NICE = 19
 # Variants built at a time in the first stage: a helper process builds beside the builder
-# process, each on half the cores, then makes conversions ahead of the runtime choice
+# process, each on half the cores, then makes packages and conversions ahead of the runtime
+# choice
 # (compiling leaves one of 2 cores idle about half the time; with the server loading beside
 # them, every default variant was ready in 167 s instead of 186 s with the helper at full
 # width, and in 143 s with this split, choice done in 278 s instead of 364 s: measured on a
@@ -40,7 +41,8 @@ JOBS = int(os.environ.get("LEANVGG_BUILD_JOBS") or min(2, os.cpu_count() or 1))
 @dataclass(frozen=True)
 class Event:
     """One line of the builder process: a variant's state (building, compiling, converting,
-    choosing), ``built`` (in the cache on Inductor or eager), ``placed`` (its runtime choice
+    choosing), ``built`` (in the cache, ready on ``runtime``: eager, Inductor, or, under
+    auto, ONNX Runtime or PyTorch until its choice), ``placed`` (its runtime choice
     stored) or ``failed`` (with why)."""
 
     variant: str
