@@ -221,8 +221,10 @@ def time_models(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs: int
     its last timed pass, so predictions and timings come from the same computation.
     ``threads``: PyTorch's thread count meanwhile (None: unchanged); other runtimes run on the
     count their runners were built for. ``turns``: a lock on the machine (``Store.measuring``)
-    held for each round (and each model's warm-up) and let go between them, so that whoever
-    waits for it (a comparison) waits one round, not the whole measurement. ``primed``: each
+    held for each pass (its pause, and its untimed twin when ``primed``) and let go between
+    them, so that whoever waits for it (a comparison) waits one pass, not a round nor the
+    whole measurement (a round of four runtimes at batch 8 is about 1.5 s on 2 cores: with a
+    comparison's own 1.7 s, uploads during a first start's runtime choice took up to 3.10 s). ``primed``: each
     timed pass right after an untimed one of the same model, so that it runs as the only model
     served would, whatever ran before it (twice the passes; for benchmarks that compare models
     of very different kinds: what a pause leaves of the slowdown after an eager model, its
@@ -245,14 +247,14 @@ def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs
     with torch.inference_mode(), tqdm(total=passes, desc="measuring", unit="pass",
                                       disable=not progress) as bar:
         for model, batch in jobs.values():
-            with _turn(turns):
-                for _ in range(warmup):
+            for _ in range(warmup):
+                with _turn(turns):
                     model(batch)
-                    bar.update()
+                bar.update()
         for round_, names in enumerate(round_orders(list(jobs), runs)):
-            with _turn(turns):
-                for name in names:
-                    model, batch = jobs[name]
+            for name in names:
+                model, batch = jobs[name]
+                with _turn(turns):
                     if primed:
                         model(batch)
                         bar.update()
@@ -261,13 +263,13 @@ def time_models_iter(jobs: Mapping[str, tuple[nn.Module, torch.Tensor]], *, runs
                     start = time.perf_counter()
                     output = model(batch)
                     samples[name].append(time.perf_counter() - start)
-                    bar.update()
-                    if round_ == runs - 1:
-                        job = name, Latency.from_seconds(samples[name]), output
-                        if turns is None:  # each job as soon as it is done (a streamed row)
-                            yield job
-                        else:
-                            finished.append(job)
+                bar.update()
+                if round_ == runs - 1:
+                    job = name, Latency.from_seconds(samples[name]), output
+                    if turns is None:  # each job as soon as it is done (a streamed row)
+                        yield job
+                    else:
+                        finished.append(job)
     yield from finished  # after the last turn: the caller never holds it
 
 
