@@ -309,18 +309,27 @@ def stored_baseline(baseline: Baseline, store: Store) -> Baseline:
         found = _from_store(store, key, ())
         if found is not None:
             return dataclasses.replace(baseline, model=found[0])
-        if next(baseline.model.parameters()).is_meta:  # random weights not drawn yet
-            baseline = dataclasses.replace(baseline, model=random_model())
-        model = baseline.model
         try:
-            with store.lock(key):
+            with store.lock(key):  # a builder process may be storing them right now
+                if _from_store(store, key, ()) is not None:
+                    continue
+                if next(baseline.model.parameters()).is_meta:  # random weights not drawn yet
+                    baseline = dataclasses.replace(baseline, model=random_model())
+                model = baseline.model
                 store.save(key, model.state_dict(), {
                     "recipe": "baseline", "weights": baseline.weights_id, "previous": None,
                     "step": None, "layout": layout_of(model), "facts": _weights_facts(model)})
         except OSError as err:  # a full disk: the weights stay where they are
             log.warning("Cannot store the baseline's weights (%s); keeping them in memory.", err)
-            return baseline
+            break
+    if next(baseline.model.parameters()).is_meta:
+        baseline = dataclasses.replace(baseline, model=random_model())
     return baseline  # the store would not keep it: the weights stay where they are
+
+
+def stored_weights(baseline: Baseline, store: Store) -> bool:
+    """Whether the store holds ``baseline``'s weights (its manifest, read without loading)."""
+    return store.manifest(artifact_key(None, weights_id=baseline.weights_id)) is not None
 
 
 def _from_store(store: Store, key: str, steps: Sequence[Step]

@@ -242,10 +242,12 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             emit(*args, **kwargs)
 
     built, done = set(), set()  # built: in the cache; done: built or failed, by either
+    started = threading.Event()  # the helper has begun (its imports take seconds)
 
     def hear() -> None:
         try:
             for event in beside(names, first.builder.context.threads):
+                started.set()
                 said(event.variant, event.state, reason=event.reason, runtime=event.runtime)
                 if event.state in ("built", State.FAILED.value):
                     with lock:
@@ -258,7 +260,8 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
     listener = threading.Thread(target=hear, daemon=True, name="leanvgg-builder-beside")
 
     def width() -> int:  # the cores this process computes on now
-        side_by_side = helper or listener.is_alive()
+        # (all of them while the helper still starts: its imports leave a core idle)
+        side_by_side = helper or listener.is_alive() and started.is_set()
         return max(1, cores // 2) if side_by_side else cores
 
     def ready_first(name: str) -> tuple[Variant, str]:

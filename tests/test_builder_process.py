@@ -96,6 +96,38 @@ def test_a_failing_builder_process_fails_its_variants_with_why(tmp_path, monkeyp
     assert "exited with code 3" in statuses["quantized"].reason
 
 
+def test_on_an_empty_cache_the_builder_process_starts_before_the_server_loads(
+        tmp_path, monkeypatch):
+    """A first start: the builder's imports (seconds) run beside the server's loading of the
+    baseline instead of after it; a warm cache starts no builder before loading."""
+    import leanvgg.service.pool as pool
+
+    path = tmp_path / "my_vgg.pt"
+    torch.save(decisive(initialised(SMALL_VGG11_BN)).state_dict(), path)
+    order = []
+    start, stored = worker.start, pool.stored_baseline
+    monkeypatch.setattr(worker, "start", lambda *a: order.append("builder") or start(*a))
+    monkeypatch.setattr(pool, "stored_baseline",
+                        lambda *a: order.append("load") or stored(*a))
+    monkeypatch.setattr(worker, "command", lambda *a, **k: [
+        "python3", "-c", 'print(\'{"variant": "quantized", "state": "building"}\')'])
+    store = Store(tmp_path / "h")
+    for expected in (["builder", "load"], ["load", "builder"]):
+        order.clear()
+        service = ComparisonService(weights=load_baseline(str(path), input_size=32),
+                                    names=["baseline", "quantized"], store=store,
+                                    build_in=PROCESS,
+                                    settings=Settings(runs=1, warmup=0, threads=1))
+        service.start(profile=False)
+        _wait(service, 120)
+        service.stop(timeout_s=5)
+        assert order == expected  # the second start finds the weights stored by the first
+        # the early process's events were heard, and its end without building quantized
+        quantized = {s.name: s for s in service.variant_statuses()}["quantized"]
+        assert quantized.state == State.FAILED
+        assert quantized.reason == "the builder process ended without building it"
+
+
 def test_events_round_trip_and_stray_lines_are_ignored():
     event = worker.Event("turbo", "placed", runtime="openvino")
     assert worker.Event.parse(event.line()) == event
@@ -234,18 +266,22 @@ def test_two_processes_building_side_by_side_each_compute_on_half_the_cores(
         tmp_path, monkeypatch):
     """Two builder processes at full width oversubscribe the machine: each computes on half
     the cores while the other builds, and a builder takes them all back once its helper ended
-    (here for what the helper claimed and left undone)."""
+    (here for what the helper claimed and left undone); until its helper has said anything
+    (its imports take seconds), a builder computes on all of them."""
     import threading
 
+    from leanvgg.service import worker
     from leanvgg.variants import VariantBuilder, build_in_stages
     from tiny import tiny_baseline
 
     baseline, home = tiny_baseline(), tmp_path / "h"
-    widths, pruned_started = [], threading.Event()
+    widths, pruned_started, heard = [], threading.Event(), threading.Event()
     prepare = VariantBuilder.prepare
 
     def recording(self, name, *args, **kwargs):
         widths.append((name, torch.get_num_threads()))
+        if name == "baseline" and speaks:
+            assert heard.wait(120)  # what the builder builds next, it builds beside it
         if name == "pruned":
             pruned_started.set()
         return prepare(self, name, *args, **kwargs)
@@ -254,19 +290,28 @@ def test_two_processes_building_side_by_side_each_compute_on_half_the_cores(
     assert helper_store.claim(VariantBuilder(baseline, helper_store).claim_key("quantized"))
 
     def beside():  # claimed quantized, then dies while the builder builds pruned
+        if speaks:
+            yield worker.Event("quantized", "building")
         assert pruned_started.wait(120)
         helper_store.release_claims()
-        yield from ()
+
+    def emit(variant, state, **kwargs):
+        heard.set()
 
     monkeypatch.setattr(VariantBuilder, "prepare", recording)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        build_in_stages(baseline, ["baseline", "pruned", "quantized"], store=Store(home),
-                        calibration=None, runtime="inductor", threads=2,
-                        beside=lambda names, threads: beside(), emit=lambda *a, **k: None)
-        assert widths == [("baseline", 1), ("pruned", 1), ("quantized", 2)]
-        assert torch.get_num_threads() == 2
+        for speaks, expected in ((False, [("baseline", 2), ("pruned", 2), ("quantized", 2)]),
+                                 (True, [("pruned", 1), ("quantized", 2)])):
+            widths.clear()
+            pruned_started.clear()
+            helper_store.claim(VariantBuilder(baseline, helper_store).claim_key("quantized"))
+            build_in_stages(baseline, ["baseline", "pruned", "quantized"], store=Store(home),
+                            calibration=None, runtime="inductor", threads=2,
+                            beside=lambda names, threads: beside(), emit=emit)
+            assert widths[-len(expected):] == expected, speaks
+            assert torch.get_num_threads() == 2
         widths.clear()
         build_in_stages(baseline, ["baseline", "res160"], store=Store(home), calibration=None,
                         runtime="inductor", threads=2, helper=True, emit=lambda *a, **k: None)

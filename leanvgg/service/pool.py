@@ -4,18 +4,21 @@ or failed and why)."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from leanvgg.builder import NotBuilt, stored_baseline
+from leanvgg.builder import NotBuilt, stored_baseline, stored_weights
+from leanvgg.context import RunContext
 from leanvgg.facts import PENDING, State
 from leanvgg.labels import attach
 import leanvgg.service.worker as worker
 from leanvgg.service.queue import Slot
 from leanvgg.models import Baseline, load_baseline
 from leanvgg.store import Store
-from leanvgg.variants import Variant, VariantBuilder, VariantSet, failure_reason
+from leanvgg.variants import (Variant, VariantBuilder, VariantSet, failure_reason,
+                              registry_for, resolve_names)
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,14 @@ class VariantPool:
     def build(self, stop: threading.Event, on_store: Callable[[Store], object]) -> None:
         """Load the baseline, then build every variant in registry order until ``stop``;
         ``on_store`` hears the store once it is open (before the first variant)."""
+        early = None
         try:
             store = self.store if self.store is not None else Store()
+            weights = (self.weights if isinstance(self.weights, Baseline)
+                       else attach(load_baseline(self.weights, drawn=False), store))
+            early = self._start_on_empty_cache(weights, store)
             # its weights mapped from the store: shared with the builder process, not copied
-            baseline = stored_baseline(self.weights if isinstance(self.weights, Baseline)
-                                       else attach(load_baseline(self.weights, drawn=False),
-                                                   store), store)
+            baseline = stored_baseline(weights, store)
             in_process = self.build_in == PROCESS and worker.reloadable(baseline)
             builder = VariantBuilder(baseline, store, self.calibration, runtime=self.runtime,
                                      threads=self.threads, measuring=self.measuring,
@@ -89,6 +94,8 @@ class VariantPool:
         except Exception as err:  # reported by status() and every request, not lost in a thread
             log.exception("Warm-up failed")
             self.failure = f"Loading the variants failed: {err}"
+            if early is not None:
+                early.terminate()
             return
         with self._lock:
             self._order = names
@@ -96,14 +103,37 @@ class VariantPool:
             self._baseline = baseline
         on_store(store)
         missing = []
-        for name in names:  # what the cache holds is ready at once
-            if stop.is_set():
-                return
-            if not self._prepare(builder, name, missing_ok=in_process):
-                missing.append(name)
-        later = [n for n in names if n in missing or n in self._pending_choice]
-        if later:
-            self._build_elsewhere(builder, later, store, stop)
+        try:
+            for name in names:  # what the cache holds is ready at once
+                if stop.is_set():
+                    return
+                if not self._prepare(builder, name, missing_ok=in_process):
+                    missing.append(name)
+            later = [n for n in names if n in missing or n in self._pending_choice]
+            if later or early is not None:
+                self._build_elsewhere(builder, later, store, stop, early)
+                early = None
+        finally:
+            if early is not None and early.poll() is None:
+                early.terminate()
+
+    def _start_on_empty_cache(self, weights: Baseline, store: Store
+                              ) -> subprocess.Popen | None:
+        """On a cache without these weights (a first start: every variant is to build), the
+        builder process, started before this process loads anything, so that its start-up
+        (imports: about 4 s) runs beside ours; None otherwise (what the cache holds is loaded
+        first, and a builder started only for what it lacks)."""
+        if (self.build_in != PROCESS or not worker.reloadable(weights)
+                or stored_weights(weights, store)):
+            return None
+        try:
+            names = resolve_names(self.names, registry_for(weights, store, self.calibration))
+        except Exception:  # said when the variants are resolved on the weights themselves
+            return None
+        log.info("Building every variant in a builder process (an empty cache)")
+        return worker.start(worker.command(
+            weights, names, threads=RunContext.here(self.threads).threads,
+            runtime=self.runtime, calibration=self.calibration), store.root)
 
     def _prepare(self, builder: VariantBuilder, name: str, *, missing_ok: bool = False) -> bool:
         """Load (or, building here, build) ``name`` and make it ready; False when a load-only
@@ -131,19 +161,22 @@ class VariantPool:
         return True
 
     def _build_elsewhere(self, builder: VariantBuilder, names: list[str], store: Store,
-                         stop: threading.Event) -> None:
-        """Run the builder process for ``names``; load each variant it finishes (where it was
-        made ready first, then on the runtime measured for it)."""
+                         stop: threading.Event, started: subprocess.Popen | None = None
+                         ) -> None:
+        """Run the builder process for ``names`` (or hear ``started``, building them all);
+        load each variant it finishes (where it was made ready first, then on the runtime
+        measured for it)."""
         argv = worker.command(builder.baseline, names, threads=builder.builder.context.threads,
                               runtime=self.runtime, calibration=self.calibration)
-        log.info("Building %s in a builder process", ", ".join(names))
+        if started is None:
+            log.info("Building %s in a builder process", ", ".join(names))
         self.builder_running = True
         # the builder times runtimes under the store's timing lock: our slot takes it too
         shares = hasattr(self.measuring, "across")
         if shares:
             self.measuring.across = store.measuring
         try:
-            for event in worker.run(argv, store.root, stop):
+            for event in worker.run(argv, store.root, stop, started):
                 ready = event.variant in self._ready
                 if event.state == worker.BUILT and not ready:
                     self._prepare(builder, event.variant)
@@ -157,13 +190,21 @@ class VariantPool:
                 elif not ready and event.state in {s.value for s in State}:
                     self._set(event.variant, State(event.state))
         except worker.BuilderFailed as err:
-            for name in names:
-                if name not in self._ready:
-                    self._set(name, State.FAILED, str(err))
+            self._fail_unready(names, str(err))
+        else:
+            if not stop.is_set():  # it ended, and what it did not make ready never will be
+                self._fail_unready(names, "the builder process ended without building it")
         finally:
             if shares:
                 self.measuring.across = None
             self.builder_running = False
+
+    def _fail_unready(self, names: list[str], reason: str) -> None:
+        for name in names:
+            with self._lock:
+                unsettled = name not in self._ready and not self._states[name].state.settled
+            if unsettled:
+                self._set(name, State.FAILED, reason)
 
     def _set(self, name: str, state: State, reason: str | None = None) -> None:
         with self._lock:

@@ -105,12 +105,20 @@ def command(baseline: Baseline, names: Sequence[str], *, threads: int, runtime: 
             + (["--helper"] if helper else []))
 
 
-def run(argv: list[str], store_root: Path, stop: threading.Event) -> Iterator[Event]:
-    """Start the builder process on the store at ``store_root`` and yield its events until it
-    ends; ``stop`` (or this generator's closing) terminates it. Its log goes to our stderr."""
-    process = subprocess.Popen(
+def start(argv: list[str], store_root: Path) -> subprocess.Popen:
+    """The builder process on the store at ``store_root``, started (its events wait in its
+    pipe for ``run``; its log goes to our stderr)."""
+    return subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, bufsize=1,
         env={**os.environ, "LEANVGG_HOME": str(store_root)}, preexec_fn=_in_child)
+
+
+def run(argv: list[str], store_root: Path, stop: threading.Event,
+        process: subprocess.Popen | None = None) -> Iterator[Event]:
+    """Start the builder process on the store at ``store_root`` (or take ``process``, started
+    earlier by ``start``) and yield its events until it ends; ``stop`` (or this generator's
+    closing) terminates it. Its log goes to our stderr."""
+    process = process if process is not None else start(argv, store_root)
     watcher = threading.Thread(target=_stop_when, args=(stop, process), daemon=True,
                                name="leanvgg-builder-watch")
     watcher.start()
