@@ -69,6 +69,12 @@ def package(model: nn.Module, input_size: int, path: Path, *, threads: int) -> N
     package runs the slow unfused graph (361 ms instead of 50 ms for int8_static, measured).
     Exporting under ``no_grad`` keeps the weights out of autograd, as freezing needs. The batch
     dimension stays symbolic (traced with 2 images: a batch of 1 would be specialised).
+
+    AOTInductor writes the package's library (its weights inside: 276 MB for a VGG-19) and
+    its C++ into Inductor's own cache folder unless told otherwise, where nothing ever reads
+    or removes them (the package holds its own copy): an empty cache's first start left 711
+    MB there, and every new set of weights as much again. They are written into a temporary
+    folder instead, removed once the package is made.
     """
     import torch._inductor.config as inductor_config
 
@@ -80,7 +86,9 @@ def package(model: nn.Module, input_size: int, path: Path, *, threads: int) -> N
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with (torch.no_grad(), warnings.catch_warnings(),
-          inductor_config.patch({"freezing": True, "cpp.threads": threads})):
+          tempfile.TemporaryDirectory(prefix="leanvgg-aoti-") as scratch,
+          inductor_config.patch({"freezing": True, "cpp.threads": threads,
+                                 "aot_inductor.output_path": scratch})):
         # raised inside Inductor's own oneDNN lowering; nothing a user can act on
         warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         program = torch.export.export(target, (example,), dynamic_shapes=({0: batch},))

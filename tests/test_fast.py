@@ -165,6 +165,33 @@ def test_packaged_int8_runs_onednn_int8_convolutions(int8, calibration, tmp_path
     assert preprocess(Image.new("RGB", (80, 60), (200, 30, 90)), 64).is_contiguous()
 
 
+def test_a_package_leaves_its_library_neither_in_inductors_cache_nor_in_temp(
+        float_model, tmp_path, monkeypatch):
+    """AOTInductor wrote each package's library (the weights inside it: 276 MB for a VGG-19)
+    and C++ into Inductor's cache folder, where nothing reads or removes them: a test suite's
+    runs had left 38 GB in /tmp/torchinductor_root."""
+    import getpass
+    import tempfile
+
+    cache, temp = tmp_path / "inductor", tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    path = tmp_path / "m.pt2"
+    runtime.package(float_model, 64, path, threads=1)
+    with zipfile.ZipFile(path) as archive:  # the package holds its library and its C++
+        assert any(name.endswith(".so") for name in archive.namelist())
+    left = [f for f in cache.rglob("*") if f.is_file() and f.suffix in (".so", ".cpp")
+            and "wrapper" in f.name or f.suffix == ".so" and f.stat().st_size > 1_000_000]
+    assert left == []
+    # (Inductor keeps its precompiled headers under the temporary folder: reused, not ours)
+    assert [f.name for f in temp.iterdir()] in ([], ["torchinductor_" + getpass.getuser()])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(runtime.load_package(path, 64)(x), float_model(x),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_int8_is_a_quarter_of_fp32_and_counts_every_weight(float_model, int8):
     assert state_dict_bytes(int8) < 0.3 * state_dict_bytes(float_model)
     assert count_params(int8) == count_params(float_model)
