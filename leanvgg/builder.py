@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,10 +252,11 @@ class Builder:
         registered recipes as they are and builds them for the model at hand."""
         return bind(recipe, self.baseline.model)
 
-    def forget(self) -> None:
-        """Drop every model held in memory but the baseline (they reload from the store)."""
+    def forget(self, keep: Collection[str] = ()) -> None:
+        """Drop every model held in memory but the baseline and the artifacts ``keep`` (they
+        reload from the store)."""
         root = artifact_key(None, weights_id=self.baseline.weights_id)
-        self.memo = {k: v for k, v in self.memo.items() if k == root}
+        self.memo = {k: v for k, v in self.memo.items() if k == root or k in keep}
 
     def _packaged(self, recipe: Recipe, on_state: Callable[[State], object]
                   ) -> tuple[nn.Module, dict, str]:

@@ -27,7 +27,7 @@ from leanvgg.models import Baseline
 from leanvgg.recipes import (RECIPES, QuantizeStaticInt8, Recipe, at_input_size, bind,
                              tuned_recipe)
 from leanvgg.machine import native_bf16
-from leanvgg.runtimes import (AUTO, CHOICES, INDUCTOR, PYTORCH, ahead_of_choice,
+from leanvgg.runtimes import (AUTO, CHOICES, INDUCTOR, ONNXRUNTIME, PYTORCH, ahead_of_choice,
                               first_runtime, make_ahead, missing_runtimes_note, select)
 from leanvgg.documents import EVALUATION, TUNED
 from leanvgg.residency import trim
@@ -242,6 +242,11 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             emit(*args, **kwargs)
 
     built, done = set(), set()  # built: in the cache; done: built or failed, by either
+    # the static INT8 models this process made ready on ONNX Runtime, whose packages are
+    # still to compile ahead (artifact key by name): kept in memory for that instead of
+    # reloaded from the store (a PT2E model's reload is its skeleton's export, preparation
+    # and conversion: 3-7 s each on one core, measured)
+    held: dict[str, str] = {}
     started = threading.Event()  # the helper has begun (its imports take seconds)
 
     def hear() -> None:
@@ -298,8 +303,11 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             said(name, "built", runtime=runs_on)
             built.add(name)
             done.add(name)
+            if (runtime == AUTO and runs_on == ONNXRUNTIME  # its PT2E model: costly to reload
+                    and "pt2" in ahead_of_choice(variant.recipe, first.builder)):
+                held[name] = variant.artifact
             del variant
-            first.builder.forget()
+            first.builder.forget(keep=held.values())
 
     def ahead() -> None:  # of the choice; what is left is made when the choice is
         # every package first (the longest items, ~20 s each), then the conversions (seconds
@@ -307,9 +315,14 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         work = [(name, format_) for name in order
                 if first.registry[name].compiled and not (name in done and name not in built)
                 for format_ in ahead_of_choice(first.registry[name], first.builder)]
-        for name, format_ in sorted(work, key=lambda item: item[1] != "pt2"):
+        # (the packages of the models this process holds first: the other process reloads
+        # a model only for what it claims of ours)
+        for name, format_ in sorted(work, key=lambda item: (item[1] != "pt2",
+                                                            item[0] not in held)):
             recipe = first.registry[name]
             if not store.claim(f"ahead.{format_}.{first.claim_key(name)}"):
+                if format_ == "pt2":  # the other process compiles it
+                    held.pop(name, None)
                 continue
             torch.set_num_threads(width())
             try:
@@ -318,7 +331,11 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             except Exception:  # the choice makes it again, and says why it cannot
                 log.exception("Making %s's %s ahead of its runtime choice failed", name,
                               format_)
-            first.builder.forget()
+            if format_ == "pt2":
+                held.pop(name, None)
+            first.builder.forget(keep=held.values())
+        held.clear()
+        first.builder.forget()
 
     if beside is not None:
         listener.start()

@@ -11,7 +11,7 @@ import torch
 
 from leanvgg import cache, capabilities, machine, runtimes
 from leanvgg import context as context_module
-from leanvgg.builder import Variant
+from leanvgg.builder import Builder, Variant
 from leanvgg.context import RunContext
 from leanvgg.facts import ArtifactFacts, Placement
 from leanvgg.recipes import RECIPES
@@ -336,7 +336,20 @@ def test_a_helper_makes_ready_on_onnx_runtime_then_makes_ahead_what_the_choice_t
                         emit=lambda *a, **k: heard.append((*a[:2], k.get("runtime"))),
                         **kwargs)
 
+    loads, load = [], Builder._load
+
+    def loading(self, recipe, n_steps, key):  # what is loaded from the store, by whom
+        found = load(self, recipe, n_steps, key)
+        if found is not None:
+            loads.append((recipe.name, n_steps))
+        return found
+
+    monkeypatch.setattr(Builder, "_load", loading)
     stages(helper=True)
+    monkeypatch.undo()
+    # its package compiled from the PT2E model it exported, held in memory, not reloaded
+    assert ("int8_static", len(RECIPES["int8_static"].steps)) not in loads, loads
+    assert ("bf16", len(RECIPES["bf16"].steps)) in loads  # (a cheap reload: not held)
     built = [event for event in heard if event[1] == "built"]
     assert sorted(built) == [("baseline", "built", "pytorch"), ("bf16", "built", "pytorch"),
                              ("int8_static", "built", "onnxruntime")]
