@@ -245,7 +245,7 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
     # the static INT8 models this process made ready on ONNX Runtime, whose packages are
     # still to compile ahead (artifact key by name): kept in memory for that instead of
     # reloaded from the store (a PT2E model's reload is its skeleton's export, preparation
-    # and conversion: 3-7 s each on one core, measured)
+    # and conversion: 4-7 s each on one core, measured)
     held: dict[str, str] = {}
     started = threading.Event()  # the helper has begun (its imports take seconds)
 
