@@ -181,8 +181,10 @@ def test_a_package_leaves_its_library_neither_in_inductors_cache_nor_in_temp(
     runtime.package(float_model, 64, path, threads=1)
     with zipfile.ZipFile(path) as archive:  # the package holds its library and its C++
         assert any(name.endswith(".so") for name in archive.namelist())
-    left = [f for f in cache.rglob("*") if f.is_file() and f.suffix in (".so", ".cpp")
-            and "wrapper" in f.name or f.suffix == ".so" and f.stat().st_size > 1_000_000]
+    # Inductor's own kernels may stay (small, reused); the wrapper, weights inside, may not
+    left = [f for f in cache.rglob("*") if f.is_file() and (
+        f.suffix in (".so", ".cpp") and "wrapper" in f.name
+        or f.suffix == ".so" and f.stat().st_size > 1_000_000)]
     assert left == []
     # (Inductor keeps its precompiled headers under the temporary folder: reused, not ours)
     assert [f.name for f in temp.iterdir()] in ([], ["torchinductor_" + getpass.getuser()])

@@ -338,7 +338,7 @@ def test_a_helper_makes_ready_on_onnx_runtime_then_makes_ahead_what_the_choice_t
 
     loads, load = [], Builder._load
 
-    def loading(self, recipe, n_steps, key):  # what is loaded from the store, by whom
+    def loading(self, recipe, n_steps, key):  # what is loaded from the store
         found = load(self, recipe, n_steps, key)
         if found is not None:
             loads.append((recipe.name, n_steps))
