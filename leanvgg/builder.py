@@ -312,8 +312,9 @@ def stored_baseline(baseline: Baseline, store: Store) -> Baseline:
             return dataclasses.replace(baseline, model=found[0])
         try:
             with store.lock(key):  # a builder process may be storing them right now
-                if _from_store(store, key, ()) is not None:
-                    continue
+                found = _from_store(store, key, ())
+                if found is not None:
+                    return dataclasses.replace(baseline, model=found[0])
                 if next(baseline.model.parameters()).is_meta:  # random weights not drawn yet
                     baseline = dataclasses.replace(baseline, model=random_model())
                 model = baseline.model

@@ -320,9 +320,9 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
         for name, format_ in sorted(work, key=lambda item: (item[1] != "pt2",
                                                             item[0] not in held)):
             recipe = first.registry[name]
+            if format_ == "pt2":  # compiled here now (from memory) or by the other process
+                held.pop(name, None)
             if not store.claim(f"ahead.{format_}.{first.claim_key(name)}"):
-                if format_ == "pt2":  # the other process compiles it
-                    held.pop(name, None)
                 continue
             torch.set_num_threads(width())
             try:
@@ -331,8 +331,6 @@ def build_in_stages(baseline: Baseline, names: Iterable[str] | None, *, store: S
             except Exception:  # the choice makes it again, and says why it cannot
                 log.exception("Making %s's %s ahead of its runtime choice failed", name,
                               format_)
-            if format_ == "pt2":
-                held.pop(name, None)
             first.builder.forget(keep=held.values())
         held.clear()
         first.builder.forget()

@@ -67,7 +67,7 @@ def test_the_server_only_loads_what_its_builder_process_built(tmp_path, refuse_b
     def no_builder(*args, **kwargs):
         raise AssertionError("a builder process started on a warm cache")
 
-    worker_run, worker.run = worker.run, no_builder
+    worker_start, worker.start = worker.start, no_builder
     try:
         second = service()
         second.start(background=False, profile=False)
@@ -75,7 +75,7 @@ def test_the_server_only_loads_what_its_builder_process_built(tmp_path, refuse_b
         assert status["status"] == "ready" and not status["pending_choice"], status
         assert second.variant_set().variants["int8_static"].where.how == "stored"
     finally:
-        worker.run = worker_run
+        worker.start = worker_start
 
 
 def test_a_failing_builder_process_fails_its_variants_with_why(tmp_path, monkeypatch):

@@ -166,17 +166,19 @@ class VariantPool:
         """Run the builder process for ``names`` (or hear ``started``, building them all);
         load each variant it finishes (where it was made ready first, then on the runtime
         measured for it)."""
-        argv = worker.command(builder.baseline, names, threads=builder.builder.context.threads,
-                              runtime=self.runtime, calibration=self.calibration)
-        if started is None:
+        process = started
+        if process is None:
             log.info("Building %s in a builder process", ", ".join(names))
+            process = worker.start(worker.command(
+                builder.baseline, names, threads=builder.builder.context.threads,
+                runtime=self.runtime, calibration=self.calibration), store.root)
         self.builder_running = True
         # the builder times runtimes under the store's timing lock: our slot takes it too
         shares = hasattr(self.measuring, "across")
         if shares:
             self.measuring.across = store.measuring
         try:
-            for event in worker.run(argv, store.root, stop, started):
+            for event in worker.events(process, stop):
                 ready = event.variant in self._ready
                 if event.state == worker.BUILT and not ready:
                     self._prepare(builder, event.variant)

@@ -107,18 +107,21 @@ def command(baseline: Baseline, names: Sequence[str], *, threads: int, runtime: 
 
 def start(argv: list[str], store_root: Path) -> subprocess.Popen:
     """The builder process on the store at ``store_root``, started (its events wait in its
-    pipe for ``run``; its log goes to our stderr)."""
+    pipe for ``events``; its log goes to our stderr)."""
     return subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, bufsize=1,
         env={**os.environ, "LEANVGG_HOME": str(store_root)}, preexec_fn=_in_child)
 
 
-def run(argv: list[str], store_root: Path, stop: threading.Event,
-        process: subprocess.Popen | None = None) -> Iterator[Event]:
-    """Start the builder process on the store at ``store_root`` (or take ``process``, started
-    earlier by ``start``) and yield its events until it ends; ``stop`` (or this generator's
-    closing) terminates it. Its log goes to our stderr."""
-    process = process if process is not None else start(argv, store_root)
+def run(argv: list[str], store_root: Path, stop: threading.Event) -> Iterator[Event]:
+    """Start the builder process on the store at ``store_root`` and yield its events
+    (``events``)."""
+    yield from events(start(argv, store_root), stop)
+
+
+def events(process: subprocess.Popen, stop: threading.Event) -> Iterator[Event]:
+    """The events of ``process`` (``start``'s) until it ends; ``stop`` (or this generator's
+    closing) terminates it."""
     watcher = threading.Thread(target=_stop_when, args=(stop, process), daemon=True,
                                name="leanvgg-builder-watch")
     watcher.start()
