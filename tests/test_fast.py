@@ -215,6 +215,36 @@ def test_a_stored_state_dict_reloads_without_calibration(float_model, int8, cali
         assert torch.equal(skeleton(calibration[:3]), int8(calibration[:3]))
 
 
+def test_weights_are_folded_as_torchaos_own_folding_does_them(calibration):
+    """leanvgg folds the weights' quantization itself (torchao's folding also runs every
+    weight's dequantize, only to keep it in the graph): the same graph, the same INT8
+    constants under the same names, so artifacts stored either way load either way. A
+    factorised classifier (two Linears per layer) is checked beside a plain one."""
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from leanvgg.lowrank import factorize_linear
+    from leanvgg.quantize import _converted, _prepared
+
+    for model in (tiny_vgg(dropout=False), factorize_linear(tiny_vgg(dropout=False), rank=8)):
+        prepared = _prepared(model, 64)
+        with torch.no_grad():
+            prepared(calibration[:8])
+        theirs = convert_pt2e(copy.deepcopy(prepared))
+        ours = _converted(prepared)
+        assert str(ours.graph) == str(theirs.graph)
+        folded = {name: tensor for name, tensor in ours.named_buffers()}
+        assert folded and all(tensor.dtype == torch.int8 for name, tensor in folded.items()
+                              if name.startswith("_frozen_param"))
+        assert sum(name.startswith("_frozen_param") for name in folded) == sum(
+            isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+        for name, tensor in folded.items():
+            assert torch.equal(tensor, theirs.get_buffer(name)), name
+        with torch.inference_mode():
+            assert torch.equal(ours(calibration[:4]), theirs(calibration[:4]))
+
+
 def test_bf16_variant_is_bf16_and_close_to_fp32(float_model, calibration):
     model = runtime.to_bf16(float_model)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
