@@ -25,14 +25,16 @@ from leanvgg.capabilities import FORMAT_OF, RUNTIME_OF, precision_of
 from leanvgg.context import OPENVINO_BF16, PYTORCH
 from leanvgg.facts import PINNED, Placement
 from leanvgg.images import WORK_SIDE, transform
-from leanvgg.interop import (INPUT, onnxruntime_settings, openvino_config, openvino_model,
-                             write_onnx, write_openvino)
+from leanvgg.interop import (INPUT, onnxruntime_settings, openvino_config, openvino_from_onnx,
+                             openvino_model, read_openvino, set_onnx_metadata, write_onnx,
+                             write_openvino)
 from leanvgg.machine import machine_facts
 from leanvgg.measure import Profile
 from leanvgg.models import Baseline, layout_of
 from leanvgg.portable import save as save_safetensors
 from leanvgg.recipes import Recipe
 from leanvgg.runtime import MAX_BATCH, package
+from leanvgg.runtimes import stored_conversion
 from leanvgg.documents import EVALUATION, PROFILES
 from leanvgg.files import write_atomic
 
@@ -188,8 +190,13 @@ def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
 
 def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.onnx"
-    write_onnx(builder.portable_model(variant.recipe), variant.input_size, path,
-               metadata=file_metadata(builder.baseline))
+    stored = stored_conversion(variant, builder, "onnx")
+    if stored is not None:  # the very file ONNX Runtime runs here
+        shutil.copyfile(stored[".onnx"], path)
+        set_onnx_metadata(path, file_metadata(builder.baseline))
+    else:
+        write_onnx(builder.portable_model(variant.recipe), variant.input_size, path,
+                   metadata=file_metadata(builder.baseline))
     settings = onnxruntime_settings(builder.context.threads)
     options = "".join(f"options.{name} = {value}; " for name, value in settings.items())
     return path, {"labels": "metadata_props 'labels' (a JSON list, in output order)",
@@ -202,8 +209,8 @@ def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
 
 def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.xml"
-    write_openvino(openvino_model(builder.portable_model(variant.recipe), variant.input_size),
-                   path, metadata=file_metadata(builder.baseline))
+    write_openvino(_openvino_model(variant, builder), path,
+                   metadata=file_metadata(builder.baseline))
     # what leanvgg compiles it with: the f32 hint, unless the runtime choice measured OpenVINO's
     # default (what is not INT8 in bf16, on CPUs with native bf16) faster and as faithful here
     default = _runtime_of(variant, "openvino") == OPENVINO_BF16
@@ -215,6 +222,18 @@ def _openvino(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict
                   "precision": note["precision"] + (
                       ", the rest in bf16 (OpenVINO's default on this CPU)" if default else
                       ", the rest in f32 (INFERENCE_PRECISION_HINT)")}
+
+
+def _openvino_model(variant: Variant, builder: Builder):
+    """The IR OpenVINO runs here when one is stored, else OpenVINO's conversion of the stored
+    ONNX file, else of a new export (the way the runtime choice makes them)."""
+    stored = stored_conversion(variant, builder, "openvino")
+    if stored is not None:
+        return read_openvino(stored[".xml"])
+    onnx = stored_conversion(variant, builder, "onnx")
+    if onnx is not None:
+        return openvino_from_onnx(onnx[".onnx"])
+    return openvino_model(builder.portable_model(variant.recipe), variant.input_size)
 
 
 def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:

@@ -84,10 +84,11 @@ def write_onnx(model: nn.Module, input_size: int, path: Path, *,
     require("onnx")
     with stdout_to_stderr():
         _export_onnx(model, input_size, path)
-    _set_onnx_metadata(path, metadata)
+    set_onnx_metadata(path, metadata)
 
 
-def _set_onnx_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+def set_onnx_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+    """``metadata`` written into the ONNX file's ``metadata_props`` (keys it names replaced)."""
     if not metadata:
         return
     onnx = require("onnx")
@@ -173,6 +174,11 @@ def openvino_from_onnx(path: Path):
     ov = require("openvino")
     with stdout_to_stderr():
         return ov.convert_model(str(path))
+
+
+def read_openvino(path: Path):
+    """The OpenVINO model of an IR (.xml, its .bin beside it), to convert or save again."""
+    return require("openvino").Core().read_model(str(path))
 
 
 def write_openvino(ov_model, path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -394,6 +394,16 @@ def make_ahead(recipe: Recipe, builder: Builder, format_: str,
                _writer(variant, runtime, builder, on_state))
 
 
+def stored_conversion(variant: Variant, builder: Builder, format_: str) -> dict[str, Path] | None:
+    """The files (``{suffix: path}``, hashes checked) of ``variant``'s conversion to
+    ``format_`` (onnx, openvino) as the store keeps it for the runtime that runs it: what
+    leanvgg runs there. None when none is stored (the runtime choice stores them)."""
+    found = builder.store.load_files(
+        _conversion_key(variant.artifact, variant.input_size, RUNTIME_OF[format_], builder),
+        _SUFFIXES[format_])
+    return found[0] if found is not None else None
+
+
 _SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}  # a conversion's files, per format
 
 

@@ -291,3 +291,45 @@ def test_a_file_leanvgg_did_not_export_is_refused_clearly(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(portable.LoadError, match="not a readable safetensors file"):
         leanvgg.load(tmp_path / "junk.safetensors")
+
+
+def test_onnx_and_openvino_exports_are_the_conversions_leanvgg_runs(tmp_path, monkeypatch):
+    """Where the runtime choice stored a variant's conversions, export copies them (labels
+    added) instead of exporting the model again: the same graph and weights leanvgg runs."""
+    import importlib
+
+    import onnx
+    import openvino
+
+    from leanvgg.runtimes import stored_conversion
+
+    export_module = importlib.import_module("leanvgg.export")  # leanvgg.export is a function
+
+    home, out = tmp_path / "home", tmp_path / "out"
+    monkeypatch.setenv("LEANVGG_HOME", str(home))
+    monkeypatch.setattr(cli, "load_baseline", lambda weights, **_: decisive_baseline())
+    built = build_variants(decisive_baseline(), ["int8_static"], store=Store(home),
+                           progress=False, runtime="openvino")  # stores the ONNX file first
+    variant = built.variants["int8_static"]
+    stored = {fmt: stored_conversion(variant, built.builder, fmt) for fmt in ("onnx", "openvino")}
+    assert all(stored.values())
+
+    def exported_again(*args, **kwargs):
+        raise AssertionError("exported again instead of copied")
+
+    monkeypatch.setattr(export_module, "write_onnx", exported_again)
+    monkeypatch.setattr(export_module, "openvino_model", exported_again)
+    assert cli.main(["export", "int8_static", "--format", "onnx", "--format", "openvino",
+                     "--out", str(out)]) == 0
+
+    mine, theirs = onnx.load(str(out / "int8_static.onnx")), onnx.load(str(stored["onnx"][".onnx"]))
+    assert mine.graph == theirs.graph
+    labels = {p.key: p.value for p in mine.metadata_props}["labels"]
+    assert json.loads(labels) == list(decisive_baseline().labels.names)
+    core = openvino.Core()
+    ir, kept = core.read_model(str(out / "int8_static.xml")), core.read_model(
+        str(stored["openvino"][".xml"]))
+    assert [op.get_type_name() for op in ir.get_ordered_ops()] == [
+        op.get_type_name() for op in kept.get_ordered_ops()]
+    assert ir.get_rt_info(["leanvgg", "labels"]).astype(str) == labels
+    assert (out / "int8_static.bin").read_bytes() == stored["openvino"][".bin"].read_bytes()
