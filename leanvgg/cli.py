@@ -842,7 +842,15 @@ def _exit_building(signum: int, _frame) -> None:
         return  # server dies) would cut the cleanup short, or print a traceback at exit
     log.info("Received %s; stopping the build.", signal.Signals(signum).name)
     _STOPPED.append(signum)
+    # What the stop leaves half-done is finalised as the interpreter exits, some of it after
+    # the modules it needs are gone (Inductor's handler contexts, mid-compile): Python would
+    # print each failure as a traceback into the server's log ("Exception ignored in ...").
+    sys.unraisablehook = _leaving
     raise SystemExit(128 + signum)
+
+
+def _leaving(_unraisable) -> None:
+    """Errors in finalisers of a build stopped on purpose: nothing to report."""
 
 
 def _exit_on_signal(signum: int, _frame) -> None:

@@ -416,6 +416,33 @@ def test_a_stop_swallowed_by_a_library_still_stops_the_build(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_build_stopped_mid_compile_leaves_no_traceback_in_the_log(tmp_path):
+    """Stopped mid-compile, the builder left Inductor's handler contexts suspended; the
+    interpreter finalised them after the modules they need were gone, and Python printed
+    each failure as a traceback into the server's log ("Exception ignored in ...")."""
+    import signal
+
+    result, _ = _stand_in_build(tmp_path, """
+    import contextlib
+
+    @contextlib.contextmanager
+    def handler():  # as Inductor's: its cleanup fails once the interpreter tears down
+        try:
+            yield
+        finally:
+            raise RuntimeError("cleanup after the modules are gone")
+
+    global left
+    left = handler()
+    left.__enter__()  # suspended when the stop unwinds the build: finalised at exit
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)""")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, (
+        result.stderr[-2000:])
+
+
+@pytest.mark.slow
 def test_a_second_stop_signal_lets_the_cleanup_finish(tmp_path):
     """The server stops its builder with SIGTERM and the kernel sends another when the server
     dies: the second used to raise SystemExit again wherever the first's cleanup was (or in
