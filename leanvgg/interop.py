@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import io
 import logging
 import os
 import sys
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from leanvgg.quantize import StaticInt8
+
+log = logging.getLogger(__name__)
 
 EXTRA = "export"
 INPUT, OUTPUT = "input", "logits"
@@ -170,10 +173,18 @@ def openvino_model(model: nn.Module, input_size: int):
 
 
 def openvino_from_onnx(path: Path):
-    """The OpenVINO model of an ONNX file (``write_onnx``'s), its weights read into memory."""
+    """The OpenVINO model of an ONNX file (``write_onnx``'s), its weights read into memory.
+
+    OpenVINO's converter prints its arguments and its own time and memory whenever
+    ``--verbose`` is among the process's arguments (``leanvgg --verbose``, and every builder
+    process a server starts): eight lines per conversion in the server's log. They are kept
+    for the debug log."""
     ov = require("openvino")
-    with stdout_to_stderr():
-        return ov.convert_model(str(path))
+    with stdout_to_stderr(), contextlib.redirect_stdout(io.StringIO()) as said:
+        converted = ov.convert_model(str(path))
+    if said.getvalue().strip():
+        log.debug("OpenVINO's converter said: %s", said.getvalue().strip())
+    return converted
 
 
 def read_openvino(path: Path):

@@ -2,6 +2,7 @@
 ``--threads`` reaches every runtime, speedups divide like figures only, and our stdout is ours."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -191,6 +192,25 @@ def test_third_party_output_never_reaches_our_stdout(tmp_path, monkeypatch, capf
     report = json.loads(out)  # the whole of stdout is the document
     assert [r["runtime"] for r in report["results"]] == ["pytorch", "openvino"]
     assert "chatty library: exporting" in err and "straight to fd 1" in err
+
+
+def test_openvinos_converter_keeps_its_verbose_lines_for_the_debug_log(tmp_path, monkeypatch,
+                                                                       capfd, caplog):
+    """OpenVINO's converter prints its arguments and its time whenever ``--verbose`` is among
+    the process's arguments, as in every builder process a server starts: eight lines per
+    conversion in the server's log. They go to leanvgg's debug log instead."""
+    if not runtimes.installed("openvino"):
+        pytest.skip("openvino is not installed (leanvgg[export])")
+    path = tmp_path / "model.onnx"
+    interop.write_onnx(decisive_baseline().model, 32, path)
+    capfd.readouterr()
+    monkeypatch.setattr(sys, "argv", ["leanvgg", "--verbose", "build"])
+    with caplog.at_level(logging.DEBUG, logger="leanvgg.interop"):
+        model = interop.openvino_from_onnx(path)
+    out, err = capfd.readouterr()
+    assert [tuple(p.get_partial_shape())[1:] for p in model.inputs] == [(3, 32, 32)]
+    assert out == "" and "Model Conversion" not in err and "SUCCESS" not in err
+    assert "Model Conversion arguments" in caplog.text  # what it said, kept
 
 
 @pytest.mark.slow
