@@ -219,15 +219,24 @@ def test_weights_are_folded_as_torchaos_own_folding_does_them(calibration):
     """leanvgg folds the weights' quantization itself (torchao's folding also runs every
     weight's dequantize, only to keep it in the graph): the same graph, the same INT8
     constants under the same names, so artifacts stored either way load either way. A
-    factorised classifier (two Linears per layer) is checked beside a plain one."""
+    factorised classifier (two Linears per layer) and BatchNorm folded into its convs (with
+    running statistics of its own) are checked beside a plain VGG."""
     import copy
 
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from leanvgg.lowrank import factorize_linear
+    from leanvgg.models import from_layout
     from leanvgg.quantize import _converted, _prepared
+    from tiny import TINY_LAYOUT
 
-    for model in (tiny_vgg(dropout=False), factorize_linear(tiny_vgg(dropout=False), rank=8)):
+    with_batchnorm = from_layout({**TINY_LAYOUT, "batch_norm": True}).eval()
+    with torch.no_grad():
+        for norm in (m for m in with_batchnorm.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    for model in (tiny_vgg(dropout=False), factorize_linear(tiny_vgg(dropout=False), rank=8),
+                  with_batchnorm):
         prepared = _prepared(model, 64)
         with torch.no_grad():
             prepared(calibration[:8])
