@@ -30,12 +30,12 @@ from leanvgg.export import ExportError, export_each
 from leanvgg.export import check as check_export
 from leanvgg.interop import MissingRuntime
 from leanvgg.portable import LoadError
-from leanvgg.runtimes import AUTO
+from leanvgg.runtimes import AUTO, plan
 from leanvgg.runtimes import CHOICES as RUNTIME_CHOICES
 from leanvgg.schema import write as write_report
 from leanvgg.images import DEFAULT_LIMITS, ImageError, decode, read_file
 from leanvgg.labels import GENERIC, IMAGENET, Labels, LabelsError, attach, read_labels, remember
-from leanvgg.builder import stored_baseline
+from leanvgg.builder import Builder, Variant, stored_baseline
 from leanvgg.models import WEIGHTS_CHOICES, Baseline, WeightsError, load_baseline
 from leanvgg.recipes import RECIPES, at_input_size, finetune_loss
 from leanvgg.machine import native_bf16
@@ -723,7 +723,8 @@ def _export(args: argparse.Namespace) -> int:
     check_export([builder.registry[name] for name in names], formats)
     out = _writable(args.out, folder=True)
     # a package is made only for a pt2 export (the others convert the float model)
-    variants = (builder.builder.variant(builder.registry[name], compiled="pt2" in formats)
+    variants = (_placed(builder.builder.variant(builder.registry[name],
+                                                compiled="pt2" in formats), builder.builder)
                 for name in names)
     try:
         exported = list(export_each(variants, formats, out, builder=builder.builder))
@@ -734,6 +735,15 @@ def _export(args: argparse.Namespace) -> int:
         print(f"{done.variant} as {done.format}: {done.path} "
               f"({done.size_bytes / 2**20:.1f} MB), {done.model_json}")
     return 0
+
+
+def _placed(variant: Variant, builder: Builder) -> Variant:
+    """``variant`` where the stored runtime choice runs it (nothing measured), so that its
+    model.json describes what leanvgg runs: an IR the choice placed on OpenVINO's default
+    precision with those settings, and the latency profile measured there; as built when no
+    choice is stored."""
+    placement = plan(variant.recipe, builder, AUTO)
+    return dataclasses.replace(variant, placement=placement) if placement else variant
 
 
 def _cache(args: argparse.Namespace) -> int:

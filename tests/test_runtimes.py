@@ -2,6 +2,7 @@
 CPU or a library changes, each runtime agreeing with Inductor on real photos, and Inductor
 alone (with one log line) where the other runtimes are not installed."""
 
+import json
 import logging
 import shutil
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from leanvgg import cache, capabilities, machine, runtimes
+from leanvgg import cache, capabilities, cli, machine, runtimes
 from leanvgg import context as context_module
 from leanvgg.builder import Builder, Variant
 from leanvgg.context import RunContext
@@ -314,6 +315,16 @@ def test_openvino_bf16_runs_the_same_ir_with_openvinos_default_precision(home, m
     pinned = _build(home, "openvino")["int8_static"]
     assert pinned.model.settings["INFERENCE_PRECISION_HINT"] == "f32"
     assert _logits(again).argmax(1).tolist() == _logits(pinned).argmax(1).tolist()
+    # leanvgg export describes the IR with the precision the stored choice runs it in (it
+    # used to say the f32 hint, whatever the choice: the settings of a model leanvgg did not run)
+    monkeypatch.setenv("LEANVGG_HOME", str(home))
+    monkeypatch.setattr(cli, "load_baseline", lambda weights, **_: decisive_baseline())
+    assert cli.main(["export", "int8_static", "--format", "openvino", "--format", "onnx",
+                     "--threads", str(torch.get_num_threads()), "--out", str(home / "out")]) == 0
+    formats = json.loads((home / "out" / "int8_static.model.json").read_text())["formats"]
+    assert formats["openvino"]["runtime"] == "openvino_bf16"
+    assert "INFERENCE_PRECISION_HINT" not in formats["openvino"]["settings"]
+    assert formats["onnx"]["runtime"] == "onnxruntime"
 
 
 @pytest.mark.slow
