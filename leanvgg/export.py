@@ -307,7 +307,9 @@ def describe(variant: Variant, formats: dict, profile: Profile | None, layout: d
         "facts": facts.to_dict(),
         # per format too (formats[…].accuracy): each measured on the runtime that runs it
         "accuracy": {fmt: entry.get("accuracy") for fmt, entry in formats.items()},
-        "latency_profile": profile.to_dict() if profile else None,
+        # measured where leanvgg runs the variant, which may not be where a format runs
+        "latency_profile": ({**profile.to_dict(), "runtime": variant.runtime, "batch": 1}
+                            if profile else None),
         "machine": machine,
         "versions": machine["versions"],
     }

@@ -333,3 +333,29 @@ def test_onnx_and_openvino_exports_are_the_conversions_leanvgg_runs(tmp_path, mo
         op.get_type_name() for op in kept.get_ordered_ops()]
     assert ir.get_rt_info(["leanvgg", "labels"]).astype(str) == labels
     assert (out / "int8_static.bin").read_bytes() == stored["openvino"][".bin"].read_bytes()
+
+
+def test_model_json_names_the_runtime_its_latency_profile_was_measured_on():
+    """The latency profile is the dashboard's, measured where leanvgg runs the variant (here
+    OpenVINO at its default precision), whichever formats are exported: it says so."""
+    import time
+
+    from leanvgg.builder import Variant
+    from leanvgg.context import RunContext
+    from leanvgg.export import describe
+    from leanvgg.facts import ArtifactFacts, Placement
+    from leanvgg.measure import Latency, Profile
+    from leanvgg.models import layout_of
+    from leanvgg.recipes import RECIPES
+
+    baseline = decisive_baseline()
+    variant = Variant(RECIPES["int8_static"], None,
+                      ArtifactFacts(size_bytes=1, params=1, params_total=1, macs=1), "weights",
+                      RunContext.here(2), Placement("openvino_bf16", "openvino_bf16", 2, "stored"))
+    profile = Profile(Latency.from_seconds([0.020, 0.021, 0.022]), time.time(), 2)
+    spec = describe(variant, {}, profile, layout_of(baseline.model), baseline)
+    assert spec["latency_profile"]["runtime"] == "openvino_bf16"
+    assert spec["latency_profile"]["batch"] == 1 and spec["latency_profile"]["threads"] == 2
+    assert spec["latency_profile"]["median"] == pytest.approx(21.0)
+    assert describe(variant, {}, None, layout_of(baseline.model), baseline)[
+        "latency_profile"] is None
