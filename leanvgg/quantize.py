@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from operator import attrgetter
 from typing import Literal
 
 import torch
@@ -180,13 +181,8 @@ def _fold_weight_quantization(graph: fx.GraphModule) -> None:
                 or any(source.op != "get_attr" for source in inputs)):
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                       lambda source: _attribute(graph, source.target))
+                                       lambda source: attrgetter(source.target)(graph))
         with torch.no_grad():
             replace_node_with_constant(graph, node, node.target(*args, **kwargs))
     graph.graph.eliminate_dead_code()
     graph.recompile()
-
-
-def _attribute(graph: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, leaf = target.rpartition(".")
-    return getattr(graph.get_submodule(owner) if owner else graph, leaf)
