@@ -392,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(levelname)s %(name)s: %(message)s")
+    _notices_to_the_debug_log()
     try:
         code = args.func(args)
         if code == 0 and getattr(args, "labelled_model", None):
@@ -405,6 +406,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("leanvgg: interrupted", file=sys.stderr)
         return 130
+
+
+# Warnings torch logs on every run that concern neither a CPU nor a user of leanvgg (its logger,
+# what the message says): an import of torchao registering an enum the way torch deprecates,
+# and an import of torch.utils.cpp_extension (Inductor's compiler) finding a CUDA toolkit
+# without a GPU. Each printed a line of its own format into every build's and server's output.
+_NOTICES = (("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+            ("torch.utils.cpp_extension", "No CUDA runtime is found"))
+
+
+class _ToTheDebugLog(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        log.debug("%s said: %s", record.name, record.getMessage())
+        return False
+
+
+def _notices_to_the_debug_log() -> None:
+    """Keep torch's irrelevant notices (``_NOTICES``) for the debug log; every other warning
+    of those loggers still shows. Set before the modules that log them are imported (their
+    loggers are made here, and found there)."""
+    for name, text in _NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ToTheDebugLog) and f.text == text for f in logger.filters):
+            logger.addFilter(_ToTheDebugLog(text))
 
 
 class OutputError(Exception):

@@ -287,3 +287,38 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
     again = build_variants(tiny_baseline(), ["baseline", "quantized"], store=store,
                            progress=False)
     assert again.variants["quantized"].artifact == built.variants["quantized"].artifact
+
+
+_IMPORTS_THAT_WARN = """
+import logging, sys
+from leanvgg import cli
+before = [m for m in ("torchao", "torch.utils.cpp_extension") if m in sys.modules]
+logging.basicConfig(level=logging.DEBUG if sys.argv[1] == "debug" else logging.WARNING)
+if sys.argv[2] == "filtered":
+    cli._notices_to_the_debug_log()
+import torchao, torch.utils.cpp_extension
+logging.getLogger("torch.utils._pytree").warning("a warning of its own")
+print(before)
+"""
+
+
+@pytest.mark.slow  # fresh interpreters importing torch
+def test_torchs_irrelevant_notices_go_to_the_debug_log_only():
+    def run(level, mode):
+        done = subprocess.run([sys.executable, "-c", _IMPORTS_THAT_WARN, level, mode],
+                              capture_output=True, text=True, timeout=300, check=True)
+        assert done.stdout.strip() == "[]"  # the imports below are the first: they warn
+        return done.stderr
+
+    notices = {"torch.utils._pytree": "is an Enum subclass and is now natively supported",
+               "torch.utils.cpp_extension": "No CUDA runtime is found"}  # CUDA_HOME found
+    unfiltered = run("warning", "unfiltered")
+    logged = {name: text for name, text in notices.items() if text in unfiltered}
+    if not logged:
+        pytest.skip("this torch and torchao log neither notice here")
+    quiet = run("warning", "filtered")
+    assert not any(text in quiet for text in logged.values())
+    assert "a warning of its own" in quiet  # the loggers' other warnings still show
+    debug = run("debug", "filtered")
+    for name, text in logged.items():
+        assert f"{name} said: " in debug and text in debug
