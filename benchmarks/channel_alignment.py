@@ -76,8 +76,8 @@ def main() -> None:
         latency = timings[row["name"]][0]
         row["latency_ms"] = latency.to_dict()
     report = schema.document("benchmark/channel_alignment", rows,
-                             config={"weights": "random", "runs": args.runs, "batch": 1, "primed": True,
-                                     "recipe": "turbo_svd"},
+                             config={"weights": "random", "runs": args.runs, "batch": 1,
+                                     "primed": True, "recipe": "turbo_svd"},
                              threads=args.threads)
     schema.write(args.out, report)
     print(f"{'alignment [runtime]':<28}{'kept filters (features 16…34)':<44}{'GMACs':>7}"

@@ -197,7 +197,8 @@ print(status("VmHWM") - before)
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: 5 s
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's peak RSS reset")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                    reason="needs Linux's peak RSS reset")
 def test_a_decodes_full_size_pixels_are_freed_before_the_next_decode():
     # 4096² RGB: 64 MB of pixels once loaded (Pillow keeps RGB in 4 bytes per pixel). The server decodes one upload at a time, but a
     # request thread may still hold its Checked when the next decode starts: if the pixels
