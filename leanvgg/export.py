@@ -25,8 +25,8 @@ from leanvgg.capabilities import FORMAT_OF, RUNTIME_OF, precision_of
 from leanvgg.context import OPENVINO_BF16, PYTORCH
 from leanvgg.facts import PINNED, Placement
 from leanvgg.images import WORK_SIDE, transform
-from leanvgg.interop import (INPUT, onnxruntime_settings, openvino_config, openvino_from_onnx,
-                             openvino_model, read_openvino, set_onnx_metadata, write_onnx,
+from leanvgg.interop import (INPUT, copy_onnx, onnxruntime_settings, openvino_config,
+                             openvino_from_onnx, openvino_model, read_openvino, write_onnx,
                              write_openvino)
 from leanvgg.machine import machine_facts
 from leanvgg.measure import Profile
@@ -192,8 +192,7 @@ def _onnx(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.onnx"
     stored = stored_conversion(variant, builder, "onnx")
     if stored is not None:  # the very file ONNX Runtime runs here
-        shutil.copyfile(stored[".onnx"], path)
-        set_onnx_metadata(path, file_metadata(builder.baseline))
+        copy_onnx(stored[".onnx"], path, file_metadata(builder.baseline))
     else:
         write_onnx(builder.portable_model(variant.recipe), variant.input_size, path,
                    metadata=file_metadata(builder.baseline))

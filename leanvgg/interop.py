@@ -84,24 +84,29 @@ def write_onnx(model: nn.Module, input_size: int, path: Path, *,
     """``model`` as ONNX (any batch size) at ``path``: a float model as FP32, a static INT8
     one as QDQ with its own weights and scales. ``metadata``: written to the model's
     ``metadata_props`` (e.g. its labels)."""
-    require("onnx")
-    with stdout_to_stderr():
-        _export_onnx(model, input_size, path)
-    set_onnx_metadata(path, metadata)
-
-
-def set_onnx_metadata(path: Path, metadata: dict[str, str] | None) -> None:
-    """``metadata`` written into the ONNX file's ``metadata_props`` (keys it names replaced)."""
-    if not metadata:
-        return
     onnx = require("onnx")
-    model = onnx.load(str(path))
-    kept = {p.key: p.value for p in model.metadata_props if p.key not in metadata}
-    onnx.helper.set_model_props(model, {**kept, **metadata})
-    onnx.save(model, str(path))
+    with stdout_to_stderr():
+        proto = _export_onnx(model, input_size)
+    _set_metadata(proto, metadata)
+    onnx.save(proto, str(path))
 
 
-def _export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
+def copy_onnx(source: Path, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The ONNX file ``source`` written to ``path``, ``metadata`` added to its
+    ``metadata_props`` on the way (keys it names replaced): one read and one write."""
+    onnx = require("onnx")
+    proto = onnx.load(str(source))
+    _set_metadata(proto, metadata)
+    onnx.save(proto, str(path))
+
+
+def _set_metadata(proto, metadata: dict[str, str] | None) -> None:
+    if metadata:
+        kept = {p.key: p.value for p in proto.metadata_props if p.key not in metadata}
+        require("onnx").helper.set_model_props(proto, {**kept, **metadata})
+
+
+def _export_onnx(model: nn.Module, input_size: int):
     # torch.export's ONNX exporter: the TorchScript one cannot export VGG's adaptive pooling
     # where 7 is not a multiple of the feature map (160 px: 5×5, 32 px: 1×1). One file, weights
     # inside (VGG-19 is far below ONNX's 2 GB limit), any batch size.
@@ -117,7 +122,7 @@ def _export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
                                      dynamo=True, optimize=True, verbose=False)
     proto = exported.model_proto
     _unshare_weight_zero_points(proto)
-    require("onnx").save(proto, str(path))
+    return proto
 
 
 @contextlib.contextmanager
