@@ -45,7 +45,7 @@ class Variant:
     """A ready model with its recipe and the facts measured when it was built."""
 
     recipe: Recipe
-    model: nn.Module
+    model: nn.Module | None  # None: described from the store, not loaded (Builder.described)
     facts: ArtifactFacts  # what belongs to its weights (size, params, MACs, step reports)
     artifact: str  # the cache key of its weights
     context: RunContext  # the threads (and machine) it was made for
@@ -135,6 +135,46 @@ class Builder:
             model, facts, key = self.artifact(recipe, len(recipe.steps))
             facts = {**facts, "macs": self._macs(model, key, recipe.input_size)}
         return Variant(recipe, model, facts_of(facts), key, self.context)
+
+    def described(self, recipe: Recipe,
+                  on_state: Callable[[State], object] = lambda state: None) -> Variant:
+        """The variant as the store describes it: its key and facts from the manifests, its
+        model not loaded (``model`` None), for what needs only them (export copies the stored
+        files and reads the facts; loading a static INT8 model takes seconds). A variant whose
+        facts are not all stored yet is made as ``variant(compiled=False)`` makes it."""
+        recipe = self.bind(recipe)
+        key = self.key(recipe)
+        facts = (self.packages.facts(key, recipe.input_size) if recipe.compiled else None)
+        if facts is None:
+            facts = self._stored_facts(key, recipe.input_size)
+        if facts is None:
+            return self.variant(recipe, on_state, compiled=False)
+        return Variant(recipe, None, facts_of(facts), key, self.context)
+
+    def _stored_facts(self, key: str, input_size: int) -> dict | None:
+        """An artifact's facts from its manifest and its MACs from the MACS document, as
+        ``variant(compiled=False)`` gives them; None unless both are stored."""
+        manifest = self.store.manifest(key)
+        macs = (self.store.documents.load(MACS) or {}).get(f"{key}@{input_size}")
+        if manifest is None or not isinstance(macs, int) or macs <= 0:
+            return None
+        try:
+            _check_manifest(manifest)
+        except ValueError:
+            return None
+        # the baseline's manifest holds its size; a step's is the entry's bytes (Builder._load)
+        return {"size_bytes": manifest["bytes"], **manifest["facts"], "macs": macs}
+
+    def layout(self, recipe: Recipe) -> dict:
+        """The channel widths, Linear widths and ranks of ``recipe``'s float model
+        (``models.layout_of``), from its stored manifest when there is one (every manifest
+        keeps its source VGG's layout), else from the loaded float model."""
+        manifest = self.store.manifest(self.key(recipe))
+        try:
+            _check_manifest(manifest or {})
+        except ValueError:
+            return layout_of(self.float_model(recipe))
+        return manifest["layout"]
 
     def compile_ahead(self, recipe: Recipe,
                       on_state: Callable[[State], object] = lambda state: None) -> None:

@@ -753,9 +753,8 @@ def _export(args: argparse.Namespace) -> int:
     formats = list(dict.fromkeys(args.formats or ["pt2"]))
     check_export([builder.registry[name] for name in names], formats)
     out = _writable(args.out, folder=True)
-    # a package is made only for a pt2 export (the others convert the float model)
-    variants = (_placed(builder.builder.variant(builder.registry[name],
-                                                compiled="pt2" in formats), builder.builder)
+    # described, not loaded: each format copies the stored file leanvgg runs, or makes it
+    variants = (_placed(builder.builder.described(builder.registry[name]), builder.builder)
                 for name in names)
     try:
         exported = list(export_each(variants, formats, out, builder=builder.builder))

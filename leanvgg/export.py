@@ -30,7 +30,7 @@ from leanvgg.interop import (INPUT, copy_onnx, onnxruntime_settings, openvino_co
                              write_openvino)
 from leanvgg.machine import machine_facts
 from leanvgg.measure import Profile
-from leanvgg.models import Baseline, layout_of
+from leanvgg.models import Baseline
 from leanvgg.portable import save as save_safetensors
 from leanvgg.recipes import Recipe
 from leanvgg.runtime import MAX_BATCH, package
@@ -110,7 +110,7 @@ def export(variant: Variant, fmt: str, out: Path, *, builder: Builder,
     evaluations = builder.store.documents.load(EVALUATION) or {}
     formats[fmt] = {"files": [p.name for p in _files(path)], **entry, "runtime": runtime,
                     "accuracy": evaluations.get(evaluation_key(_on(variant, runtime)))}
-    layout = layout_of(builder.float_model(variant.recipe))
+    layout = builder.layout(variant.recipe)
     write_atomic(model_json, json.dumps(describe(variant, formats, profile, layout,
                                                  builder.baseline), indent=2).encode())
     for written in (*_files(path), model_json):
@@ -170,13 +170,17 @@ def _int8_note(variant: Variant, form: str) -> dict:
 
 def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.pt2"
-    cached = builder.package_file(variant.recipe) if variant.recipe.compiled else None
     threads = builder.context.threads
+    cached = None
+    if variant.recipe.compiled:  # the very code leanvgg runs, made and kept if it was not
+        if builder.package_file(variant.recipe) is None:
+            builder.compile_ahead(variant.recipe)
+        cached = builder.package_file(variant.recipe)
     if cached is not None:
-        shutil.copyfile(cached, path)  # the very code leanvgg runs
+        shutil.copyfile(cached, path)
     else:
-        eager = (builder.artifact(variant.recipe, len(variant.recipe.steps))[0]
-                 if variant.recipe.compiled else variant.model)
+        eager = (variant.model if variant.model is not None and not variant.recipe.compiled
+                 else builder.artifact(variant.recipe, len(variant.recipe.steps))[0])
         package(eager, variant.input_size, path, threads=threads)
     return path, {"run": f"torch.set_num_threads({threads}); "
                          f"torch._inductor.aoti_load_package({path.name!r})(x)",
@@ -241,7 +245,7 @@ def _safetensors(variant: Variant, out: Path, builder: Builder) -> tuple[Path, d
     facts = variant.facts
     save_safetensors(model, path, spec={
         "variant": variant.name, "input_size": variant.input_size,
-        "layout": layout_of(builder.float_model(variant.recipe)),
+        "layout": builder.layout(variant.recipe),
         "steps": [step.to_json() for step in variant.recipe.steps],
         "kept": {k: facts.reports[k] for k in ("pruning", "neuron_pruning")
                  if facts.reports.get(k)},

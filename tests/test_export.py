@@ -301,6 +301,7 @@ def test_onnx_and_openvino_exports_are_the_conversions_leanvgg_runs(tmp_path, mo
     import onnx
     import openvino
 
+    from leanvgg.recipes import QuantizeStaticInt8
     from leanvgg.runtimes import stored_conversion
 
     export_module = importlib.import_module("leanvgg.export")  # leanvgg.export is a function
@@ -317,10 +318,19 @@ def test_onnx_and_openvino_exports_are_the_conversions_leanvgg_runs(tmp_path, mo
     def exported_again(*args, **kwargs):
         raise AssertionError("exported again instead of copied")
 
+    made = []  # the copies need only the INT8 model's facts: it is neither loaded nor built
+
+    def int8_model(*args, **kwargs):
+        made.append(args)
+        raise AssertionError("the INT8 model was loaded or built")
+
     monkeypatch.setattr(export_module, "write_onnx", exported_again)
     monkeypatch.setattr(export_module, "openvino_model", exported_again)
+    monkeypatch.setattr(QuantizeStaticInt8, "skeleton", int8_model)
+    monkeypatch.setattr(QuantizeStaticInt8, "apply", int8_model)
     assert cli.main(["export", "int8_static", "--format", "onnx", "--format", "openvino",
                      "--out", str(out)]) == 0
+    assert made == []
 
     mine, theirs = onnx.load(str(out / "int8_static.onnx")), onnx.load(str(stored["onnx"][".onnx"]))
     assert mine.graph == theirs.graph
@@ -359,3 +369,34 @@ def test_model_json_names_the_runtime_its_latency_profile_was_measured_on():
     assert spec["latency_profile"]["median"] == pytest.approx(21.0)
     assert describe(variant, {}, None, layout_of(baseline.model), baseline)[
         "latency_profile"] is None
+
+
+def test_a_described_variant_has_the_loaded_ones_facts_without_its_model(tmp_path, monkeypatch):
+    """``Builder.described`` reads a stored variant's key, facts and layout from the store's
+    manifests, loading no model (what export needs); a variant not stored yet is made."""
+    from leanvgg.models import layout_of
+    from leanvgg.recipes import RECIPES
+
+    store = Store(tmp_path)
+    build_variants(decisive_baseline(), ["int8_static", "turbo_svd"], store=store,
+                   progress=False, runtime="onnxruntime")  # stores the artifacts, no package
+    loaded = Builder(decisive_baseline(), store)
+    expected = {name: loaded.variant(RECIPES[name], compiled=False)
+                for name in ("int8_static", "turbo_svd")}
+
+    described = Builder(decisive_baseline(), store)
+    monkeypatch.setattr(described, "artifact", lambda *args: pytest.fail("a model was loaded"))
+    for name, variant in expected.items():
+        seen = described.described(RECIPES[name])
+        assert seen.model is None
+        assert (seen.artifact, seen.facts, seen.recipe) == (
+            variant.artifact, variant.facts, variant.recipe)
+        assert described.layout(RECIPES[name]) == layout_of(loaded.float_model(variant.recipe))
+    assert described.layout(RECIPES["turbo_svd"])["ranks"]  # its factorised classifier
+    monkeypatch.undo()
+
+    states = []
+    made = described.described(RECIPES["quantized"], states.append)  # not stored: made now
+    assert made.model is not None and states == ["building"]
+    assert made.facts == Builder(decisive_baseline(), store).variant(
+        RECIPES["quantized"]).facts
