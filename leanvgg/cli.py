@@ -901,7 +901,11 @@ def _exit_on_signal(signum: int, _frame) -> None:
 def format_table(result: ComparisonResult) -> str:
     """A fixed-width table of a comparison, with where its figures come from."""
     batched = result.batch_size > 1
-    header = (f"{'variant':<17}{'runtime':<12}{'input':>6}{'size MB':>9}{'params':>13}{'GMACs':>7}"
+    # as wide as the longest name and runtime (openvino_bf16), two spaces after each
+    name_w = max([len("variant"), *(len(row.facts.name) for row in result.variants)]) + 2
+    run_w = max([len("runtime"), *(len(row.facts.runtime) for row in result.variants)]) + 2
+    header = (f"{'variant':<{name_w}}{'runtime':<{run_w}}{'input':>5}{'size MB':>9}"
+              f"{'params':>13}{'GMACs':>7}"
               f"{'median ms':>11}{'p90 ms':>9}{'speedup':>9}"
               + (f"{f'img/s @{result.batch_size}':>12}" if batched else "") + "  top-3")
     lines = [header, "-" * len(header)]
@@ -911,7 +915,8 @@ def format_table(result: ComparisonResult) -> str:
         throughput = (f"{row.throughput.images_per_s:>12.1f}" if batched and row.throughput
                       else "")
         lines.append(
-            f"{v.name:<17}{v.runtime:<12}{v.input_size:>6}{v.size_mb:>9.1f}{v.params:>13,}"
+            f"{v.name:<{name_w}}{v.runtime:<{run_w}}{v.input_size:>5}{v.size_mb:>9.1f}"
+            f"{v.params:>13,}"
             f"{v.macs / 1e9:>7.2f}"
             f"{row.latency_ms.median:>11.1f}{row.latency_ms.p90:>9.1f}"
             + (f"{row.speedup:>8.2f}×" if row.speedup is not None else f"{'—':>9}")

@@ -1,6 +1,7 @@
 """Every figure is of the model that ran: one run context keys every cache entry and record,
 ``--threads`` reaches every runtime, speedups divide like figures only, and our stdout is ours."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -144,6 +145,18 @@ def test_a_speedup_divides_only_figures_of_the_same_kind(tmp_path):
     assert "not comparable" in res160.speedup_note and "1 pass)" in res160.speedup_note
     assert res160.latency_ms.count == 1  # the request's passes, with their count
     assert "res160: no speedup, not comparable" in cli.format_table(mixed)
+    # the columns fit the longest name and runtime: each row's runtime starts under the
+    # header's, its input size ends under "input"
+    wide = dataclasses.replace(mixed, variants=[
+        dataclasses.replace(row, facts=dataclasses.replace(row.facts, name=name, runtime=where))
+        for row, (name, where) in zip(mixed.variants, [("pruned_quantized_tuned", "pytorch"),
+                                                        ("turbo_svd", "openvino_bf16")])])
+    header, _, *rows = cli.format_table(wide).splitlines()[:4]
+    for row, (name, where) in zip(rows, [("pruned_quantized_tuned", "pytorch"),
+                                         ("turbo_svd", "openvino_bf16")]):
+        assert row.startswith(name + " ") and row.index(where) == header.index("runtime")
+        size = row[len(name):].split()[1]
+        assert row.index(f" {size} ") + 1 + len(size) == header.index("input") + len("input")
     both = compare(photo, variants, Settings(runs=1, warmup=0),
                    profiles={"baseline": profile, "res160": profile})
     assert both.variants[1].speedup == 1.0 and both.variants[1].speedup_note is None
