@@ -107,6 +107,15 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    # on a 1536 px wide laptop screen every column shows without scrolling sideways, and
+    # the four charts stand two by two
+    page.set_viewport_size({"width": 1536, "height": 1000})
+    scroll, client, lefts = page.evaluate("""() => {
+        const wrap = document.querySelector('.table-wrap');
+        return [wrap.scrollWidth, wrap.clientWidth, [...document.querySelectorAll(
+            '#results figure')].map(f => Math.round(f.getBoundingClientRect().left))]; }""")
+    assert scroll <= client
+    assert len(lefts) == 4 and lefts[0] == lefts[2] < lefts[1] == lefts[3]
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
     (ARTIFACTS / "dashboard-timing.txt").write_text(
