@@ -118,6 +118,14 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
     assert len(lefts) == 4 and lefts[0] == lefts[2] < lefts[1] == lefts[3]
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
+    # on a phone the figures scroll sideways under the variant names, which stay in view
+    wrap_left, name_lefts = page.evaluate("""() => {
+        const wrap = document.querySelector('.table-wrap');
+        wrap.scrollLeft = wrap.scrollWidth;
+        return [wrap.getBoundingClientRect().left, [...document.querySelectorAll(
+            '#table tr > :first-child')].map(c => c.getBoundingClientRect().left)]; }""")
+    assert len(name_lefts) == len(default_names()) + 1
+    assert all(abs(left - wrap_left) <= 2 for left in name_lefts)
     (ARTIFACTS / "dashboard-timing.txt").write_text(
         f"upload to first row: {first_row:.1f} s; to all results: {seconds:.1f} s\n")
 
