@@ -23,16 +23,15 @@ from leanvgg.documents import SEARCH
 from leanvgg.images import DEFAULT_LIMITS, ImageLimits, check
 from leanvgg.measure import Profile
 from leanvgg.models import Baseline
-from leanvgg.service.pool import (PROCESS, THREAD, NotReady, VariantPool,  # noqa: F401 (re-exported)
-                                  VariantStatus)
+from leanvgg.service.pool import PROCESS, THREAD, NotReady, VariantPool, VariantStatus
 from leanvgg.service.profiles import ProfileKeeper
 from leanvgg.service.queue import Busy, MeasurementQueue, Ticket
 from leanvgg.store import Store
 from leanvgg.tune_report import from_document, summarize
 from leanvgg.variants import Variant, VariantSet
 
-__all__ = ["Abandoned", "Busy", "ComparisonService", "NotReady", "Queued", "ReportError",
-           "VariantStatus"]
+__all__ = ["PROCESS", "THREAD", "Abandoned", "Busy", "ComparisonService", "NotReady", "Queued",
+           "ReportError", "VariantStatus"]
 
 log = logging.getLogger(__name__)
 
