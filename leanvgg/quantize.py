@@ -125,14 +125,17 @@ def quantize_static_int8(model: nn.Module, calibration: torch.Tensor, *,
 
 
 def static_int8_skeleton(model: nn.Module, input_size: int) -> StaticInt8:
-    """The structure ``quantize_static_int8`` produces, to load a stored state dict into."""
-    graph = _prepared(model, input_size)
+    """The structure ``quantize_static_int8`` produces, to load a stored state dict into:
+    ``model`` (a throwaway skeleton itself) is traced as it is, and its INT8 weights are left
+    uncomputed (empty tensors of their shape and dtype, which the state dict fills)."""
+    graph = _prepared(model, input_size, copy_model=False)
     with torch.no_grad():
         graph(torch.zeros(1, 3, input_size, input_size))
-    return StaticInt8(_converted(graph))
+    return StaticInt8(_converted(graph, compute_weights=False))
 
 
-def _prepared(model: nn.Module, input_size: int) -> fx.GraphModule:
+def _prepared(model: nn.Module, input_size: int, *, copy_model: bool = True
+              ) -> fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
@@ -140,18 +143,19 @@ def _prepared(model: nn.Module, input_size: int) -> fx.GraphModule:
     # Traced with a batch of 2 (a batch of 1 would be specialised) and any batch size allowed.
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    exported = torch.export.export(copy.deepcopy(model).eval(), (example,),
+    exported = torch.export.export((copy.deepcopy(model) if copy_model else model).eval(),
+                                   (example,),
                                    dynamic_shapes=({0: batch},))
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config())
     return prepare_pt2e(exported.module(), quantizer)
 
 
-def _converted(graph: fx.GraphModule) -> fx.GraphModule:
+def _converted(graph: fx.GraphModule, *, compute_weights: bool = True) -> fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     converted = convert_pt2e(graph, fold_quantize=False)
-    _fold_weight_quantization(converted)
+    _fold_weight_quantization(converted, compute=compute_weights)
     # Folding the weights into INT8 constants leaves their FP32 originals attached, unused.
     used = {node.target for node in converted.graph.nodes if node.op == "get_attr"}
     unused = [name for name, _ in (*converted.named_parameters(), *converted.named_buffers())
@@ -162,7 +166,7 @@ def _converted(graph: fx.GraphModule) -> fx.GraphModule:
     return converted
 
 
-def _fold_weight_quantization(graph: fx.GraphModule) -> None:
+def _fold_weight_quantization(graph: fx.GraphModule, *, compute: bool = True) -> None:
     """Each quantize op whose inputs are all constants (a weight, its scales and zero points)
     replaced by its INT8 result, as ``convert_pt2e``'s own folding does, with the same names
     (``_frozen_param0``, … in graph order).
@@ -170,8 +174,19 @@ def _fold_weight_quantization(graph: fx.GraphModule) -> None:
     ``convert_pt2e``'s folding runs the whole graph's constant parts to find them, the
     weights' dequantize ops included, only to leave those in the graph: 4.1 of its 5.2 s for
     VGG-19 on one core, paid by every static INT8 build and every reload of one.
+
+    ``compute=False`` (a skeleton, whose INT8 weights a state dict fills): each constant is
+    zeros of the result's shape and dtype, found on the meta device, not the quantized weight.
     """
     from torchao.quantization.pt2e.constant_fold import replace_node_with_constant
+
+    def result(op, args, kwargs):
+        if compute:
+            return op(*args, **kwargs)
+        meta = fx.node.map_aggregate((args, kwargs), lambda a: (
+            a.to("meta") if isinstance(a, torch.Tensor) else a))
+        shaped = op(*meta[0], **meta[1])
+        return torch.zeros(shaped.shape, dtype=shaped.dtype)
 
     quantize = (torch.ops.quantized_decomposed.quantize_per_channel.default,
                 torch.ops.quantized_decomposed.quantize_per_tensor.default)
@@ -183,6 +198,6 @@ def _fold_weight_quantization(graph: fx.GraphModule) -> None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs),
                                        lambda source: attrgetter(source.target)(graph))
         with torch.no_grad():
-            replace_node_with_constant(graph, node, node.target(*args, **kwargs))
+            replace_node_with_constant(graph, node, result(node.target, args, kwargs))
     graph.graph.eliminate_dead_code()
     graph.recompile()

@@ -1,5 +1,6 @@
 """The CPU-native fast variants: static INT8 (really INT8), bf16, turbo; built, cached, reloaded."""
 
+import copy
 import json
 import logging
 import shutil
@@ -208,7 +209,12 @@ def test_int8_stays_close_to_fp32_and_leaves_the_input_alone(float_model, int8, 
 
 
 def test_a_stored_state_dict_reloads_without_calibration(float_model, int8, calibration):
-    skeleton = static_int8_skeleton(float_model, 64)
+    skeleton = static_int8_skeleton(copy.deepcopy(float_model), 64)  # it takes a throwaway
+    # the structure only: every tensor of the state dict, its INT8 weights left uncomputed
+    shapes = {k: (v.shape, v.dtype) for k, v in skeleton.state_dict().items()}
+    assert shapes == {k: (v.shape, v.dtype) for k, v in int8.state_dict().items()}
+    weights = [v for v in skeleton.state_dict().values() if v.dtype == torch.int8]
+    assert weights and not any(v.any() for v in weights)
     with torch.inference_mode():
         assert not torch.equal(skeleton(calibration[:3]), int8(calibration[:3]))
         skeleton.load_state_dict(int8.state_dict())
