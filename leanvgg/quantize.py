@@ -127,7 +127,7 @@ def quantize_static_int8(model: nn.Module, calibration: torch.Tensor, *,
 def static_int8_skeleton(model: nn.Module, input_size: int) -> StaticInt8:
     """The structure ``quantize_static_int8`` produces, to load a stored state dict into:
     ``model`` (a throwaway skeleton itself) is traced as it is, and its INT8 weights are left
-    uncomputed (empty tensors of their shape and dtype, which the state dict fills)."""
+    uncomputed (zeros of their shape and dtype, which the state dict fills)."""
     graph = _prepared(model, input_size, copy_model=False)
     with torch.no_grad():
         graph(torch.zeros(1, 3, input_size, input_size))

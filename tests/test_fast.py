@@ -227,8 +227,6 @@ def test_weights_are_folded_as_torchaos_own_folding_does_them(calibration):
     constants under the same names, so artifacts stored either way load either way. A
     factorised classifier (two Linears per layer) and BatchNorm folded into its convs (with
     running statistics of its own) are checked beside a plain VGG."""
-    import copy
-
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from leanvgg.lowrank import factorize_linear
