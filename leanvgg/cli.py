@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed
+from tqdm.auto import tqdm
 
 from leanvgg import cache
 from leanvgg.compare import ComparisonResult, Settings, compare
@@ -756,8 +757,9 @@ def _export(args: argparse.Namespace) -> int:
     # described, not loaded: each format copies the stored file leanvgg runs, or makes it
     variants = (_placed(builder.builder.described(builder.registry[name]), builder.builder)
                 for name in names)
-    try:
-        exported = list(export_each(variants, formats, out, builder=builder.builder))
+    try:  # a file per variant and format: seconds each, a pt2 compiled now 25 s (VGG-19)
+        exported = list(tqdm(export_each(variants, formats, out, builder=builder.builder),
+                             total=len(names) * len(formats), desc="exporting", unit="file"))
     except PermissionError as err:
         raise OutputError(f"cannot write into {args.out!r}: {err.strerror or err}.") from None
     print(_model_line(baseline))

@@ -293,7 +293,8 @@ def test_a_file_leanvgg_did_not_export_is_refused_clearly(tmp_path):
         leanvgg.load(tmp_path / "junk.safetensors")
 
 
-def test_onnx_and_openvino_exports_are_the_conversions_leanvgg_runs(tmp_path, monkeypatch):
+def test_onnx_and_openvino_exports_are_the_conversions_leanvgg_runs(tmp_path, monkeypatch,
+                                                                     capsys):
     """Where the runtime choice stored a variant's conversions, export copies them (labels
     added) instead of exporting the model again: the same graph and weights leanvgg runs."""
     import importlib
@@ -331,6 +332,8 @@ def test_onnx_and_openvino_exports_are_the_conversions_leanvgg_runs(tmp_path, mo
     assert cli.main(["export", "int8_static", "--format", "onnx", "--format", "openvino",
                      "--out", str(out)]) == 0
     assert made == []
+    bar = capsys.readouterr().err  # a progress bar on stderr: one variant in two formats
+    assert "exporting: 100%" in bar and "2/2" in bar
 
     mine, theirs = onnx.load(str(out / "int8_static.onnx")), onnx.load(str(stored["onnx"][".onnx"]))
     assert mine.graph == theirs.graph
