@@ -280,6 +280,7 @@ def test_a_missing_runtime_names_the_extra_that_installs_it(tmp_path, monkeypatc
     assert err == ("leanvgg: error: onnx is not installed: it comes with leanvgg's 'export' "
                    "extra (pip install 'leanvgg[export]', or from a clone: pip install -e "
                    "'.[export]').")
+    assert not (tmp_path / "out").exists()  # refused before anything was built or written
 
 
 def test_a_file_leanvgg_did_not_export_is_refused_clearly(tmp_path):
