@@ -179,10 +179,9 @@ def _int8_note(variant: Variant, form: str) -> dict:
 def _pt2(variant: Variant, out: Path, builder: Builder) -> tuple[Path, dict]:
     path = out / f"{variant.name}.pt2"
     threads = builder.context.threads
-    cached = None
-    if variant.recipe.compiled:  # the very code leanvgg runs, made and kept if it was not
-        if builder.package_file(variant.recipe) is None:
-            builder.compile_ahead(variant.recipe)
+    cached = builder.package_file(variant.recipe) if variant.recipe.compiled else None
+    if variant.recipe.compiled and cached is None:  # the very code leanvgg runs, made and kept
+        builder.compile_ahead(variant.recipe)
         cached = builder.package_file(variant.recipe)
     if cached is not None:
         shutil.copyfile(cached, path)
