@@ -25,9 +25,9 @@ from leanvgg.capabilities import FORMAT_OF, RUNTIME_OF, precision_of
 from leanvgg.context import OPENVINO_BF16, PYTORCH
 from leanvgg.facts import PINNED, Placement
 from leanvgg.images import WORK_SIDE, transform
-from leanvgg.interop import (INPUT, copy_onnx, onnxruntime_settings, openvino_config,
-                             openvino_from_onnx, openvino_model, read_openvino, require,
-                             write_onnx, write_openvino)
+from leanvgg.interop import (INPUT, WRITTEN_WITH, copy_onnx, onnxruntime_settings,
+                             openvino_config, openvino_from_onnx, openvino_model, read_openvino,
+                             require, write_onnx, write_openvino)
 from leanvgg.machine import machine_facts
 from leanvgg.measure import Profile
 from leanvgg.models import Baseline
@@ -80,17 +80,13 @@ def preprocessing(input_size: int) -> dict:
             "contiguous": True}
 
 
-# per format: the libraries that write it (the export extra's), checked before anything is written
-_WRITTEN_WITH = {"onnx": ("onnx", "onnxscript"), "openvino": ("onnx", "onnxscript", "openvino")}
-
-
 def check(recipes: Iterable[Recipe], formats: Iterable[str]) -> None:
     """Raise ExportError for the first variant × format that cannot be exported, and
     MissingRuntime for a format whose libraries are not installed (before anything is built
     or written)."""
     formats = list(formats)
     for fmt in formats:
-        for module in _WRITTEN_WITH.get(fmt, ()):
+        for module in WRITTEN_WITH.get(fmt, ()):
             require(module)
     for recipe in recipes:
         for fmt in formats:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 EXTRA = "export"
 INPUT, OUTPUT = "input", "logits"
+# per format: the libraries that write it (OpenVINO converts the ONNX export)
+WRITTEN_WITH = {"onnx": ("onnx", "onnxscript"), "openvino": ("onnx", "onnxscript", "openvino")}
 
 
 class MissingRuntime(ImportError):

@@ -42,8 +42,9 @@ from leanvgg.context import (AUTO, INDUCTOR, ONNXRUNTIME, OPENVINO, OPENVINO_BF1
                              RUNTIMES, RunContext)
 from leanvgg.facts import (EAGER, FALLBACK, MEASURED, ONLY, PENDING, PINNED, STORED,
                            Placement, State)
-from leanvgg.interop import (Runner, installed as modules_installed, onnxruntime_runner,
-                             openvino_from_onnx, openvino_runner, write_onnx, write_openvino)
+from leanvgg.interop import (WRITTEN_WITH, Runner, installed as modules_installed,
+                             onnxruntime_runner, openvino_from_onnx, openvino_runner, write_onnx,
+                             write_openvino)
 from leanvgg.measure import time_models, warm_up
 from leanvgg.recipes import Recipe, artifact_key
 from leanvgg.residency import released
@@ -53,8 +54,7 @@ log = logging.getLogger(__name__)
 
 CHOICES = (AUTO, *RUNTIMES)
 # per format (openvino and openvino_bf16 run one IR): the libraries that convert and run it
-_MODULES = {"onnx": ("onnx", "onnxscript", "onnxruntime"),
-            "openvino": ("onnx", "onnxscript", "openvino")}  # OpenVINO converts the ONNX export
+_MODULES = {"onnx": (*WRITTEN_WITH["onnx"], "onnxruntime"), "openvino": WRITTEN_WITH["openvino"]}
 BATCH = 8  # the batch size the batch runtime is chosen at (the dashboard's throughput view)
 # Batches stay on the single-image runtime unless another is faster by more than this: a
 # smaller difference is run-to-run noise here (repeated runs differ by ~2 %), and one runtime
