@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve compare build test test-quick bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-fast-accuracy bench-tune bench-startup bench-memory clean
+.PHONY: serve compare build test test-quick bench-quantization bench-accuracy bench-load bench-peers bench-fidelity bench-fast-accuracy bench-tune bench-startup bench-memory bench-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,17 @@ bench-load: $(STAMP)
 bench-peers: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench,export]'
 	$(BIN)/python benchmarks/peers.py $(ARGS)
+
+# What depends on the CPU kind, in one go, each report named after it (amx, avx512-avxvnni,
+# avx512, avx2: leanvgg.machine.cpu_kind): the peers, the runtimes' top-1 agreement (with its
+# bf16 gate) and the channel alignments; then the peers' README tables. About an hour.
+bench-cpu: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench,export]'
+	KIND=$$($(BIN)/python -c 'from leanvgg.machine import cpu_kind; print(cpu_kind())') && \
+	$(BIN)/python benchmarks/peers.py --out benchmarks/results/peers-$$KIND && \
+	$(BIN)/python benchmarks/runtime_fidelity.py --out benchmarks/results/runtime_fidelity-$$KIND.json && \
+	$(BIN)/python benchmarks/channel_alignment.py --runs 80 --out benchmarks/results/channel_alignment-$$KIND.json && \
+	$(BIN)/python benchmarks/peers.py --markdown --out benchmarks/results/peers-$$KIND
 
 # Accuracy, top-1 agreement and logit error of the fast variants against FP32, and of each
 # runtime (inductor, onnxruntime, openvino) against inductor.

@@ -119,15 +119,20 @@ def wide_digits(epochs: int, seed: int) -> WideDigits:
     return WideDigits(train, test, model, training, name, calibration)
 
 
-def wide_digits_from_command_line(doc: str) -> WideDigits:
+def wide_digits_from_command_line(doc: str, out: Path | None = None
+                                  ) -> tuple[WideDigits, Path | None]:
     """``wide_digits`` for a benchmark's ``--epochs`` (of the trained model, default 10) and
-    ``--seed``, its ``doc`` as the help text."""
+    ``--seed``, its ``doc`` as the help text; with ``out`` (the benchmark's report), also
+    ``--out`` to write it elsewhere (one report per CPU kind), returned beside the setup."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10, help="of the trained model")
     parser.add_argument("--seed", type=int, default=0)
+    if out is not None:
+        parser.add_argument("--out", type=Path, default=out,
+                            help=f"the report to write (default {out.name})")
     args = parser.parse_args()
-    return wide_digits(args.epochs, args.seed)
+    return wide_digits(args.epochs, args.seed), getattr(args, "out", None)
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float
 
 
 def main() -> None:
-    setup = wide_digits_from_command_line(__doc__)
+    setup, _ = wide_digits_from_command_line(__doc__)
     images, labels = setup.test.tensors
     baseline = Baseline(setup.model, setup.name, f"digits-{setup.name}", meaningful=True,
                         input_size=images.shape[-1])

@@ -13,7 +13,8 @@ IR, what is not INT8 in bf16). For each: held-out accuracy and top-1 agreement w
 path, both with 95 % Wilson intervals, and the largest logit difference; for openvino_bf16 also
 its agreement with the same IR in f32 (the variant's own INT8 model), which decides whether the
 runtime choice may use it. Target (issues 15 and 24): agreement >= 99 %.
-Writes benchmarks/results/runtime_fidelity.json (report schema).
+Writes benchmarks/results/runtime_fidelity.json (report schema; --out: another file, e.g. per
+CPU kind).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ TARGET = 0.99
 
 
 def main() -> None:
-    setup = wide_digits_from_command_line(__doc__)
+    setup, out = wide_digits_from_command_line(__doc__, RESULTS / "runtime_fidelity.json")
     model, name, calibration = setup.model, setup.name, setup.calibration
     images, labels = setup.test.tensors
     size = images.shape[-1]
@@ -85,7 +86,7 @@ def main() -> None:
                 "calibration_images": 96, "target_agreement": TARGET,
                 "fp32_accuracy": fp32_correct / len(labels)},
         threads=torch.get_num_threads())
-    schema.write(RESULTS / "runtime_fidelity.json", report)
+    schema.write(out, report)
     print(f"{'runtime':<15}{'agrees with inductor':>22}{'accuracy':>20}{'max |Δlogit|':>14}")
     for r in rows:
         low, high = r["agreement_ci"]
@@ -97,7 +98,7 @@ def main() -> None:
             print(f"{'':<15}agrees with openvino (f32): {r['agreement_with_openvino_f32']:.2%} "
                   f"({low:.1%}–{high:.1%})")
     print(f"FP32: {fp32_correct / len(labels):.2%} on {len(labels)} held-out digits; "
-          f"saved {RESULTS / 'runtime_fidelity.json'}")
+          f"saved {out}")
 
 
 if __name__ == "__main__":

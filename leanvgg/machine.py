@@ -39,6 +39,18 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def cpu_kind() -> str:
+    """A short name for the kind of CPU, for file names of per-CPU results: ``amx`` (AMX-INT8),
+    ``avx512-avxvnni`` (AVX-512 with AVX-VNNI too), ``avx512``, ``avx2`` or ``baseline``. The
+    figures themselves carry every flag (``machine_facts``); this only tells the files apart."""
+    flags = cpu_flags()
+    if "amx_int8" in flags:
+        return "amx"
+    if "avx512f" in flags:
+        return "avx512-avxvnni" if "avx_vnni" in flags else "avx512"
+    return "avx2" if "avx2" in flags else "baseline"
+
+
 def flags_hash() -> str:
     """A short hash of every CPU flag: compiled code and measurements hold only where it
     matches."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanvgg import cache, cli, interop, runtimes
+from leanvgg import cache, cli, interop, machine, runtimes
 from leanvgg.builder import Builder, Variant, profile_key
 from leanvgg.compare import Settings, compare
 from leanvgg.context import RunContext
@@ -60,6 +60,19 @@ def _variant(runtime: str, context: RunContext) -> Variant:
     placement = Placement(runtime, runtime, context.threads, "pinned")
     return Variant(RECIPES["int8_static"], torch.nn.Identity(), NO_FACTS, "weights", context,
                    placement)
+
+
+@pytest.mark.parametrize("flags, kind", [
+    ("avx avx2 fma avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile", "amx"),
+    ("avx avx2 fma avx512f avx512_vnni avx_vnni avx512_bf16 avx512_vp2intersect",
+     "avx512-avxvnni"),
+    ("avx avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16", "avx512"),
+    ("avx avx2 fma", "avx2"),
+    ("sse4_2", "baseline"),
+])
+def test_each_cpu_kind_names_its_own_result_files(monkeypatch, flags, kind):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset(flags.split()))
+    assert machine.cpu_kind() == kind
 
 
 def test_a_profile_holds_for_its_runtime_threads_and_that_runtimes_versions():
