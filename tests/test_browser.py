@@ -107,15 +107,19 @@ def test_upload_a_photo_and_see_every_variant(server, page, photo_path):
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-    # on a 1536 px wide laptop screen every column shows without scrolling sideways, and
-    # the four charts stand two by two
-    page.set_viewport_size({"width": 1536, "height": 1000})
-    scroll, client, lefts = page.evaluate("""() => {
-        const wrap = document.querySelector('.table-wrap');
-        return [wrap.scrollWidth, wrap.clientWidth, [...document.querySelectorAll(
-            '#results figure')].map(f => Math.round(f.getBoundingClientRect().left))]; }""")
-    assert scroll <= client
-    assert len(lefts) == 4 and lefts[0] == lefts[2] < lefts[1] == lefts[3]
+    # on laptop screens down to 1024 px every column shows without scrolling sideways (the
+    # headers wrap between words, never inside "top-1"), and the four charts stand two by two
+    for width in (1536, 1280, 1024):
+        page.set_viewport_size({"width": width, "height": 1000})
+        scroll, client, lefts, accuracy = page.evaluate("""() => {
+            const wrap = document.querySelector('.table-wrap');
+            const top1 = document.querySelector('#table th .nowrap');
+            return [wrap.scrollWidth, wrap.clientWidth, [...document.querySelectorAll(
+                '#results figure')].map(f => Math.round(f.getBoundingClientRect().left)),
+                [top1.textContent, top1.getClientRects().length]]; }""")
+        assert scroll <= client, (width, scroll, client)
+        assert len(lefts) == 4 and lefts[0] == lefts[2] < lefts[1] == lefts[3], (width, lefts)
+        assert accuracy == ["top-1", 1]
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
     # on a phone the figures scroll sideways under the variant names, which stay in view

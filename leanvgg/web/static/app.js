@@ -156,9 +156,8 @@ const fmt = {
 const passes = (n) => `${n} pass${n === 1 ? "" : "es"}`;
 const fromRequest = (v) => v.latency_source === "request";
 const COLUMNS = [
-  { get: (v) => v.latency_ms.median,
-    show: (ms, v) => (fromRequest(v) ? `${fmt.ms(ms)} (${passes(v.latency_ms.count)})` : fmt.ms(ms)),
-    lower: true },
+  // (the count is added by addRow, in a span that wraps as a whole under the figure)
+  { get: (v) => v.latency_ms.median, show: fmt.ms, lower: true },
   { get: (v) => (fromRequest(v) && v.latency_ms.count < 10 ? null : v.latency_ms.p90),
     show: (ms) => (ms === null ? "—" : fmt.ms(ms)), lower: true },
   // null where the baseline's latency and this variant's are not of the same kind
@@ -218,6 +217,12 @@ function addRow(variant, best) {
     const isBest = best && best[i] !== null && value === best[i];
     const td = cell(row, col.show(value, variant), isBest ? "best" : "");
     if (col.get === COLUMNS[0].get) {
+      if (fromRequest(variant)) {
+        const count = document.createElement("span");
+        count.className = "nowrap";
+        count.textContent = `(${passes(variant.latency_ms.count)})`;
+        td.append(" ", count);
+      }
       const p = variant.profile;
       td.title = p ? `profile: ${p.count} passes, p10–p90 ${fmt.ms(p.p10)}–${fmt.ms(p.p90)} ms, ` +
         `measured ${Math.round(p.age_s)} s ago` : `this request's ${passes(variant.latency_ms.count)} ` +
