@@ -136,8 +136,14 @@ def _onnxruntime_int8(model: torch.nn.Module, calibration: torch.Tensor, threads
 def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """GOP/s of one large matmul per precision: roughly the best this machine can do.
 
-    FP32 and bf16 through torch.mm (oneDNN/MKL: AMX-BF16 where the CPU has it). INT8 is the
-    faster of two kernels, each kept under its own name: oneDNN's quantized Linear
+    Each precision is the faster of two kernels, each kept under its own name. FP32 and bf16:
+    torch.mm (``fp32_mm``, ``bf16_mm``: MKL's GEMM for FP32; AMX-BF16 where the CPU has it) and
+    oneDNN's direct 3×3 convolution of VGG's conv3 shape, 256 channels at 56×56
+    (``fp32_onednn``, ``bf16_onednn``: what PyTorch's convolutions call). Neither is the faster
+    everywhere: on the AVX-512 EPYC with AVX-VNNI, MKL's FP32 GEMM reached 90 GOP/s at 1 thread
+    and oneDNN's convolution 174 (its direct AVX-512 kernel; oneDNN's verbose log), and eager
+    FP32 VGG-19 ran at 140-165 % of an FP32 "ceiling" that was torch.mm alone. INT8:
+    oneDNN's quantized Linear
     (``int8_onednn``: ``torch.ops.onednn.qlinear_pointwise``, the kernel Inductor's PT2E INT8
     calls, AMX-INT8 or VNNI where the CPU has them) and fbgemm's u8×s8 GEMM (``int8_fbgemm``:
     torch.ao's quantized Linear). Neither is the faster everywhere: on AMX fbgemm reached half
@@ -158,8 +164,18 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, 
         linear.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, n), 0.02, 0, torch.qint8),
                                None)
         x8 = torch.quantize_per_tensor(torch.rand(n, n), 0.01, 0, torch.quint8)
-    cases = {"fp32": (lambda: a32 @ b32, 2 * n**3), "int8_fbgemm": (lambda: linear(x8), 2 * n**3),
-             "bf16": (lambda: a16 @ b16, 2 * m**3)}
+    # VGG's conv3 (features.10-16): 256 → 256 channels, 3×3, at 56×56; half the channels in
+    # bf16 where it is emulated
+    c32, c16, side = 256, 256 if native_bf16() else 128, 56
+    x32, w32 = torch.randn(1, c32, side, side), torch.randn(c32, c32, 3, 3)
+    x16, w16 = (torch.randn(1, c16, side, side).bfloat16(),
+                torch.randn(c16, c16, 3, 3).bfloat16())
+    conv = torch.nn.functional.conv2d
+    cases = {"fp32_mm": (lambda: a32 @ b32, 2 * n**3),
+             "fp32_onednn": (lambda: conv(x32, w32, padding=1), 2 * c32**2 * 9 * side**2),
+             "int8_fbgemm": (lambda: linear(x8), 2 * n**3),
+             "bf16_mm": (lambda: a16 @ b16, 2 * m**3),
+             "bf16_onednn": (lambda: conv(x16, w16, padding=1), 2 * c16**2 * 9 * side**2)}
     onednn = getattr(torch.ops, "onednn", None)
     if onednn is not None and hasattr(onednn, "qlinear_pointwise"):
         u8 = torch.randint(0, 256, (n, n), dtype=torch.uint8)
@@ -170,15 +186,18 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, 
             u8, 0.01, 0, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""),
             2 * n**3)
     ceilings = {}
-    for name, (fn, ops) in cases.items():
-        fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+    with torch.inference_mode():
+        for name, (fn, ops) in cases.items():
             fn()
-            samples.append(time.perf_counter() - start)
-        ceilings[name] = ops / min(samples) / 1e9
-    ceilings["int8"] = max(v for k, v in ceilings.items() if k.startswith("int8_"))
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            ceilings[name] = ops / min(samples) / 1e9
+    for precision in ("fp32", "bf16", "int8"):
+        ceilings[precision] = max(v for k, v in ceilings.items()
+                                  if k.startswith(f"{precision}_"))
     return ceilings
 
 
