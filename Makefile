@@ -55,8 +55,8 @@ bench-peers: $(STAMP)
 
 # What depends on the CPU kind, in one go, each report named after it (amx, avx512-avxvnni,
 # avx512, avx2: leanvgg.machine.cpu_kind): the peers, the runtimes' top-1 agreement (with its
-# bf16 gate) and the channel alignments; then the peers' README tables. 16 min on a warm cache,
-# up to an hour on a cold one.
+# bf16 gate) and the channel alignments; then the peers' README tables. 16 min on a warm cache;
+# a cold one adds every variant's build and the digits model's training (974 s on an EPYC).
 bench-cpu: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench,export]'
 	KIND=$$($(BIN)/python -c 'from leanvgg.machine import cpu_kind; print(cpu_kind())') && \
