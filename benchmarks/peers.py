@@ -141,16 +141,19 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 15) -> dict[str,
     oneDNN's direct 3×3 convolution of VGG's conv3 shape, 256 channels at 56×56
     (``fp32_onednn``, ``bf16_onednn``: what PyTorch's convolutions call). Neither is the faster
     everywhere: on the AVX-512 EPYC with AVX-VNNI, MKL's FP32 GEMM reached 90 GOP/s at 1 thread
-    and oneDNN's convolution 174 (its direct AVX-512 kernel; oneDNN's verbose log), and eager
-    FP32 VGG-19 ran at 140-165 % of an FP32 "ceiling" that was torch.mm alone. INT8:
-    oneDNN's quantized Linear
-    (``int8_onednn``: ``torch.ops.onednn.qlinear_pointwise``, the kernel Inductor's PT2E INT8
-    calls, AMX-INT8 or VNNI where the CPU has them) and fbgemm's u8×s8 GEMM (``int8_fbgemm``:
-    torch.ao's quantized Linear). Neither is the faster everywhere: on AMX fbgemm reached half
-    of oneDNN, on the AVX-512 EPYC oneDNN reached 548 GOP/s at 2 threads against fbgemm's 862.
-    bf16 uses n/2 where the CPU only emulates it, or one repeat would take many seconds. The
-    best of 15 repeats, not 5: on the AVX-VNNI EPYC the best of 5 was 2-4 % lower (INT8 855-866
-    against 881-898 GOP/s at 1 thread, three runs each), and compiled runners passed 100 % of it.
+    and oneDNN's convolution 174-196 (its direct AVX-512 kernel; oneDNN's verbose log), and
+    eager FP32 VGG-19 ran at 120-155 % of an FP32 "ceiling" that was torch.mm alone.
+
+    INT8: oneDNN's quantized Linear (``int8_onednn``: ``torch.ops.onednn.qlinear_pointwise``,
+    the kernel Inductor's PT2E INT8 calls, AMX-INT8 or VNNI where the CPU has them) and
+    fbgemm's u8×s8 GEMM (``int8_fbgemm``: torch.ao's quantized Linear). Neither is the faster
+    everywhere: on AMX fbgemm reached half of oneDNN, on the AVX-512 EPYC oneDNN reached 548
+    GOP/s at 2 threads against fbgemm's 862.
+
+    bf16 uses n/2 (and half the channels) where the CPU only emulates it, or one repeat would
+    take many seconds. Each figure is the best of 15 repeats, not 5: on the AVX-VNNI EPYC the
+    best of 5 was 2-4 % lower (INT8 855-866 against 881-898 GOP/s at 1 thread, three runs
+    each), and compiled runners passed 100 % of it.
     """
     import warnings
 
@@ -166,8 +169,7 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 15) -> dict[str,
         linear.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, n), 0.02, 0, torch.qint8),
                                None)
         x8 = torch.quantize_per_tensor(torch.rand(n, n), 0.01, 0, torch.quint8)
-    # VGG's conv3 (features.10-16): 256 → 256 channels, 3×3, at 56×56; half the channels in
-    # bf16 where it is emulated
+    # VGG's conv3 (features.10-16): 256 → 256 channels, 3×3, at 56×56
     c32, c16, side = 256, 256 if native_bf16() else 128, 56
     x32, w32 = torch.randn(1, c32, side, side), torch.randn(c32, c32, 3, 3)
     x16, w16 = (torch.randn(1, c16, side, side).bfloat16(),
