@@ -161,7 +161,8 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 15) -> dict[str,
 
     torch.set_num_threads(threads)
     a32, b32 = torch.randn(n, n), torch.randn(n, n)
-    m = n if native_bf16() else n // 2
+    native = native_bf16()
+    m = n if native else n // 2
     a16, b16 = torch.randn(m, m).bfloat16(), torch.randn(m, m).bfloat16()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -170,7 +171,7 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 15) -> dict[str,
                                None)
         x8 = torch.quantize_per_tensor(torch.rand(n, n), 0.01, 0, torch.quint8)
     # VGG's conv3 (features.10-16): 256 → 256 channels, 3×3, at 56×56
-    c32, c16, side = 256, 256 if native_bf16() else 128, 56
+    c32, c16, side = 256, 256 if native else 128, 56
     x32, w32 = torch.randn(1, c32, side, side), torch.randn(c32, c32, 3, 3)
     x16, w16 = (torch.randn(1, c16, side, side).bfloat16(),
                 torch.randn(c16, c16, 3, 3).bfloat16())

@@ -143,9 +143,8 @@ def _prepared(model: nn.Module, input_size: int, *, copy_model: bool = True
     # Traced with a batch of 2 (a batch of 1 would be specialised) and any batch size allowed.
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    exported = torch.export.export((copy.deepcopy(model) if copy_model else model).eval(),
-                                   (example,),
-                                   dynamic_shapes=({0: batch},))
+    traced = copy.deepcopy(model) if copy_model else model
+    exported = torch.export.export(traced.eval(), (example,), dynamic_shapes=({0: batch},))
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config())
     return prepare_pt2e(exported.module(), quantizer)
